@@ -1,0 +1,111 @@
+"""The interface every engine implements, and the plain data that crosses it.
+
+The scheduler decides which streams run in the next step and hands the engine a batch of
+``StreamInput``; the engine does the math and returns ``StreamOutput``.  Engines never see
+sockets or rings; the scheduler never sees tensors.  All calls come from one worker
+thread, so an engine owns its device state without locks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from livediffusion.shared.protocol import FrameSpec
+
+
+class EngineError(Exception):
+    """A failure inside an engine; carries a protocol error code for the reply."""
+
+    def __init__(self, message: str, code: str = "engine_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ParamError(EngineError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="bad_params")
+
+
+@dataclass
+class StreamConfig:
+    """What an engine needs to open a stream."""
+
+    stream_id: int
+    input: FrameSpec
+    output: FrameSpec
+    fps: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InputFrame:
+    """One input frame.  ``pixels`` may be a view into shared memory that the writer can
+    overwrite after ``submit`` returns: engines copy (or upload) what they keep."""
+
+    seq: int
+    pixels: np.ndarray
+    spec: FrameSpec
+    ts: int = 0
+
+
+@dataclass
+class StreamInput:
+    stream_id: int
+    frames: list[InputFrame]
+
+
+@dataclass
+class OutputFrame:
+    """One finished frame in the stream's output spec, with the input it came from."""
+
+    pixels: Any  # numpy array or torch tensor of shape output.shape, dtype output.dtype
+    in_seq: int
+    ts: int = 0
+
+
+@dataclass
+class StreamOutput:
+    stream_id: int
+    frames: list[OutputFrame]
+
+
+class Engine(ABC):
+    """A streaming generator serving many streams; one instance per daemon per engine kind."""
+
+    #: name clients use in OPEN
+    name: str = ""
+
+    @abstractmethod
+    def capabilities(self) -> dict[str, Any]:
+        """Static facts for WELCOME: parameters, limits, frames per step."""
+
+    @abstractmethod
+    def open_stream(self, config: StreamConfig) -> None:
+        """Allocate the stream's state; raises EngineError/ParamError if it cannot."""
+
+    @abstractmethod
+    def update_params(self, stream_id: int, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply a live parameter change at the next step; returns the effective params."""
+
+    @abstractmethod
+    def submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
+        """Process the newest frames of several streams in one step."""
+
+    @abstractmethod
+    def close_stream(self, stream_id: int) -> None:
+        """Free everything the stream holds. Must not raise for unknown ids."""
+
+    def frames_per_step(self, stream_id: int) -> int:
+        """How many input frames the next step of this stream consumes (video: a chunk)."""
+        return 1
+
+    def max_batch(self) -> int:
+        """How many streams one ``submit`` may carry."""
+        return 16
+
+    def shutdown(self) -> None:
+        """Release device memory when the daemon stops."""

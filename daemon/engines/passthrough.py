@@ -1,0 +1,65 @@
+"""The passthrough engine: each frame comes back converted to the output spec.
+
+A real feature, not a test double: it is the bypass an artist switches to mid-show, the
+way to measure the transport's own latency, and (mode ``invert``) a visible transform
+that proves in a host application that frames really went through the daemon.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..frames import as_tensor, convert, from_canonical, to_canonical
+from .base import Engine, OutputFrame, ParamError, StreamConfig, StreamInput, StreamOutput
+
+MODES = ("identity", "invert")
+
+
+class PassthroughEngine(Engine):
+    name = "passthrough"
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._streams: dict[int, tuple[StreamConfig, dict[str, Any]]] = {}
+
+    def capabilities(self) -> dict[str, Any]:
+        return {"frames_per_step": 1, "params": {"mode": list(MODES)}, "device": str(self.device)}
+
+    @staticmethod
+    def _check(params: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(params) - {"mode"}
+        if unknown:
+            raise ParamError(f"passthrough has no parameter {sorted(unknown)[0]!r}; "
+                             f"it knows 'mode'.")
+        mode = params.get("mode", "identity")
+        if mode not in MODES:
+            raise ParamError(f"passthrough mode must be one of {', '.join(MODES)}.")
+        return {"mode": mode}
+
+    def open_stream(self, config: StreamConfig) -> None:
+        self._streams[config.stream_id] = (config, self._check(config.params))
+
+    def update_params(self, stream_id: int, params: Mapping[str, Any]) -> dict[str, Any]:
+        config, current = self._streams[stream_id]
+        merged = self._check({**current, **params})
+        self._streams[stream_id] = (config, merged)
+        return merged
+
+    def submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
+        outputs = []
+        for item in batch:
+            config, params = self._streams[item.stream_id]
+            frame = item.frames[-1]
+            if params["mode"] == "invert":
+                rgb = 1.0 - to_canonical(as_tensor(frame.pixels, self.device), frame.spec)
+                pixels = from_canonical(rgb, config.output)
+            else:
+                pixels = convert(frame.pixels, frame.spec, config.output, self.device)
+            outputs.append(StreamOutput(item.stream_id,
+                                        [OutputFrame(pixels, frame.seq, frame.ts)]))
+        return outputs
+
+    def close_stream(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)

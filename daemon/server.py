@@ -1,0 +1,544 @@
+"""The daemon's front: the ZeroMQ ROUTER socket, sessions, heartbeats, frame rings.
+
+It parses and answers control messages, owns every shared-memory segment (creates them on
+OPEN, unlinks them once the worker has let go), and forwards frame notices to the
+scheduler.  It does no tensor math; engines live behind the worker thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from livediffusion.shared import protocol as P
+from livediffusion.shared.protocol import ErrorCode, FrameSpec, ProtocolError
+from livediffusion.shared.ring import FrameRing, stale_segments
+
+from . import __version__
+from .engines import REGISTRY
+from .engines.base import Engine, StreamConfig
+from .scheduler import FrameRef, Scheduler
+from .worker import Close, EngineWorker, Open, Params, Result
+
+log = logging.getLogger("livediffusion.daemon")
+
+DEFAULT_SLOTS = 3
+MAX_STREAMS = 32
+
+
+@dataclass
+class Session:
+    number: int
+    identity: bytes
+    client: str
+    token: str | None
+    last_seen: float
+    streams: set[int] = field(default_factory=set)
+
+
+@dataclass
+class ServerStream:
+    id: int
+    name: str
+    session: Session
+    engine: str
+    input: FrameSpec
+    output: FrameSpec
+    fps: float
+    transport: str
+    ring_in: FrameRing | None
+    ring_out: FrameRing | None
+    state: str = "opening"  # opening -> open -> closing
+    notices_in: int = 0
+    frames_out: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Daemon:
+    """One daemon: ``serve_forever()`` in the foreground, or ``start()``/``stop()`` a thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = P.DEFAULT_PORT, *,
+                 engines: tuple[str, ...] | None = None, device: str = "cpu",
+                 ipc_path: str | None = None, heartbeat_timeout: float = P.HEARTBEAT_TIMEOUT_S,
+                 max_streams: int = MAX_STREAMS, keys_dir: str | Path | None = None) -> None:
+        if not is_loopback(host) and keys_dir is None:
+            raise ValueError(f"binding to {host} exposes the daemon beyond this machine; "
+                             f"pass a keys directory (livediffusion keys init DIR) to require "
+                             f"CURVE authentication.")
+        self.host, self.port = host, port
+        self.device = device
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_streams = max_streams
+        self.keys_dir = Path(keys_dir) if keys_dir else None
+        self.ipc_path = ipc_path
+        names = engines or tuple(REGISTRY)
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown engine {unknown[0]!r}; available: {', '.join(REGISTRY)}.")
+        self._engine_names = names
+        self.engines: dict[str, Engine] = {}
+        self.sessions: dict[bytes, Session] = {}
+        self.streams: dict[int, ServerStream] = {}
+        self._names: dict[str, int] = {}
+        self._session_numbers = itertools.count(1)
+        self._stream_ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error_log: dict[tuple[int, str], list[float | int]] = {}
+        self._startup_error: BaseException | None = None
+        self.endpoint = ""
+        self.started_at = time.monotonic()
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> Daemon:
+        """Serve on a background thread (tests, demo); returns once bound."""
+        self._thread = threading.Thread(target=self._serve_guarded, name="daemon", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("daemon did not start in time.")
+        if self._startup_error is not None:
+            raise self._startup_error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def serve_forever(self, install_signals: bool = True) -> None:
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda signum, frame: self._stop.set())
+        self._serve()
+
+    def _serve_guarded(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._startup_error = exc
+            self._ready.set()
+            raise
+
+    def _build_engines(self) -> None:
+        for name in self._engine_names:
+            factory, _ = REGISTRY[name]
+            self.engines[name] = factory(self.device)
+
+    def _serve(self) -> None:
+        for name in stale_segments():
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+                log.info("removed frame ring %s left behind by a daemon that died", name)
+            except OSError:
+                pass
+        self._build_engines()
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        router.setsockopt(zmq.SNDHWM, 1000)
+        authenticator = None
+        if self.keys_dir is not None:
+            from .auth import start_curve_server
+            authenticator = start_curve_server(ctx, router, self.keys_dir)
+        try:
+            if self.port == 0:
+                self.port = router.bind_to_random_port(f"tcp://{self.host}")
+            else:
+                router.bind(f"tcp://{self.host}:{self.port}")
+        except zmq.ZMQError as exc:
+            ctx.destroy(linger=0)
+            raise OSError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+        self.endpoint = f"tcp://{self.host}:{self.port}"
+        if self.ipc_path:
+            router.bind(f"ipc://{self.ipc_path}")
+        wake_address = f"inproc://ld-wake-{id(self)}"
+        wake = ctx.socket(zmq.PULL)
+        wake.bind(wake_address)
+        self.scheduler = Scheduler(lambda engine: self.engines[engine].max_batch())
+        self.worker = EngineWorker(self.engines, self.scheduler, ctx, wake_address)
+        self.worker.start()
+        self._router = router
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        log.info("livediffusion daemon %s listening on %s (engines: %s, device: %s)",
+                 __version__, self.endpoint, ", ".join(self.engines), self.device)
+        self._ready.set()
+        next_reap = time.monotonic() + 0.25
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if router in events:
+                    for _ in range(256):  # drain, but keep serving the worker's results
+                        try:
+                            parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_message(parts)
+                if wake in events:
+                    while True:
+                        try:
+                            wake.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                self._drain_results()
+                now = time.monotonic()
+                if now >= next_reap:
+                    self._reap(now)
+                    next_reap = now + 0.25
+        finally:
+            self._shutdown(router, wake, ctx, authenticator)
+
+    def _shutdown(self, router, wake, ctx, authenticator) -> None:
+        log.info("shutting down: closing %d stream(s)", len(self.streams))
+        for stream in list(self.streams.values()):
+            if stream.state != "closing":
+                self._begin_close(stream, None)
+        self.scheduler.stop()
+        self.worker.join(15.0)
+        if self.worker.is_alive():
+            log.error("engine worker did not stop in 15 s; unlinking frame rings anyway")
+        self._drain_results()
+        for stream in list(self.streams.values()):
+            self._release(stream)
+        router.close(0)
+        wake.close(0)
+        if authenticator is not None:
+            authenticator.stop()
+        ctx.term()
+        log.info("daemon stopped; all frame rings unlinked")
+
+    # --- sending ------------------------------------------------------------------------
+
+    def _send(self, identity: bytes, msg: dict[str, Any], payload: bytes | None = None) -> None:
+        parts = [identity, P.pack(msg)]
+        if payload is not None:
+            parts.append(payload)
+        try:
+            self._router.send_multipart(parts, zmq.NOBLOCK, copy=payload is None)
+        except zmq.ZMQError:
+            pass  # peer gone or its queue full: frames are disposable, errors best effort
+
+    def _reply_error(self, identity: bytes, exc: ProtocolError, rid: Any = None,
+                     session: Session | None = None) -> None:
+        self._log_error(session.number if session else 0, exc.code, exc.message,
+                        session.client if session else "unknown client")
+        self._send(identity, P.error(exc.code, exc.message, re=rid, stream=exc.stream))
+
+    def _log_error(self, key: int, code: str, message: str, who: str) -> None:
+        """One clear line per client and error code, at most every 5 s (then a count)."""
+        now = time.monotonic()
+        entry = self._error_log.get((key, code))
+        if entry is None or now - entry[0] >= 5.0:
+            suppressed = int(entry[1]) if entry else 0
+            more = f" ({suppressed} more like it suppressed)" if suppressed else ""
+            log.warning("%s: %s: %s%s", who, code, message, more)
+            self._error_log[(key, code)] = [now, 0]
+        else:
+            entry[1] += 1
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def _on_message(self, parts: list[zmq.Frame]) -> None:
+        identity = parts[0].bytes
+        session = self.sessions.get(identity)
+        if session is not None:
+            session.last_seen = time.monotonic()
+        rid = None
+        try:
+            if len(parts) not in (2, 3):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                    f"expected 1 or 2 message parts, got {len(parts) - 1}.")
+            msg = P.unpack(parts[1].buffer)
+            rid = msg.get("id") if isinstance(msg.get("id"), int) else None
+            mtype = P.validate_client_message(msg)
+            payload = parts[2].buffer if len(parts) == 3 else None
+            if payload is not None and mtype != "frame":
+                raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                    "only frame messages may carry a second (pixel) part.")
+            if mtype == "hello":
+                self._on_hello(identity, msg, rid)
+                return
+            if session is None:
+                raise ProtocolError(ErrorCode.NO_SESSION,
+                                    "no session: send hello first (the daemon may have restarted "
+                                    "or dropped this client after 3 s of silence).")
+            handler = getattr(self, f"_on_{mtype}")
+            handler(session, msg, rid, payload)
+        except ProtocolError as exc:
+            self._reply_error(identity, exc, rid, session)
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the daemon down
+            log.exception("internal error handling a message")
+            self._send(identity, P.error(ErrorCode.INTERNAL, f"internal daemon error: {exc}",
+                                         re=rid))
+
+    def _owned_stream(self, session: Session, msg: dict[str, Any]) -> ServerStream:
+        sid = msg["stream"]
+        stream = self.streams.get(sid)
+        if stream is None or stream.session is not session or stream.state == "closing":
+            raise ProtocolError(ErrorCode.UNKNOWN_STREAM,
+                                f"stream {sid} is not open in this session.", stream=sid)
+        return stream
+
+    def _on_hello(self, identity: bytes, msg: dict[str, Any], rid: Any) -> None:
+        token = msg.get("token")
+        stale = [s for s in self.sessions.values()
+                 if s.identity == identity or (token and s.token == token)]
+        for old in stale:
+            log.info("client %s reconnected; closing its previous session %d", old.client,
+                     old.number)
+            self._end_session(old)
+        session = Session(next(self._session_numbers), identity, str(msg.get("client", "?"))[:64],
+                          token, time.monotonic())
+        self.sessions[identity] = session
+        log.info("session %d: hello from %s", session.number, session.client)
+        self._send(identity, {
+            "type": "welcome", "re": rid, "session": session.number,
+            "daemon": __version__, "protocol": P.PROTOCOL_VERSION,
+            "heartbeat_interval": P.HEARTBEAT_INTERVAL_S,
+            "heartbeat_timeout": self.heartbeat_timeout,
+            "capabilities": {
+                "engines": {name: engine.capabilities() for name, engine in self.engines.items()},
+                "formats": list(P.FORMATS), "dtypes": list(P.DTYPES),
+                "origins": list(P.ORIGINS),
+                "transports": ["shm", "inline"],
+                "max_streams": self.max_streams, "max_slots": P.MAX_SLOTS,
+                "device": self.device,
+            },
+        })
+
+    def _on_open(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        name = msg["name"]
+        if not name or len(name) > 128:
+            raise ProtocolError(ErrorCode.BAD_SPEC, "stream name must be 1 to 128 characters.")
+        if name in self._names:
+            owner = self.streams[self._names[name]].session
+            whose = "this session" if owner is session else f"another client ({owner.client})"
+            raise ProtocolError(ErrorCode.STREAM_EXISTS,
+                                f"stream {name!r} is already open by {whose}.")
+        engine_name = msg.get("engine", "passthrough")
+        if engine_name not in self.engines:
+            raise ProtocolError(ErrorCode.UNKNOWN_ENGINE,
+                                f"engine {engine_name!r} is not loaded; this daemon has "
+                                f"{', '.join(self.engines)}.")
+        if len(self._names) >= self.max_streams:
+            raise ProtocolError(ErrorCode.LIMIT,
+                                f"the daemon already serves {self.max_streams} streams.")
+        in_spec = FrameSpec.from_msg(msg)
+        out_msg = msg.get("output") or {}
+        out_spec = FrameSpec.from_msg(out_msg, default=in_spec)
+        fps = float(msg.get("fps", 30.0))
+        if not 0 < fps <= 1000:
+            raise ProtocolError(ErrorCode.BAD_SPEC, f"fps {fps} is outside (0, 1000].")
+        transport = msg.get("transport", "shm")
+        if transport not in ("shm", "inline"):
+            raise ProtocolError(ErrorCode.BAD_SPEC, "transport must be 'shm' or 'inline'.")
+        engine = self.engines[engine_name]
+        per_step = int(engine.capabilities().get("frames_per_step", 1))
+        slots = msg.get("slots", DEFAULT_SLOTS)
+        if not 1 <= slots <= P.MAX_SLOTS:
+            raise ProtocolError(ErrorCode.BAD_SPEC, f"slots must be 1..{P.MAX_SLOTS}.")
+        # The engine may hold a whole chunk of input slots while the client keeps writing.
+        slots_in = max(slots, per_step + 2)
+        sid = next(self._stream_ids)
+        ring_in = ring_out = None
+        if transport == "shm":
+            try:
+                ring_in = FrameRing.create(slots_in, in_spec.nbytes, tag="i")
+                ring_out = FrameRing.create(slots, out_spec.nbytes, tag="o")
+            except OSError as exc:
+                if ring_in is not None:
+                    ring_in.close()
+                raise ProtocolError(ErrorCode.OUT_OF_MEMORY,
+                                    f"cannot create shared memory for the stream: {exc}") from None
+        stream = ServerStream(sid, name, session, engine_name, in_spec, out_spec, fps, transport,
+                              ring_in, ring_out)
+        self.streams[sid] = stream
+        self._names[name] = sid
+        session.streams.add(sid)
+        self.scheduler.add_stream(sid, engine_name, per_step)
+        config = StreamConfig(sid, in_spec, out_spec, fps, dict(msg.get("params") or {}))
+        self.scheduler.post(Open((session.identity, rid), config, engine_name, ring_in, ring_out))
+
+    def _on_params(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        stream = self._owned_stream(session, msg)
+        self.scheduler.post(Params((session.identity, rid), stream.id, dict(msg["params"])))
+
+    def _on_frame(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        stream = self._owned_stream(session, msg)
+        if stream.state != "open":
+            raise ProtocolError(ErrorCode.UNKNOWN_STREAM,
+                                f"stream {stream.id} is still opening.", stream=stream.id)
+        seq = msg["seq"]
+        if seq <= 0:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "frame seq must be positive.",
+                                stream=stream.id)
+        ts = msg.get("ts", 0)
+        if stream.transport == "inline":
+            if payload is None:
+                raise ProtocolError(ErrorCode.BAD_FRAME,
+                                    "inline stream: the frame message needs a pixel part.",
+                                    stream=stream.id)
+            ref = FrameRef(seq, ts, data=payload, stride=msg.get("stride", 0))
+        else:
+            slot = msg.get("slot")
+            assert stream.ring_in is not None
+            if slot is None or not 0 <= slot < stream.ring_in.slots:
+                raise ProtocolError(ErrorCode.BAD_FRAME,
+                                    f"slot {slot} is outside 0..{stream.ring_in.slots - 1}.",
+                                    stream=stream.id)
+            if payload is not None:
+                raise ProtocolError(ErrorCode.BAD_FRAME,
+                                    "shared-memory stream: pixels go in the ring, not the message.",
+                                    stream=stream.id)
+            ref = FrameRef(seq, ts, slot=slot)
+        stream.notices_in += 1
+        self.scheduler.offer(stream.id, ref)
+
+    def _on_stats(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        ids = [self._owned_stream(session, msg).id] if "stream" in msg else sorted(session.streams)
+        self._send(session.identity, {"type": "stats", "re": rid,
+                                      "streams": {str(i): self.stream_stats(i) for i in ids
+                                                  if i in self.streams},
+                                      "uptime_s": round(time.monotonic() - self.started_at, 1)})
+
+    def _on_heartbeat(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        self._send(session.identity, {"type": "heartbeat", "re": rid})
+
+    def _on_close(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        self._begin_close(self._owned_stream(session, msg), (session.identity, rid))
+
+    def _on_bye(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        log.info("session %d (%s) said goodbye", session.number, session.client)
+        self._end_session(session)
+
+    # --- streams and sessions -------------------------------------------------------------
+
+    def stream_stats(self, sid: int) -> dict[str, Any]:
+        stream = self.streams[sid]
+        ws = self.worker.streams.get(sid)
+        age = max(time.monotonic() - stream.opened_at, 1e-6)
+        frames_out = ws.frames_out if ws else 0
+        return {
+            "name": stream.name, "engine": stream.engine, "state": stream.state,
+            "frames_in": ws.frames_in if ws else 0, "frames_out": frames_out,
+            "notices_in": stream.notices_in, "dropped": self.scheduler.dropped(sid),
+            "torn": ws.torn if ws else 0, "bad_frames": ws.bad_frames if ws else 0,
+            "engine_ms": round(ws.engine_ms, 3) if ws else 0.0,
+            "fps_out": round(frames_out / age, 2),
+        }
+
+    def _begin_close(self, stream: ServerStream, request: Any) -> None:
+        stream.state = "closing"
+        self._names.pop(stream.name, None)
+        self.scheduler.remove_stream(stream.id)
+        self.scheduler.post(Close(request, stream.id))
+
+    def _release(self, stream: ServerStream) -> None:
+        for ring in (stream.ring_in, stream.ring_out):
+            if ring is not None:
+                ring.close()
+        self.streams.pop(stream.id, None)
+        stream.session.streams.discard(stream.id)
+
+    def _end_session(self, session: Session) -> None:
+        for sid in list(session.streams):
+            stream = self.streams.get(sid)
+            if stream is not None and stream.state != "closing":
+                self._begin_close(stream, None)
+        self.sessions.pop(session.identity, None)
+
+    def _reap(self, now: float) -> None:
+        for session in list(self.sessions.values()):
+            silent = now - session.last_seen
+            if silent > self.heartbeat_timeout:
+                log.warning("client %s (session %d) silent for %.1f s: dropping it and its %d "
+                            "stream(s)", session.client, session.number, silent,
+                            len(session.streams))
+                self._end_session(session)
+
+    def _drain_results(self) -> None:
+        results = self.worker.results
+        while results:
+            self._on_result(results.popleft())
+
+    def _on_result(self, result: Result) -> None:
+        stream = self.streams.get(result.stream_id)
+        if stream is None:
+            return
+        identity, rid = result.request if result.request else (stream.session.identity, None)
+        alive = self.sessions.get(stream.session.identity) is stream.session
+        if result.kind == "frame":
+            if alive and stream.state == "open":
+                stream.frames_out += 1
+                self._send(identity, {"type": "frame", "stream": stream.id, **result.body},
+                           result.payload)
+        elif result.kind == "opened":
+            if stream.state == "closing":
+                return
+            stream.state = "open"
+            reply = {"type": "opened", "re": rid, "stream": stream.id, "name": stream.name,
+                     "engine": stream.engine, "transport": stream.transport,
+                     "input": stream.input.to_msg(), "output": stream.output.to_msg(),
+                     "params": self.worker.streams[stream.id].config.params
+                     if stream.id in self.worker.streams else {},
+                     "frames_per_step": self.engines[stream.engine].frames_per_step(stream.id)}
+            if stream.ring_in is not None and stream.ring_out is not None:
+                reply["ring_in"] = {"name": stream.ring_in.name, "slots": stream.ring_in.slots,
+                                    "capacity": stream.ring_in.capacity}
+                reply["ring_out"] = {"name": stream.ring_out.name,
+                                     "slots": stream.ring_out.slots,
+                                     "capacity": stream.ring_out.capacity}
+            log.info("stream %d %r opened: %dx%d %s %s -> %dx%d %s %s, engine %s, %s",
+                     stream.id, stream.name, stream.input.width, stream.input.height,
+                     stream.input.format, stream.input.dtype, stream.output.width,
+                     stream.output.height, stream.output.format, stream.output.dtype,
+                     stream.engine, stream.transport)
+            self._send(identity, reply)
+        elif result.kind == "params_ok":
+            self._send(identity, {"type": "params_ok", "re": rid, "stream": stream.id,
+                                  **result.body})
+        elif result.kind == "closed":
+            self._release(stream)
+            log.info("stream %d %r closed; memory released", stream.id, stream.name)
+            if result.request:
+                self._send(identity, {"type": "closed", "re": rid, "stream": stream.id})
+        elif result.kind == "error":
+            code, message = result.body["code"], result.body["message"]
+            if stream.state == "opening":
+                # The engine refused the stream: release it as if it had never existed.
+                self._begin_close(stream, None)
+            self._log_error(stream.session.number, code, f"stream {stream.id}: {message}",
+                            stream.session.client)
+            if alive:
+                self._send(identity, P.error(code, message, re=rid, stream=stream.id))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (for tests and the demo)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,603 @@
+"""The client library: talk to a livediffusion daemon from any Python host.
+
+Imports only the standard library, pyzmq, msgpack and numpy, so it installs into
+TouchDesigner's and OBS's Python.  Everything is driven from the caller's thread:
+``Stream.send`` and ``Stream.latest`` never block (they poll the socket with timeout 0),
+so they are safe to call from TouchDesigner's main thread every frame.  Heartbeats and
+automatic reconnection (the daemon restarted, or dropped this client) happen inside
+those calls.
+
+    with Client() as client:
+        stream = client.open_stream("cam", 512, 512)
+        stream.send(frame)            # never blocks
+        out = stream.latest()         # newest processed frame or None
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from .protocol import ErrorCode, FrameSpec
+from .ring import FrameRing, RingError, TornRead
+
+log = logging.getLogger("livediffusion.client")
+
+_POOL = 3  # output buffers per stream: a returned frame stays valid until 2 newer arrive
+
+
+class DaemonError(Exception):
+    """The daemon answered a request with an ERROR message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Frame:
+    """One processed frame received from the daemon."""
+
+    pixels: np.ndarray
+    seq: int
+    in_seq: int
+    latency_ms: float
+    received: float = field(default_factory=time.monotonic)
+
+
+def _is_local(endpoint: str) -> bool:
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = urlparse(endpoint).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+class _Latency:
+    """Recent round-trip latencies (ms) for p50/p99 readouts."""
+
+    def __init__(self, size: int = 240) -> None:
+        self.values: deque[float] = deque(maxlen=size)
+
+    def add(self, ms: float) -> None:
+        self.values.append(ms)
+
+    def percentile(self, q: float) -> float:
+        if not self.values:
+            return 0.0
+        return float(np.percentile(np.fromiter(self.values, float), q))
+
+
+class Stream:
+    """One stream of frames in and processed frames out.  Create with ``Client.open_stream``."""
+
+    def __init__(self, client: Client, name: str, spec: FrameSpec, *, fps: float, engine: str,
+                 params: dict[str, Any], output: dict[str, Any] | None, slots: int) -> None:
+        self.client = client
+        self.name = name
+        self.spec = spec
+        self.fps = fps
+        self.engine = engine
+        self.params = dict(params)
+        self.output_request = dict(output or {})
+        self.slots = slots
+        self.id: int | None = None
+        self.state = "opening"  # opening -> open -> closed | failed
+        self.output_spec: FrameSpec | None = None
+        self.last_error: DaemonError | None = None
+        self._ring_in: FrameRing | None = None
+        self._ring_out: FrameRing | None = None
+        self._seq = 0
+        self._pending_notice: tuple[dict[str, Any], Any] | None = None
+        self._latest: Frame | None = None
+        self._delivered_seq = 0
+        self._pool: list[np.ndarray] = []
+        self._pool_i = 0
+        self._fps_marks: deque[float] = deque(maxlen=60)
+        self.latency = _Latency()
+        self.counters = {"sent": 0, "not_sent": 0, "received": 0, "skipped": 0, "torn": 0,
+                         "errors": 0, "reopened": 0}
+
+    # --- public ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "open"
+
+    def send(self, frame: np.ndarray) -> bool:
+        """Hand the daemon a frame without blocking; False if it was not sent (not open yet,
+        reconnecting, or the daemon's queue is full).  The frame must match the stream's
+        width, height, channels and dtype."""
+        self.client.poll(0)
+        spec = self.spec
+        if frame.shape != spec.shape or frame.dtype != spec.np_dtype:
+            raise ValueError(f"stream {self.name!r} takes {spec.shape} {spec.dtype} frames, "
+                             f"got {frame.shape} {frame.dtype}.")
+        if self.state != "open" or self.id is None:
+            self.counters["not_sent"] += 1
+            return False
+        seq = self._seq + 1
+        ts = time.perf_counter_ns()
+        msg = {"type": "frame", "stream": self.id, "seq": seq, "ts": ts}
+        if self._ring_in is not None:
+            slot = seq % self._ring_in.slots
+            try:
+                self._ring_in.write(slot, seq, frame, spec, ts=ts,
+                                    t_write_ns=time.monotonic_ns())
+            except (RingError, ValueError) as exc:  # the ring vanished under us
+                self.counters["not_sent"] += 1
+                self.client._lost(f"frame ring unusable: {exc}")
+                return False
+            msg["slot"] = slot
+            sent = self.client._send(msg)
+        else:
+            sent = self.client._send(msg, np.ascontiguousarray(frame).tobytes())
+        if sent:
+            self._seq = seq
+            self.counters["sent"] += 1
+        else:
+            self.counters["not_sent"] += 1
+        return sent
+
+    def latest(self) -> Frame | None:
+        """The newest processed frame received so far (None before the first), without
+        blocking.  Its pixels stay valid until two newer frames have arrived."""
+        self.client.poll(0)
+        return self._latest
+
+    def new_frame(self) -> Frame | None:
+        """Like ``latest`` but only a frame not returned by ``new_frame`` before."""
+        frame = self.latest()
+        if frame is None or frame.seq == self._delivered_seq:
+            return None
+        self._delivered_seq = frame.seq
+        return frame
+
+    def wait(self, timeout: float = 5.0) -> Frame | None:
+        """Block up to ``timeout`` seconds for a frame newer than the current latest."""
+        before = self._latest.seq if self._latest else 0
+        deadline = time.monotonic() + timeout
+        while True:
+            self.client.poll(0)
+            if self._latest is not None and self._latest.seq != before:
+                return self._latest
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.client.poll(min(left, 0.05))
+            if self._latest is not None and self._latest.seq != before:
+                return self._latest
+
+    def wait_open(self, timeout: float = 10.0) -> Stream:
+        """Block until the daemon has opened the stream; raises DaemonError on refusal."""
+        deadline = time.monotonic() + timeout
+        while self.state == "opening":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"stream {self.name!r} was not opened within {timeout} s.")
+            self.client.poll(min(left, 0.05))
+        if self.state == "failed" and self.last_error is not None:
+            raise self.last_error
+        return self
+
+    def update(self, params: dict[str, Any] | None = None, *, wait: float = 0.0,
+               **kwargs: Any) -> dict[str, Any] | None:
+        """Change parameters live.  With ``wait`` > 0, block for the daemon's answer and
+        return the effective parameters (raises DaemonError if refused)."""
+        change = {**(params or {}), **kwargs}
+        self.params.update(change)
+        if self.state != "open" or self.id is None:
+            return None  # applied when the stream (re)opens
+        msg = {"type": "params", "stream": self.id, "params": change}
+        if wait <= 0:
+            self.client._send(msg)
+            return None
+        return self.client._request(msg, wait).get("params")
+
+    def stats(self) -> dict[str, Any]:
+        """Client-side counters, output FPS and round-trip latency."""
+        marks = self._fps_marks
+        fps = (len(marks) - 1) / (marks[-1] - marks[0]) if len(marks) > 1 and \
+            marks[-1] > marks[0] else 0.0
+        return {"state": self.state, **self.counters, "fps_out": round(fps, 2),
+                "latency_p50_ms": round(self.latency.percentile(50), 3),
+                "latency_p99_ms": round(self.latency.percentile(99), 3)}
+
+    def close(self, timeout: float = 2.0) -> None:
+        if self.state in ("closed", "failed"):
+            return
+        if self.state == "open" and self.id is not None and self.client.connected:
+            try:
+                self.client._request({"type": "close", "stream": self.id}, timeout)
+            except (DaemonError, TimeoutError):
+                pass
+        self.state = "closed"
+        self._detach()
+        self.client._streams.pop(self.name, None)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- driven by the client ----------------------------------------------------------------
+
+    def _open_message(self) -> dict[str, Any]:
+        msg = {"type": "open", "name": self.name, **self.spec.to_msg(), "fps": self.fps,
+               "engine": self.engine, "params": self.params, "slots": self.slots,
+               "transport": self.client.transport}
+        if self.output_request:
+            msg["output"] = self.output_request
+        return msg
+
+    def _on_opened(self, msg: dict[str, Any]) -> None:
+        self._detach()
+        if self.state == "closed":  # closed by the user while the daemon was opening it
+            self.client._send({"type": "close", "stream": msg["stream"]})
+            return
+        try:
+            self.output_spec = FrameSpec.from_msg(msg["output"])
+            if msg.get("transport") == "shm":
+                self._ring_in = FrameRing.attach(msg["ring_in"]["name"])
+                self._ring_out = FrameRing.attach(msg["ring_out"]["name"])
+        except (KeyError, RingError, P.ProtocolError) as exc:
+            self._detach()
+            self.state = "failed"
+            self.last_error = DaemonError(ErrorCode.INTERNAL, f"cannot attach frame rings: {exc}")
+            return
+        self.id = msg["stream"]
+        self.params = dict(msg.get("params") or self.params)
+        self.state = "open"
+
+    def _on_notice(self, msg: dict[str, Any], payload: Any) -> None:
+        if self._pending_notice is not None:
+            self.counters["skipped"] += 1  # newest frame wins
+        self._pending_notice = (msg, payload)
+
+    def _take_pending(self) -> None:
+        """Read the newest announced output (after a whole batch of notices was drained)."""
+        if self._pending_notice is None or self.output_spec is None:
+            return
+        msg, payload = self._pending_notice
+        self._pending_notice = None
+        spec = self.output_spec
+        buf = self._next_buffer(spec)
+        try:
+            if payload is not None:
+                data = np.frombuffer(payload, dtype=spec.np_dtype)
+                if data.size != int(np.prod(spec.shape)):
+                    raise RingError("inline frame has the wrong size.")
+                np.copyto(buf, data.reshape(spec.shape))
+            elif self._ring_out is not None:
+                self._ring_out.read(msg["slot"], msg["seq"], out=buf)
+            else:
+                return
+        except TornRead:
+            self.counters["torn"] += 1
+            return
+        except (RingError, KeyError) as exc:
+            self.counters["errors"] += 1
+            log.warning("stream %s: unreadable output frame: %s", self.name, exc)
+            return
+        now = time.perf_counter_ns()
+        latency = (now - msg["ts"]) / 1e6 if msg.get("ts") else 0.0
+        self.latency.add(latency)
+        self._fps_marks.append(time.monotonic())
+        self.counters["received"] += 1
+        self._latest = Frame(buf, msg["seq"], msg.get("in_seq", 0), latency)
+
+    def _next_buffer(self, spec: FrameSpec) -> np.ndarray:
+        if not self._pool or self._pool[0].shape != spec.shape or \
+                self._pool[0].dtype != spec.np_dtype:
+            self._pool = [np.empty(spec.shape, spec.np_dtype) for _ in range(_POOL)]
+        self._pool_i = (self._pool_i + 1) % _POOL
+        return self._pool[self._pool_i]
+
+    def _detach(self) -> None:
+        for ring in (self._ring_in, self._ring_out):
+            if ring is not None:
+                ring.close()
+        self._ring_in = self._ring_out = None
+        self._pending_notice = None
+
+
+class Client:
+    """A connection to one daemon.  Use from one thread; see the module docstring."""
+
+    def __init__(self, endpoint: str = P.DEFAULT_ENDPOINT, *, name: str = "python",
+                 transport: str = "auto", keys: dict[str, bytes] | None = None,
+                 reconnect: bool = True) -> None:
+        if transport not in ("auto", "shm", "inline"):
+            raise ValueError("transport must be 'auto', 'shm' or 'inline'.")
+        self.endpoint = endpoint
+        self.name = name
+        self.transport = ("shm" if _is_local(endpoint) else "inline") if transport == "auto" \
+            else transport
+        self.keys = keys
+        self.reconnect = reconnect
+        self.token = uuid.uuid4().hex
+        self.state = "disconnected"  # -> connecting -> connected
+        self.session: int | None = None
+        self.capabilities: dict[str, Any] = {}
+        self.heartbeat_interval = P.HEARTBEAT_INTERVAL_S
+        self.heartbeat_timeout = P.HEARTBEAT_TIMEOUT_S
+        self.last_error: DaemonError | None = None
+        self.reconnects = 0
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._hello_id = 0
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._opening: dict[int, Stream] = {}
+        self._streams: dict[str, Stream] = {}
+        self._last_heard = 0.0
+        self._last_sent_hb = 0.0
+        self._hello_sent = 0.0
+
+    # --- connection ------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    def connect(self, timeout: float = 5.0) -> Client:
+        """Say hello.  With ``timeout`` > 0 block until welcomed (raises ConnectionError);
+        with 0 return at once and let later calls finish the handshake."""
+        self._new_socket()
+        if timeout > 0:
+            deadline = time.monotonic() + timeout
+            while self.state != "connected":
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.close()
+                    raise ConnectionError(f"no livediffusion daemon answered at {self.endpoint} "
+                                          f"within {timeout:g} s; start one with "
+                                          f"'livediffusion daemon'.")
+                self.poll(min(left, 0.05))
+        return self
+
+    def _new_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.keys:
+            sock.curve_serverkey = self.keys["server_public"]
+            sock.curve_publickey = self.keys["public"]
+            sock.curve_secretkey = self.keys["secret"]
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self.state = "connecting"
+        self._last_heard = time.monotonic()
+        self._send_hello()
+
+    def _send_hello(self) -> None:
+        self._hello_id = next(self._ids)
+        self._hello_sent = time.monotonic()
+        self._send({"type": "hello", "id": self._hello_id, "client": self.name,
+                    "token": self.token, "transport": self.transport})
+
+    def _lost(self, why: str) -> None:
+        """The daemon is gone or forgot us: reconnect (if allowed) and reopen every stream."""
+        if self.state == "disconnected":
+            return
+        log.info("connection to %s lost (%s); %s", self.endpoint, why,
+                 "reconnecting" if self.reconnect else "giving up")
+        for stream in self._streams.values():
+            stream._detach()
+            if stream.state == "open":
+                stream.state = "opening"
+        self._opening.clear()
+        self.session = None
+        if self.reconnect:
+            self.reconnects += 1
+            self._new_socket()
+        else:
+            self.state = "disconnected"
+
+    # --- sending and polling --------------------------------------------------------------------
+
+    def _send(self, msg: dict[str, Any], payload: bytes | None = None) -> bool:
+        if self._sock is None:
+            return False
+        try:
+            data = P.pack(msg)
+            if payload is None:
+                self._sock.send(data, zmq.NOBLOCK)
+            else:
+                self._sock.send_multipart([data, payload], zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Process what the daemon sent, send heartbeats, reconnect when needed.
+        Waits at most ``timeout`` seconds for the first message; returns messages handled."""
+        if self._sock is None:
+            return 0
+        handled = 0
+        if self._sock.poll(int(timeout * 1000), zmq.POLLIN):
+            while True:
+                try:
+                    parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                handled += 1
+                self._last_heard = time.monotonic()
+                self._dispatch(parts)
+                if self._sock is None:
+                    break
+            for stream in list(self._streams.values()):
+                stream._take_pending()
+        now = time.monotonic()
+        if self.state == "connected" and now - self._last_sent_hb >= self.heartbeat_interval:
+            self._last_sent_hb = now
+            self._send({"type": "heartbeat"})
+        if self.state != "disconnected" and now - self._last_heard > self.heartbeat_timeout:
+            self._lost(f"no answer for {now - self._last_heard:.1f} s")
+        elif self.state == "connecting" and now - self._hello_sent > 1.0:
+            self._send_hello()
+        return handled
+
+    def _dispatch(self, parts: list[zmq.Frame]) -> None:
+        try:
+            msg = P.unpack(parts[0].buffer)
+        except P.ProtocolError as exc:
+            log.warning("ignoring a malformed message from the daemon: %s", exc.message)
+            return
+        mtype = msg.get("type")
+        rid = msg.get("re")
+        if mtype == "welcome":
+            if rid != self._hello_id:
+                return  # answer to an older hello
+            self.state = "connected"
+            self.session = msg.get("session")
+            self.capabilities = msg.get("capabilities", {})
+            self.heartbeat_interval = float(msg.get("heartbeat_interval",
+                                                    P.HEARTBEAT_INTERVAL_S))
+            self.heartbeat_timeout = float(msg.get("heartbeat_timeout", P.HEARTBEAT_TIMEOUT_S))
+            for stream in self._streams.values():
+                if stream.state == "opening":
+                    self._send_open(stream)
+        elif mtype == "frame":
+            stream = self._stream_by_id(msg.get("stream"))
+            if stream is not None:
+                stream._on_notice(msg, parts[1].buffer if len(parts) > 1 else None)
+        elif mtype == "opened":
+            stream = self._opening.pop(rid, None)
+            if stream is not None:
+                stream._on_opened(msg)
+        elif mtype == "error":
+            self._on_error(msg)
+        elif mtype in ("params_ok", "closed", "stats"):
+            if rid is not None:
+                self._replies[rid] = msg
+        # heartbeat replies need nothing beyond _last_heard
+
+    def _on_error(self, msg: dict[str, Any]) -> None:
+        err = DaemonError(str(msg.get("code", "?")), str(msg.get("message", "")))
+        self.last_error = err
+        rid = msg.get("re")
+        if err.code == ErrorCode.NO_SESSION and self.state != "disconnected":
+            self._lost("the daemon does not know this session")
+            return
+        stream = self._opening.pop(rid, None) if rid is not None else None
+        if stream is not None:
+            stream.state = "failed"
+            stream.last_error = err
+            return
+        if rid is not None:
+            self._replies[rid] = msg
+        stream = self._stream_by_id(msg.get("stream"))
+        if stream is not None:
+            stream.last_error = err
+            stream.counters["errors"] += 1
+        log.debug("daemon error %s: %s", err.code, err.message)
+
+    def _stream_by_id(self, sid: Any) -> Stream | None:
+        for stream in self._streams.values():
+            if stream.id == sid and stream.state == "open":
+                return stream
+        return None
+
+    def _request(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        rid = next(self._ids)
+        if not self._send({**msg, "id": rid}):
+            raise TimeoutError("the daemon's queue is full.")
+        deadline = time.monotonic() + timeout
+        while rid not in self._replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer to {msg['type']} within {timeout:g} s.")
+            self.poll(min(left, 0.05))
+        reply = self._replies.pop(rid)
+        if reply.get("type") == "error":
+            raise DaemonError(reply.get("code", "?"), reply.get("message", ""))
+        return reply
+
+    # --- streams -------------------------------------------------------------------------
+
+    def open_stream(self, name: str, width: int, height: int, *, format: str = "rgb",
+                    dtype: str = "uint8", origin: str = "top", fps: float = 30.0,
+                    engine: str = "passthrough", params: dict[str, Any] | None = None,
+                    output: dict[str, Any] | None = None, slots: int = 3,
+                    timeout: float = 10.0) -> Stream:
+        """Open a stream.  ``output`` may set width/height/format/dtype/origin of the frames
+        coming back (default: same as input).  With ``timeout`` > 0 block until open (raises
+        DaemonError when refused); with 0 return at once (``stream.ready`` tells)."""
+        if name in self._streams and self._streams[name].state not in ("closed", "failed"):
+            raise ValueError(f"this client already has a stream named {name!r}.")
+        try:
+            spec = FrameSpec.from_msg({"width": width, "height": height, "format": format,
+                                       "dtype": dtype, "origin": origin})
+        except P.ProtocolError as exc:
+            raise ValueError(exc.message) from None
+        stream = Stream(self, name, spec, fps=fps, engine=engine, params=params or {},
+                        output=output, slots=slots)
+        self._streams[name] = stream
+        if self.state == "disconnected":
+            self.connect(timeout)
+        if self.state == "connected":
+            self._send_open(stream)
+        if timeout > 0:
+            try:
+                stream.wait_open(timeout)
+            except (DaemonError, TimeoutError):
+                self._streams.pop(name, None)
+                raise
+        return stream
+
+    def _send_open(self, stream: Stream) -> None:
+        rid = next(self._ids)
+        self._opening[rid] = stream
+        if stream.id is not None:
+            stream.counters["reopened"] += 1
+        self._send({**stream._open_message(), "id": rid})
+
+    def stream(self, name: str) -> Stream | None:
+        return self._streams.get(name)
+
+    def stats(self, timeout: float = 2.0) -> dict[str, Any]:
+        """Daemon-side statistics of this session's streams, merged with client-side ones."""
+        reply = self._request({"type": "stats"}, timeout)
+        out = {}
+        for stream in self._streams.values():
+            entry = {"client": stream.stats()}
+            if stream.id is not None and str(stream.id) in reply.get("streams", {}):
+                entry["daemon"] = reply["streams"][str(stream.id)]
+            out[stream.name] = entry
+        return out
+
+    def close(self) -> None:
+        """Close every stream, say goodbye, release the socket."""
+        for stream in list(self._streams.values()):
+            stream.close(timeout=0.5)
+        if self._sock is not None:
+            if self.state == "connected":
+                self._send({"type": "bye"})
+            self._sock.close(linger=100)
+            self._sock = None
+        self.state = "disconnected"
+
+    def __enter__(self) -> Client:
+        if self.state == "disconnected":
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
