@@ -156,7 +156,7 @@ class Stream:
         return self._latest
 
     def new_frame(self) -> Frame | None:
-        """Like ``latest`` but only a frame not returned by ``new_frame`` before."""
+        """Like ``latest`` but only a frame that ``new_frame``/``wait`` did not return yet."""
         frame = self.latest()
         if frame is None or frame.seq == self._delivered_seq:
             return None
@@ -164,19 +164,17 @@ class Stream:
         return frame
 
     def wait(self, timeout: float = 5.0) -> Frame | None:
-        """Block up to ``timeout`` seconds for a frame newer than the current latest."""
-        before = self._latest.seq if self._latest else 0
+        """Block up to ``timeout`` seconds for a frame that ``new_frame``/``wait`` did not
+        return yet (it may have arrived before the call)."""
         deadline = time.monotonic() + timeout
         while True:
-            self.client.poll(0)
-            if self._latest is not None and self._latest.seq != before:
-                return self._latest
+            frame = self.new_frame()
+            if frame is not None:
+                return frame
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             self.client.poll(min(left, 0.05))
-            if self._latest is not None and self._latest.seq != before:
-                return self._latest
 
     def wait_open(self, timeout: float = 10.0) -> Stream:
         """Block until the daemon has opened the stream; raises DaemonError on refusal."""

@@ -1,0 +1,116 @@
+"""``livediffusion bench transport``: client -> daemon (passthrough) -> client round trips.
+
+Every case runs three ways in the same process and the same minute, because these
+machines are noisy and only ratios inside one run mean something:
+  * shared-memory rings plus small msgpack notices (the real path),
+  * the same frames inline in the ZeroMQ messages (remote mode),
+  * a plain memcpy of the frame's bytes (the floor any transport pays at least once),
+    from memory (``memcpy_ms``, the baseline of the targets) and from cache (``memcpy_hot_ms``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from livediffusion.shared import Client
+
+from ..spawn import spawned_daemon
+from .common import percentile, print_table, provenance, write_json
+
+CASES = [
+    ("512x512 rgb u8", 512, 512, "rgb", "uint8"),
+    ("1280x720 rgb u8", 1280, 720, "rgb", "uint8"),
+    ("1280x720 rgba f32", 1280, 720, "rgba", "float32"),
+]
+
+
+def _frame(width: int, height: int, fmt: str, dtype: str) -> np.ndarray:
+    channels = {"rgb": 3, "rgba": 4}[fmt]
+    rng = np.random.default_rng(0)
+    if dtype == "uint8":
+        return rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return rng.random((height, width, channels), dtype=np.float32)
+
+
+def memcpy_ms(frame: np.ndarray, repeats: int = 60, *, cold: bool = True) -> float:
+    """Median time of one np.copyto of the frame's bytes.
+
+    ``cold`` rotates over enough source/destination pairs (64 MiB or more in all) that each
+    copy reads and writes memory rather than cache, as a fresh frame does; ``cold=False``
+    copies the same two buffers again and again (cache-hot, the optimistic floor).
+    """
+    pairs = max(2, -(-(64 << 20) // frame.nbytes)) if cold else 1
+    srcs = [frame.copy() for _ in range(pairs)]
+    dsts = [np.ones_like(frame) for _ in range(pairs)]
+    times = []
+    for i in range(repeats):
+        src, dst = srcs[i % pairs], dsts[i % pairs]
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append((time.perf_counter() - t0) * 1000)
+    return percentile(times, 50)
+
+
+def round_trips(client: Client, name: str, frame: np.ndarray, fmt: str, dtype: str,
+                iterations: int, warmup: int = 20) -> tuple[list[float], float]:
+    h, w = frame.shape[:2]
+    stream = client.open_stream(name, w, h, format=fmt, dtype=dtype)
+    times = []
+    try:
+        for i in range(warmup + iterations):
+            if i == warmup:
+                started = time.perf_counter()
+            t0 = time.perf_counter()
+            stream.send(frame)
+            if stream.wait(5.0) is None:
+                raise TimeoutError(f"case {name}: no frame came back within 5 s.")
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000)
+        elapsed = time.perf_counter() - started
+    finally:
+        stream.close()
+    return times, iterations / elapsed
+
+
+def run_transport_bench(args: argparse.Namespace) -> int:
+    meta = {**provenance(), "bench": "transport", "iterations": args.iterations}
+    print(f"transport round trips, passthrough engine, {args.iterations} per case "
+          f"({meta['date']}, {meta['machine']}, commit {meta['commit']})")
+    records = []
+    with spawned_daemon("passthrough") as endpoint:
+        shm = Client(endpoint, name="bench-shm", transport="shm").connect()
+        inline = Client(endpoint, name="bench-inline", transport="inline").connect()
+        try:
+            for case, w, h, fmt, dtype in CASES:
+                frame = _frame(w, h, fmt, dtype)
+                t_shm, fps = round_trips(shm, f"shm {case}", frame, fmt, dtype, args.iterations)
+                t_inl, fps_inl = round_trips(inline, f"inline {case}", frame, fmt, dtype,
+                                             args.iterations)
+                copy = memcpy_ms(frame)
+                copy_hot = memcpy_ms(frame, cold=False)
+                p50 = percentile(t_shm, 50)
+                records.append({
+                    "case": case, "p50_ms": round(p50, 4), "p99_ms": round(percentile(t_shm, 99), 4),
+                    "fps": round(fps, 1), "memcpy_ms": round(copy, 4),
+                    "memcpy_hot_ms": round(copy_hot, 4),
+                    "inline_p50_ms": round(percentile(t_inl, 50), 4),
+                    "inline_p99_ms": round(percentile(t_inl, 99), 4),
+                    "inline_fps": round(fps_inl, 1), "frame_bytes": int(frame.nbytes),
+                    "shm_over_memcpy": round(p50 / copy, 2) if copy else 0.0,
+                    "shm_over_inline": round(p50 / max(percentile(t_inl, 50), 1e-9), 3),
+                })
+        finally:
+            shm.close()
+            inline.close()
+    print_table(records, [("case", "case", ""), ("p50_ms", "shm p50 ms", ".3f"),
+                          ("p99_ms", "shm p99 ms", ".3f"), ("fps", "shm FPS", ".0f"),
+                          ("memcpy_ms", "memcpy ms", ".3f"),
+                          ("shm_over_memcpy", "shm/memcpy", ".2f"),
+                          ("memcpy_hot_ms", "hot memcpy ms", ".3f"),
+                          ("inline_p50_ms", "inline p50 ms", ".3f"),
+                          ("shm_over_inline", "shm/inline", ".2f")])
+    write_json(args.json, records, meta)
+    return 0

@@ -1,0 +1,172 @@
+"""The ``livediffusion`` command line: daemon, demo, bench, doctor, keys."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from livediffusion.shared.protocol import DEFAULT_PORT, HEARTBEAT_TIMEOUT_S
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one sentence, exit status 2."""
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, not {text!r}") from None
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .engines import REGISTRY
+    from .server import Daemon
+
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip()) if args.engines \
+        else tuple(REGISTRY)
+    try:
+        daemon = Daemon(args.host, args.port, engines=engines,
+                        device=_resolve_device(args.device), ipc_path=args.ipc,
+                        heartbeat_timeout=args.heartbeat_timeout, max_streams=args.max_streams,
+                        keys_dir=args.keys)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    daemon.serve_forever()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "transport":
+        from .bench.transport import run_transport_bench
+        return run_transport_bench(args)
+    raise CliError(f"unknown benchmark {args.suite!r}.")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+    return run_doctor(args)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .auth import init_keys
+    paths = init_keys(args.directory)
+    print(f"daemon keys in {args.directory}; authorised client key pair in "
+          f"{paths['client_secret'].parent}. Start the daemon with --keys {args.directory} and "
+          f"copy {args.directory} (without server.key_secret) to the client machine.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="livediffusion",
+        description="Real-time diffusion for live video: a local GPU daemon and its tools.")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("daemon", help="serve streams (the engine process)",
+                       description="Run the streaming daemon in the foreground. Stop it with "
+                                   "Ctrl-C or SIGTERM; every shared-memory segment is removed.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback; anything else needs --keys)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default "
+                   f"{DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--engines", default="",
+                   help="comma-separated engines to load (default: all available)")
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--ipc", metavar="PATH", help="also listen on ipc://PATH (POSIX only)")
+    p.add_argument("--keys", metavar="DIR",
+                   help="require CURVE authentication with the keys in DIR")
+    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_S,
+                   help="drop clients silent this many seconds (default 3)")
+    p.add_argument("--max-streams", type=int, default=32)
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("demo", help="play a clip through a real daemon and write a video",
+                       description="Start a daemon, play a procedurally generated clip (or "
+                                   "a video file or webcam) through a real client over the real "
+                                   "transport, write input|output side by side to a video, and "
+                                   "print FPS and latency.")
+    p.add_argument("source", nargs="?", default="",
+                   help="video file, or webcam as 'webcam:0' (default: generated test clip)")
+    p.add_argument("--engine", default="auto", help="engine to use (default: best available)")
+    p.add_argument("--size", type=_size, default=(256, 256), help="WxH (default 256x256)")
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--frames", type=int, default=150, help="input frames to play (default 150)")
+    p.add_argument("--output", default="livediffusion-demo.mp4", help="output video path")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine parameter, repeatable (e.g. mode=invert)")
+    p.add_argument("--no-realtime", action="store_true",
+                   help="send frames as fast as the engine takes them instead of at --fps")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks that print a table (and JSON on request)")
+    p.add_argument("suite", choices=["transport"], help="which benchmark")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--iterations", type=int, default=200, help="round trips per case")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("doctor", help="print versions, devices, extras, ports and weights",
+                       description="One screen to paste into a bug report.")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("keys", help="create CURVE keys for a daemon reachable from the LAN")
+    p.add_argument("action", choices=["init"])
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 0
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, OSError, ValueError, ConnectionError, TimeoutError, ImportError) as exc:
+        if args.debug:
+            raise
+        text = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, ImportError):
+            text = (f"{text}. Install the daemon's dependencies with "
+                    f"pip install 'livediffusion[daemon]'.")
+        print(f"livediffusion {args.command}: {text}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one sentence, traceback only with --debug
+        if args.debug:
+            raise
+        print(f"livediffusion {args.command}: unexpected {type(exc).__name__}: {exc} "
+              f"(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

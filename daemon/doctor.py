@@ -1,0 +1,117 @@
+"""``livediffusion doctor``: one screen of facts for a bug report."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import socket
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from . import __version__
+
+PACKAGES = ["pyzmq", "msgpack", "numpy", "torch", "diffusers", "transformers", "huggingface_hub",
+            "safetensors", "opencv-python-headless", "obsws-python", "pyvirtualcam", "SpoutGL"]
+
+#: extra -> modules that must import for it to work
+EXTRAS = {
+    "core (client)": ["zmq", "msgpack", "numpy"],
+    "daemon": ["torch", "diffusers", "transformers", "huggingface_hub", "cv2"],
+    "obs": ["obsws_python"],
+    "virtualcam": ["pyvirtualcam", "cv2"],
+    "spout": ["SpoutGL"],
+}
+
+#: model weights the engines can use, as Hugging Face repositories
+WEIGHTS = {
+    "Wan 2.1 T2V 1.3B (diffusers)": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "Wan 2.1 T2V 14B (diffusers)": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    "StreamDiffusionV2 causal generator": "jerryfeng/StreamDiffusionV2",
+    "sd-turbo": "stabilityai/sd-turbo",
+    "sdxl-turbo": "stabilityai/sdxl-turbo",
+    "TAESD tiny VAE": "madebyollin/taesd",
+}
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "-"
+
+
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not usable"
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _hf_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return home / "hub"
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    lines = [f"livediffusion {__version__}",
+             f"python {sys.version.split()[0]} ({sys.executable})",
+             f"platform {platform.platform()} {platform.machine()}"]
+    try:
+        import zmq
+        lines.append(f"libzmq {zmq.zmq_version()}, CURVE {'yes' if zmq.has('curve') else 'no'}, "
+                     f"ipc {'yes' if zmq.has('ipc') else 'no'}")
+    except ImportError:
+        lines.append("libzmq: pyzmq not installed")
+    lines.append("")
+    lines.append("packages:")
+    for dist in PACKAGES:
+        lines.append(f"  {dist:<24} {_version(dist)}")
+    lines.append("")
+    lines.append("extras:")
+    for extra, modules in EXTRAS.items():
+        missing = [m for m in modules if not _imports(m)]
+        state = "ok" if not missing else f"missing {', '.join(missing)}"
+        lines.append(f"  {extra:<16} {state}")
+    lines.append("")
+    lines.append("devices:")
+    try:
+        import torch
+        lines.append(f"  torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}")
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(i)
+                props = torch.cuda.get_device_properties(i)
+                lines.append(f"  cuda:{i} {props.name}, capability {props.major}.{props.minor}, "
+                             f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+        else:
+            lines.append("  no CUDA device: engines run on the CPU (tiny presets only)")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            lines.append("  Apple MPS available")
+    except ImportError:
+        lines.append("  torch not installed (pip install 'livediffusion[daemon]')")
+    lines.append("")
+    port_state = "free" if _port_free(args.port) else "IN USE (a daemon running, or another program)"
+    lines.append(f"control port 127.0.0.1:{args.port}: {port_state}")
+    lines.append("")
+    cache = _hf_cache()
+    lines.append(f"weights (Hugging Face cache {cache}):")
+    for label, repo in WEIGHTS.items():
+        present = (cache / ("models--" + repo.replace("/", "--")) / "snapshots").is_dir()
+        lines.append(f"  {label:<38} {'present' if present else 'absent'}  ({repo})")
+    print("\n".join(lines))
+    return 0

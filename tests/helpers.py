@@ -1,0 +1,75 @@
+"""Helpers shared by the tests (imported as a plain module: tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+import zmq
+
+from livediffusion.shared import protocol as P
+
+
+class Raw:
+    """A bare DEALER socket: send anything, read replies as dicts."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send_bytes(self, *parts: bytes) -> None:
+        self.sock.send_multipart(list(parts))
+
+    def send(self, msg: dict[str, Any], *extra: bytes) -> None:
+        body = dict(msg)
+        body.setdefault("v", P.PROTOCOL_VERSION)
+        self.send_bytes(msgpack.packb(body, use_bin_type=True), *extra)
+
+    def recv(self, timeout: float = 3.0) -> dict[str, Any]:
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError("no reply")
+        parts = self.sock.recv_multipart()
+        return msgpack.unpackb(parts[0], raw=False)
+
+    def recv_type(self, mtype: str, timeout: float = 3.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.recv(max(0.01, deadline - time.monotonic()))
+            if msg.get("type") == mtype:
+                return msg
+
+    def hello(self) -> dict[str, Any]:
+        self.send({"type": "hello", "id": 1, "client": "raw"})
+        return self.recv_type("welcome")
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+
+def rgb(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def round_trip(stream, frame: np.ndarray, timeout: float = 5.0):
+    stream.send(frame)
+    out = stream.wait(timeout)
+    assert out is not None, "no frame came back"
+    return out
+
+
+def shm_names() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 5.0, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
