@@ -68,6 +68,11 @@ class Scheduler:
             box = self._boxes.get(stream_id)
             if box is not None:
                 box.frames_per_step = max(1, n)
+                while len(box.frames) > box.frames_per_step:  # newest frames win here too
+                    box.frames.popleft()
+                    box.dropped += 1
+                if box.ready():
+                    self._lock.notify()
 
     def offer(self, stream_id: int, ref: FrameRef) -> bool:
         """Queue a frame; returns False if the stream is unknown (closing)."""

@@ -253,6 +253,9 @@ class FrameSpec:
             if not MIN_SIDE <= value <= MAX_SIDE:
                 raise ProtocolError(ErrorCode.BAD_SPEC,
                                     f"{key} {value} is outside {MIN_SIDE}..{MAX_SIDE}.")
+        for key, value in (("format", fmt), ("dtype", dtype), ("origin", origin)):
+            if not isinstance(value, str):
+                raise ProtocolError(ErrorCode.BAD_SPEC, f"{key} must be a string.")
         if fmt not in FORMATS:
             raise ProtocolError(ErrorCode.BAD_SPEC,
                                 f"pixel format {str(fmt)[:20]!r} is not one of "

@@ -111,6 +111,8 @@ class FrameRing:
         magic, version, slots, slot_stride, capacity, hdr = RING_HEADER.unpack_from(buf, 0)
         if magic != RING_MAGIC or version != RING_VERSION or hdr != SLOT_HEADER_SIZE:
             raise RingError(f"segment {self.name} is not a version {RING_VERSION} frame ring.")
+        if slot_stride < SLOT_HEADER_SIZE + _align(capacity) + SEQ.size:
+            raise RingError(f"segment {self.name} has slots too small for their capacity.")
         if len(buf) < RING_HEADER_SIZE + slots * slot_stride:
             raise RingError(f"segment {self.name} is shorter than its header says.")
         self.slots = slots

@@ -258,10 +258,6 @@ def test_from_msg_rejects_unknown_format_dtype_or_origin(key, value):
         FrameSpec.from_msg({"width": 64, "height": 48, key: value})
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="from_msg tests `value in FORMATS/DTYPES/ORIGINS` on unvalidated "
-                   "values of the OPEN 'output' map; an unhashable value raises TypeError "
-                   "(the daemon answers 'internal') instead of bad_spec")
 @pytest.mark.parametrize("key", ["format", "dtype", "origin"])
 def test_from_msg_rejects_an_unhashable_format_dtype_or_origin(key):
     # The 'output' map of OPEN is only checked to be a map, so its values reach from_msg as is.
