@@ -1,7 +1,7 @@
 """Deciding what runs next: per-stream mailboxes of waiting frames, and batch selection.
 
-No tensor math here.  The server offers frame notices as they arrive; the engine worker
-asks for the next batch.  Newest frames win: a mailbox holds at most the frames one
+No tensor math here.  The server offers frame notices as they arrive and queues commands;
+the daemon loop then takes the commands and the next batch for the engine worker.  Newest frames win: a mailbox holds at most the frames one
 engine step consumes, and an arriving frame pushes the oldest out (counted as a drop).
 Among streams that are ready, the one whose oldest waiting frame arrived first goes
 first (earliest deadline first, since every frame's deadline is arrival + one period),
@@ -10,7 +10,6 @@ and up to ``max_batch`` ready streams of the same engine share one step.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,87 +42,61 @@ class Mailbox:
 
 
 class Scheduler:
-    """Thread-safe mailboxes plus the batching policy."""
+    """Mailboxes plus the batching policy (used from the daemon loop's one thread)."""
 
     def __init__(self, max_batch: Callable[[str], int] = lambda engine: 16) -> None:
         self._max_batch = max_batch
-        self._lock = threading.Condition()
         self._boxes: dict[int, Mailbox] = {}
         self._commands: deque = deque()
-        self._stopping = False
         self._rr = 0  # round-robin start among engines
 
-    # --- called by the server thread -----------------------------------------------
+    # --- called when messages arrive ----------------------------------------------------
 
     def add_stream(self, stream_id: int, engine: str, frames_per_step: int) -> None:
-        with self._lock:
-            self._boxes[stream_id] = Mailbox(stream_id, engine, max(1, frames_per_step))
+        self._boxes[stream_id] = Mailbox(stream_id, engine, max(1, frames_per_step))
 
     def remove_stream(self, stream_id: int) -> None:
-        with self._lock:
-            self._boxes.pop(stream_id, None)
+        self._boxes.pop(stream_id, None)
 
     def set_frames_per_step(self, stream_id: int, n: int) -> None:
-        with self._lock:
-            box = self._boxes.get(stream_id)
-            if box is not None:
-                box.frames_per_step = max(1, n)
-                while len(box.frames) > box.frames_per_step:  # newest frames win here too
-                    box.frames.popleft()
-                    box.dropped += 1
-                if box.ready():
-                    self._lock.notify()
+        box = self._boxes.get(stream_id)
+        if box is not None:
+            box.frames_per_step = max(1, n)
+            while len(box.frames) > box.frames_per_step:  # newest frames win here too
+                box.frames.popleft()
+                box.dropped += 1
 
     def offer(self, stream_id: int, ref: FrameRef) -> bool:
         """Queue a frame; returns False if the stream is unknown (closing)."""
-        with self._lock:
-            box = self._boxes.get(stream_id)
-            if box is None:
-                return False
-            box.offered += 1
-            box.frames.append(ref)
-            while len(box.frames) > box.frames_per_step:
-                box.frames.popleft()
-                box.dropped += 1
-            if box.ready():
-                self._lock.notify()
-            return True
+        box = self._boxes.get(stream_id)
+        if box is None:
+            return False
+        box.offered += 1
+        box.frames.append(ref)
+        while len(box.frames) > box.frames_per_step:
+            box.frames.popleft()
+            box.dropped += 1
+        return True
 
     def post(self, command: object) -> None:
         """Queue a command (open/params/close...) for the worker, ahead of frames."""
-        with self._lock:
-            self._commands.append(command)
-            self._lock.notify()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
+        self._commands.append(command)
 
     def dropped(self, stream_id: int) -> int:
         box = self._boxes.get(stream_id)
         return box.dropped if box else 0
 
-    # --- called by the worker thread ---------------------------------------------------
+    # --- called by the daemon loop --------------------------------------------------------
 
-    def wait(self, timeout: float) -> tuple[list, list[tuple[int, list[FrameRef]]], bool]:
-        """Block until commands or a batch are available.
+    def has_work(self) -> bool:
+        return bool(self._commands) or any(b.ready() for b in self._boxes.values())
 
-        Returns (commands, batch, stopping); ``batch`` is a list of (stream_id, frames) of
-        one engine, taken out of the mailboxes.
-        """
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                commands = list(self._commands)
-                self._commands.clear()
-                batch = self._take_batch()
-                if commands or batch or self._stopping:
-                    return commands, batch, self._stopping
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return [], [], False
-                self._lock.wait(left)
+    def take(self) -> tuple[list, list[tuple[int, list[FrameRef]]]]:
+        """Pending commands, and the next batch: (stream_id, frames) of one engine, taken out
+        of the mailboxes (empty when no stream is ready)."""
+        commands = list(self._commands)
+        self._commands.clear()
+        return commands, self._take_batch()
 
     def _take_batch(self) -> list[tuple[int, list[FrameRef]]]:
         ready = [b for b in self._boxes.values() if b.ready()]

@@ -2,11 +2,13 @@
 
 It parses and answers control messages, owns every shared-memory segment (creates them on
 OPEN, unlinks them once the worker has let go), and forwards frame notices to the
-scheduler.  It does no tensor math; engines live behind the worker thread.
+scheduler.  It does no tensor math; engines live behind the worker, which the loop drives
+between rounds of messages (see worker.py for why on the same thread).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import logging
@@ -174,58 +176,46 @@ class Daemon:
         self.endpoint = f"tcp://{self.host}:{self.port}"
         if self.ipc_path:
             router.bind(f"ipc://{self.ipc_path}")
-        wake_address = f"inproc://ld-wake-{id(self)}"
-        wake = ctx.socket(zmq.PULL)
-        wake.bind(wake_address)
         self.scheduler = Scheduler(lambda engine: self.engines[engine].max_batch())
-        self.worker = EngineWorker(self.engines, self.scheduler, ctx, wake_address)
-        self.worker.start()
+        self.worker = EngineWorker(self.engines, self.scheduler)
         self._router = router
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(wake, zmq.POLLIN)
         log.info("livediffusion daemon %s listening on %s (engines: %s, device: %s)",
                  __version__, self.endpoint, ", ".join(self.engines), self.device)
         self._ready.set()
         next_reap = time.monotonic() + 0.25
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(100))
-                if router in events:
-                    for _ in range(256):  # drain, but keep serving the worker's results
+                busy = self.scheduler.has_work()
+                if router.poll(0 if busy else 100, zmq.POLLIN):
+                    for _ in range(256):  # drain what arrived, newest frames win below
                         try:
                             parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._on_message(parts)
-                if wake in events:
-                    while True:
-                        try:
-                            wake.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                started = time.monotonic()
+                try:
+                    self.worker.run_once()
+                except Exception:  # noqa: BLE001 - a worker bug must not stop every stream
+                    log.exception("engine worker failed; continuing with the next step")
                 self._drain_results()
                 now = time.monotonic()
+                if now - started > 0.5:
+                    self._forgive_stall(now - started)
                 if now >= next_reap:
                     self._reap(now)
                     next_reap = now + 0.25
         finally:
-            self._shutdown(router, wake, ctx, authenticator)
+            self._shutdown(router, ctx, authenticator)
 
-    def _shutdown(self, router, wake, ctx, authenticator) -> None:
+    def _shutdown(self, router, ctx, authenticator) -> None:
         log.info("shutting down: closing %d stream(s)", len(self.streams))
-        for stream in list(self.streams.values()):
-            if stream.state != "closing":
-                self._begin_close(stream, None)
-        self.scheduler.stop()
-        self.worker.join(15.0)
-        if self.worker.is_alive():
-            log.error("engine worker did not stop in 15 s; unlinking frame rings anyway")
-        self._drain_results()
-        for stream in list(self.streams.values()):
-            self._release(stream)
+        try:
+            self.worker.shutdown()
+        finally:
+            for stream in list(self.streams.values()):
+                self._release(stream)
         router.close(0)
-        wake.close(0)
         if authenticator is not None:
             authenticator.stop()
         ctx.term()
@@ -234,6 +224,8 @@ class Daemon:
     # --- sending ------------------------------------------------------------------------
 
     def _send(self, identity: bytes, msg: dict[str, Any], payload: bytes | None = None) -> None:
+        if "re" in msg and msg["re"] is None:
+            msg = {k: v for k, v in msg.items() if k != "re"}
         parts = [identity, P.pack(msg)]
         if payload is not None:
             parts.append(payload)
@@ -273,7 +265,9 @@ class Daemon:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                     f"expected 1 or 2 message parts, got {len(parts) - 1}.")
             msg = P.unpack(parts[1].buffer)
-            rid = msg.get("id") if isinstance(msg.get("id"), int) else None
+            rid = msg.get("id")
+            if not isinstance(rid, int) or isinstance(rid, bool):
+                rid = None
             mtype = P.validate_client_message(msg)
             payload = parts[2].buffer if len(parts) == 3 else None
             if payload is not None and mtype != "frame":
@@ -284,8 +278,9 @@ class Daemon:
                 return
             if session is None:
                 raise ProtocolError(ErrorCode.NO_SESSION,
-                                    "no session: send hello first (the daemon may have restarted "
-                                    "or dropped this client after 3 s of silence).")
+                                    f"no session: send hello first (the daemon may have restarted "
+                                    f"or dropped this client after {self.heartbeat_timeout:g} s "
+                                    f"of silence).")
             handler = getattr(self, f"_on_{mtype}")
             handler(session, msg, rid, payload)
         except ProtocolError as exc:
@@ -318,7 +313,7 @@ class Daemon:
         self._send(identity, {
             "type": "welcome", "re": rid, "session": session.number,
             "daemon": __version__, "protocol": P.PROTOCOL_VERSION,
-            "heartbeat_interval": P.HEARTBEAT_INTERVAL_S,
+            "heartbeat_interval": min(P.HEARTBEAT_INTERVAL_S, self.heartbeat_timeout / 3),
             "heartbeat_timeout": self.heartbeat_timeout,
             "capabilities": {
                 "engines": {name: engine.capabilities() for name, engine in self.engines.items()},
@@ -350,6 +345,8 @@ class Daemon:
         in_spec = FrameSpec.from_msg(msg)
         out_msg = msg.get("output") or {}
         out_spec = FrameSpec.from_msg(out_msg, default=in_spec)
+        if msg.get("transport", "shm") == "inline":
+            out_spec = dataclasses.replace(out_spec, stride=0)  # inline pixels are tight rows
         fps = float(msg.get("fps", 30.0))
         if not 0 < fps <= 1000:
             raise ProtocolError(ErrorCode.BAD_SPEC, f"fps {fps} is outside (0, 1000].")
@@ -402,7 +399,8 @@ class Daemon:
                 raise ProtocolError(ErrorCode.BAD_FRAME,
                                     "inline stream: the frame message needs a pixel part.",
                                     stream=stream.id)
-            ref = FrameRef(seq, ts, data=payload, stride=msg.get("stride", 0))
+            ref = FrameRef(seq, ts, data=payload,
+                           stride=msg.get("stride", stream.input.row_stride))
         else:
             slot = msg.get("slot")
             assert stream.ring_in is not None
@@ -471,6 +469,11 @@ class Daemon:
                 self._begin_close(stream, None)
         self.sessions.pop(session.identity, None)
 
+    def _forgive_stall(self, seconds: float) -> None:
+        """Nobody could be heard while the engine worked: do not count that as silence."""
+        for session in self.sessions.values():
+            session.last_seen += seconds
+
     def _reap(self, now: float) -> None:
         for session in list(self.sessions.values()):
             silent = now - session.last_seen
@@ -503,8 +506,7 @@ class Daemon:
             reply = {"type": "opened", "re": rid, "stream": stream.id, "name": stream.name,
                      "engine": stream.engine, "transport": stream.transport,
                      "input": stream.input.to_msg(), "output": stream.output.to_msg(),
-                     "params": self.worker.streams[stream.id].config.params
-                     if stream.id in self.worker.streams else {},
+                     "params": result.body.get("params", {}),
                      "frames_per_step": self.engines[stream.engine].frames_per_step(stream.id)}
             if stream.ring_in is not None and stream.ring_out is not None:
                 reply["ring_in"] = {"name": stream.ring_in.name, "slots": stream.ring_in.slots,
@@ -528,13 +530,15 @@ class Daemon:
                 self._send(identity, {"type": "closed", "re": rid, "stream": stream.id})
         elif result.kind == "error":
             code, message = result.body["code"], result.body["message"]
-            if stream.state == "opening":
+            refused = stream.state == "opening"
+            if refused:
                 # The engine refused the stream: release it as if it had never existed.
                 self._begin_close(stream, None)
-            self._log_error(stream.session.number, code, f"stream {stream.id}: {message}",
+            self._log_error(stream.session.number, code, f"stream {stream.name!r}: {message}",
                             stream.session.client)
             if alive:
-                self._send(identity, P.error(code, message, re=rid, stream=stream.id))
+                self._send(identity, P.error(code, message, re=rid,
+                                             stream=None if refused else stream.id))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

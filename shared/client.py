@@ -278,7 +278,11 @@ class Stream:
                     raise RingError("inline frame has the wrong size.")
                 np.copyto(buf, data.reshape(spec.shape))
             elif self._ring_out is not None:
-                self._ring_out.read(msg["slot"], msg["seq"], out=buf)
+                hdr, _ = self._ring_out.read(msg["slot"], msg["seq"], out=buf)
+                if (hdr.width, hdr.height, hdr.format, hdr.dtype) != \
+                        (spec.width, spec.height, spec.format, spec.dtype):
+                    raise RingError(f"output slot holds a {hdr.width}x{hdr.height} {hdr.format} "
+                                    f"{hdr.dtype} frame, not the announced output.")
             else:
                 return
         except TornRead:

