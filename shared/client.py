@@ -47,13 +47,26 @@ class DaemonError(Exception):
 
 @dataclass
 class Frame:
-    """One processed frame received from the daemon."""
+    """One processed frame received from the daemon.
+
+    With a zero-copy stream, ``pixels`` is a read-only view into the daemon's output ring:
+    use (or copy) it right away and check ``intact()`` afterwards; the daemon reuses the slot
+    once it has written ``slots - 1`` newer frames.
+    """
 
     pixels: np.ndarray
     seq: int
     in_seq: int
     latency_ms: float
     received: float = field(default_factory=time.monotonic)
+    _ring: FrameRing | None = field(default=None, repr=False)
+    _slot: int = field(default=-1, repr=False)
+
+    def intact(self) -> bool:
+        """False if the daemon has overwritten a zero-copy frame's slot since it arrived."""
+        if self._ring is None:
+            return True
+        return not self._ring.closed and self._ring.is_intact(self._slot, self.seq)
 
 
 def _is_local(endpoint: str) -> bool:
@@ -82,7 +95,8 @@ class Stream:
     """One stream of frames in and processed frames out.  Create with ``Client.open_stream``."""
 
     def __init__(self, client: Client, name: str, spec: FrameSpec, *, fps: float, engine: str,
-                 params: dict[str, Any], output: dict[str, Any] | None, slots: int) -> None:
+                 params: dict[str, Any], output: dict[str, Any] | None, slots: int,
+                 zero_copy: bool = False) -> None:
         self.client = client
         self.name = name
         self.spec = spec
@@ -91,6 +105,7 @@ class Stream:
         self.params = dict(params)
         self.output_request = dict(output or {})
         self.slots = slots
+        self.zero_copy = zero_copy
         self.id: int | None = None
         self.state = "opening"  # opening -> open -> closed | failed
         self.output_spec: FrameSpec | None = None
@@ -270,15 +285,23 @@ class Stream:
         msg, payload = self._pending_notice
         self._pending_notice = None
         spec = self.output_spec
-        buf = self._next_buffer(spec)
+        ring, slot = None, -1
         try:
             if payload is not None:
                 data = np.frombuffer(payload, dtype=spec.np_dtype)
                 if data.size != int(np.prod(spec.shape)):
                     raise RingError("inline frame has the wrong size.")
-                np.copyto(buf, data.reshape(spec.shape))
+                pixels = self._next_buffer(spec)
+                np.copyto(pixels, data.reshape(spec.shape))
             elif self._ring_out is not None:
-                hdr, _ = self._ring_out.read(msg["slot"], msg["seq"], out=buf)
+                slot = msg["slot"]
+                if self.zero_copy:
+                    ring = self._ring_out
+                    hdr, pixels = ring.view(slot, msg["seq"])
+                    pixels.flags.writeable = False
+                else:
+                    hdr, pixels = self._ring_out.read(slot, msg["seq"],
+                                                      out=self._next_buffer(spec))
                 if (hdr.width, hdr.height, hdr.format, hdr.dtype) != \
                         (spec.width, spec.height, spec.format, spec.dtype):
                     raise RingError(f"output slot holds a {hdr.width}x{hdr.height} {hdr.format} "
@@ -297,7 +320,8 @@ class Stream:
         self.latency.add(latency)
         self._fps_marks.append(time.monotonic())
         self.counters["received"] += 1
-        self._latest = Frame(buf, msg["seq"], msg.get("in_seq", 0), latency)
+        self._latest = Frame(pixels, msg["seq"], msg.get("in_seq", 0), latency, _ring=ring,
+                             _slot=slot)
 
     def _next_buffer(self, spec: FrameSpec) -> np.ndarray:
         if not self._pool or self._pool[0].shape != spec.shape or \
@@ -538,10 +562,12 @@ class Client:
                     dtype: str = "uint8", origin: str = "top", fps: float = 30.0,
                     engine: str = "passthrough", params: dict[str, Any] | None = None,
                     output: dict[str, Any] | None = None, slots: int = 3,
-                    timeout: float = 10.0) -> Stream:
+                    zero_copy: bool = False, timeout: float = 10.0) -> Stream:
         """Open a stream.  ``output`` may set width/height/format/dtype/origin of the frames
         coming back (default: same as input).  With ``timeout`` > 0 block until open (raises
-        DaemonError when refused); with 0 return at once (``stream.ready`` tells)."""
+        DaemonError when refused); with 0 return at once (``stream.ready`` tells).
+        ``zero_copy`` hands out output frames as read-only views into shared memory (see
+        ``Frame``): one copy less for hosts that copy the frame into a texture at once."""
         if name in self._streams and self._streams[name].state not in ("closed", "failed"):
             raise ValueError(f"this client already has a stream named {name!r}.")
         try:
@@ -550,7 +576,7 @@ class Client:
         except P.ProtocolError as exc:
             raise ValueError(exc.message) from None
         stream = Stream(self, name, spec, fps=fps, engine=engine, params=params or {},
-                        output=output, slots=slots)
+                        output=output, slots=slots, zero_copy=zero_copy)
         self._streams[name] = stream
         if self.state == "disconnected":
             self.connect(timeout)

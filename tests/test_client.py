@@ -118,3 +118,15 @@ def test_heartbeats_keep_an_idle_client_alive(daemon):
         c.poll(0.1)  # what a host does every frame, without sending any frame
     assert "idle" in daemon._names and c.reconnects == 0
     c.close()
+
+
+def test_zero_copy_frames_are_read_only_views_that_know_when_they_are_stale(client):
+    stream = client.open_stream("zc", 64, 48, zero_copy=True, slots=2)
+    first = round_trip(stream, rgb(seed=1))
+    assert np.array_equal(first.pixels, rgb(seed=1)) and first.intact()
+    assert not first.pixels.flags.writeable
+    with pytest.raises(ValueError):
+        first.pixels[0, 0, 0] = 1
+    round_trip(stream, rgb(seed=2))
+    round_trip(stream, rgb(seed=3))  # the daemon has reused first's slot by now
+    assert not first.intact()

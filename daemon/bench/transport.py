@@ -3,6 +3,7 @@
 Every case runs three ways in the same process and the same minute, because these
 machines are noisy and only ratios inside one run mean something:
   * shared-memory rings plus small msgpack notices (the real path),
+  * the same, reading the output as a zero-copy view (``open_stream(zero_copy=True)``),
   * the same frames inline in the ZeroMQ messages (remote mode),
   * a plain memcpy of the frame's bytes (the floor any transport pays at least once),
     from memory (``memcpy_ms``, the baseline of the targets) and from cache (``memcpy_hot_ms``).
@@ -55,9 +56,10 @@ def memcpy_ms(frame: np.ndarray, repeats: int = 60, *, cold: bool = True) -> flo
 
 
 def round_trips(client: Client, name: str, frame: np.ndarray, fmt: str, dtype: str,
-                iterations: int, warmup: int = 20) -> tuple[list[float], float]:
+                iterations: int, warmup: int = 20, zero_copy: bool = False
+                ) -> tuple[list[float], float]:
     h, w = frame.shape[:2]
-    stream = client.open_stream(name, w, h, format=fmt, dtype=dtype)
+    stream = client.open_stream(name, w, h, format=fmt, dtype=dtype, zero_copy=zero_copy)
     times = []
     try:
         for i in range(warmup + iterations):
@@ -87,6 +89,8 @@ def run_transport_bench(args: argparse.Namespace) -> int:
             for case, w, h, fmt, dtype in CASES:
                 frame = _frame(w, h, fmt, dtype)
                 t_shm, fps = round_trips(shm, f"shm {case}", frame, fmt, dtype, args.iterations)
+                t_zc, _ = round_trips(shm, f"zero-copy {case}", frame, fmt, dtype,
+                                      args.iterations, zero_copy=True)
                 t_inl, fps_inl = round_trips(inline, f"inline {case}", frame, fmt, dtype,
                                              args.iterations)
                 copy = memcpy_ms(frame)
@@ -99,6 +103,7 @@ def run_transport_bench(args: argparse.Namespace) -> int:
                     "inline_p50_ms": round(percentile(t_inl, 50), 4),
                     "inline_p99_ms": round(percentile(t_inl, 99), 4),
                     "inline_fps": round(fps_inl, 1), "frame_bytes": int(frame.nbytes),
+                    "zero_copy_p50_ms": round(percentile(t_zc, 50), 4),
                     "shm_over_memcpy": round(p50 / copy, 2) if copy else 0.0,
                     "shm_over_inline": round(p50 / max(percentile(t_inl, 50), 1e-9), 3),
                 })
@@ -110,6 +115,7 @@ def run_transport_bench(args: argparse.Namespace) -> int:
                           ("memcpy_ms", "memcpy ms", ".3f"),
                           ("shm_over_memcpy", "shm/memcpy", ".2f"),
                           ("memcpy_hot_ms", "hot memcpy ms", ".3f"),
+                          ("zero_copy_p50_ms", "zero-copy p50 ms", ".3f"),
                           ("inline_p50_ms", "inline p50 ms", ".3f"),
                           ("shm_over_inline", "shm/inline", ".2f")])
     write_json(args.json, records, meta)
