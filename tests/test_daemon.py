@@ -130,3 +130,18 @@ def test_stopping_the_daemon_unlinks_every_segment(daemon):
     daemon.stop()
     assert not (names & shm_names())
     c.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("socket"), "AF_UNIX"), reason="POSIX only")
+def test_ipc_endpoint_serves_too(tmp_path):
+    from livediffusion.daemon.server import Daemon
+
+    path = tmp_path / "ld.ipc"
+    d = Daemon(port=0, ipc_path=str(path)).start()
+    try:
+        with Client(f"ipc://{path}") as c:
+            assert c.transport == "shm"
+            frame = rgb(seed=11)
+            assert np.array_equal(round_trip(c.open_stream("ipc", 64, 48), frame).pixels, frame)
+    finally:
+        d.stop()

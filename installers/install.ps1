@@ -1,0 +1,22 @@
+# Set up livediffusion on Windows: a virtual environment with the daemon and its tools.
+#   powershell -ExecutionPolicy Bypass -File installers\install.ps1 [-Venv DIR] [-Cuda cu128] [-Extras daemon,obs,virtualcam,spout]
+# PyPI's Windows torch wheels are CPU-only: -Cuda picks the matching build from PyTorch's index.
+param(
+    [string]$Venv = "$PSScriptRoot\..\.venv",
+    [string]$Cuda = "cu128",
+    [string]$Extras = "daemon,virtualcam,spout"
+)
+$ErrorActionPreference = "Stop"
+$root = Resolve-Path "$PSScriptRoot\.."
+py -3 -c "import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)"
+if ($LASTEXITCODE -ne 0) { Write-Error "livediffusion needs Python 3.10 or newer (py -3)." }
+py -3 -m venv $Venv
+& "$Venv\Scripts\python.exe" -m pip install --upgrade pip
+if ($Cuda -eq "cpu") {
+    & "$Venv\Scripts\python.exe" -m pip install "torch>=2.4"
+} else {
+    & "$Venv\Scripts\python.exe" -m pip install "torch>=2.4" --index-url "https://download.pytorch.org/whl/$Cuda"
+}
+& "$Venv\Scripts\python.exe" -m pip install -e "$root[$Extras]"
+& "$Venv\Scripts\livediffusion.exe" doctor
+Write-Host "livediffusion is installed in $Venv. Try: $Venv\Scripts\livediffusion.exe demo"
