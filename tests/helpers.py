@@ -73,3 +73,14 @@ def wait_until(pred: Callable[[], bool], timeout: float = 5.0, step: float = 0.0
             return True
         time.sleep(step)
     return pred()
+
+
+def send_until_back(stream, frame: np.ndarray, timeout: float = 10.0):
+    """Keep sending ``frame`` until a processed frame comes back (across a reconnect)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stream.send(frame)
+        got = stream.wait(0.1)
+        if got is not None:
+            return got
+    return None

@@ -12,7 +12,7 @@ import pytest
 from livediffusion.daemon.server import Daemon, free_port
 from livediffusion.shared import Client
 
-from helpers import rgb, round_trip, wait_until
+from helpers import rgb, round_trip, send_until_back, wait_until
 
 
 def test_shared_imports_only_stdlib_pyzmq_msgpack_numpy():
@@ -81,11 +81,7 @@ def test_client_reconnects_and_reopens_after_the_daemon_restarts():
     second = Daemon(port=port).start()
     try:
         frame = rgb(seed=5)
-        deadline = time.monotonic() + 10
-        got = None
-        while time.monotonic() < deadline and got is None:
-            stream.send(frame)
-            got = stream.wait(0.1)
+        got = send_until_back(stream, frame)
         assert got is not None and np.array_equal(got.pixels, frame)
         assert c.reconnects >= 1 and stream.counters["reopened"] >= 1
         assert "survivor" in second._names
@@ -101,11 +97,7 @@ def test_silent_client_is_dropped_after_3_s_then_recovers_by_itself(daemon):
     time.sleep(3.6)  # the host froze: no heartbeats
     assert wait_until(lambda: "sleepy" not in daemon._names)
     frame = rgb(seed=6)
-    deadline = time.monotonic() + 10
-    got = None
-    while time.monotonic() < deadline and got is None:
-        stream.send(frame)
-        got = stream.wait(0.1)
+    got = send_until_back(stream, frame)
     assert got is not None and np.array_equal(got.pixels, frame)
     c.close()
 
