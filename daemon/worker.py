@@ -174,7 +174,7 @@ class EngineWorker:
             if len(ref.data) != row_stride * spec.height or row_stride < spec.row_bytes:
                 self._bad_frame(stream, f"inline frame has {len(ref.data)} bytes; a "
                                 f"{spec.width}x{spec.height} {spec.format} {spec.dtype} frame "
-                                f"needs {spec.row_bytes * spec.height}.")
+                                f"needs {row_stride * spec.height} (rows of {row_stride} bytes).")
                 return None
             flat = np.frombuffer(ref.data, dtype=np.uint8)
             itemsize = spec.np_dtype.itemsize

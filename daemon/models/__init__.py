@@ -1,0 +1,1 @@
+"""Building and loading networks: configs, checkpoint layouts, dtypes. Knows nothing of streams."""

@@ -1,0 +1,111 @@
+"""Wan 2.1 networks: the DiT, the causal 3D VAE and the umT5 text encoder, at real and tiny sizes.
+
+Real sizes (REFERENCE.md section 1): 1.3B has 30 blocks of width 1536 (12 heads x 128, FFN
+8960); 14B has 40 blocks of width 5120 (40 heads x 128, FFN 13824).  The tiny preset keeps the
+same architectures (same classes, same RoPE split rule, same VAE topology) at sizes that run at
+interactive speed on two CPU cores; its weights are random and its output is abstract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+TEXT_LEN = 512  # umT5 context length Wan was trained with (padding zeroed, not masked)
+
+
+@dataclass(frozen=True)
+class WanPreset:
+    name: str
+    transformer: dict[str, Any]
+    vae: dict[str, Any] = field(default_factory=dict)
+    #: UMT5Config kwargs for a randomly initialised encoder (tiny), None for pretrained
+    text_encoder: dict[str, Any] | None = None
+    #: Hugging Face repositories of the real weights
+    diffusers_repo: str | None = None
+    original_repo: str | None = None
+    generator_file: str | None = None  # StreamDiffusionV2 causal generator inside its repo
+
+
+_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256,
+               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+               rope_max_seq_len=1024)
+
+PRESETS: dict[str, WanPreset] = {
+    "1.3b": WanPreset(
+        "1.3b",
+        transformer=dict(_COMMON, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
+                         num_layers=30, text_dim=4096),
+        diffusers_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        original_repo="Wan-AI/Wan2.1-T2V-1.3B",
+        generator_file="wan_causal_dmd_v2v/model.pt"),
+    "14b": WanPreset(
+        "14b",
+        transformer=dict(_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824,
+                         num_layers=40, text_dim=4096),
+        diffusers_repo="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        original_repo="Wan-AI/Wan2.1-T2V-14B",
+        generator_file="wan_causal_dmd_v2v_14b/model.pt"),
+    "tiny": WanPreset(
+        "tiny",
+        transformer=dict(_COMMON, num_attention_heads=2, attention_head_dim=32, ffn_dim=128,
+                         num_layers=2, text_dim=32),
+        vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                 temperal_downsample=[False, True, True]),
+        text_encoder=dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                          num_heads=4, relative_attention_num_buckets=8,
+                          relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+                          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
+}
+
+GENERATOR_REPO = "jerryfeng/StreamDiffusionV2"
+
+
+def build_transformer(preset: WanPreset, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu"):
+    """A randomly initialised WanTransformer3DModel of the preset's size."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device(device):
+        model = WanTransformer3DModel(**preset.transformer)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def build_vae(preset: WanPreset, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu"):
+    """A randomly initialised AutoencoderKLWan (the real topology unless the preset shrinks it)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device(device):
+        vae = AutoencoderKLWan(**preset.vae)
+    return vae.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def build_text_encoder(preset: WanPreset, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu"):
+    """Tiny preset: a random umT5 encoder and a byte-level tokenizer that needs no files."""
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    if preset.text_encoder is None:
+        raise ValueError(f"preset {preset.name} uses the pretrained umT5-XXL; load it with "
+                         f"loaders.load_text_encoder.")
+    torch.manual_seed(0)
+    with torch.device(device):
+        encoder = UMT5EncoderModel(UMT5Config(**preset.text_encoder))
+    return ByT5Tokenizer(), encoder.to(dtype=dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, encoder, prompt: str, device: torch.device | str) -> torch.Tensor:
+    """umT5 embeddings of one prompt, (1, 512, dim): real tokens then zeros, as Wan expects."""
+    tokens = tokenizer([prompt], padding="max_length", max_length=TEXT_LEN, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    ids = tokens.input_ids.to(device)
+    mask = tokens.attention_mask.to(device)
+    hidden = encoder(ids, mask).last_hidden_state
+    length = int(mask.sum())
+    out = torch.zeros_like(hidden)
+    out[:, :length] = hidden[:, :length]
+    return out
