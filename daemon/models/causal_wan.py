@@ -1,0 +1,260 @@
+"""Causal, chunk-by-chunk forward of diffusers' WanTransformer3DModel against a KV cache.
+
+diffusers' blocks are used as they are (norms, modulation, FFN, projections); only the
+attention processors are ours: self-attention rotates this chunk's queries/keys at its frame
+position, stores keys/values in the stream's cache and attends to the cache rows in place;
+cross-attention uses keys/values computed once per prompt.  The forward can run over a
+contiguous range of blocks (a *stage*) so pipeline parallelism can split blocks over ranks.
+
+One call processes a batch of latent frames (B, 16, 1, h, w): each batch element is one chunk
+at one denoising step, tagged with its cache row (= step), chunk id and frame position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+
+def rope_inv_freq(dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Inverse frequencies of one RoPE axis (pairs interleaved), as diffusers' Wan uses."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for integer (possibly negative) positions, each frequency repeated twice."""
+    angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device)
+    return (angles.cos().repeat_interleave(2, -1).float(),
+            angles.sin().repeat_interleave(2, -1).float())
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the given angles (same layout as Wan)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2).to(x.dtype)
+
+
+class FrameCache(Protocol):
+    """What the causal forward needs from a stream's KV cache (the engine owns the policy)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    def slot_for(self, block: int, chunk: int, k_new: torch.Tensor,
+                 v_new: torch.Tensor) -> int: ...
+
+    def store(self, block: int, row: int, slot: int, position: int, k: torch.Tensor,
+              v: torch.Tensor) -> None: ...
+
+    def filled_slots(self, block: int, row: int) -> int: ...
+
+
+@dataclass
+class ChunkCall:
+    """What the attention processors need to know about the current call."""
+
+    cache: FrameCache
+    rows: list[int]        # cache row (denoising step) of each batch element
+    chunks: list[int]      # chunk id of each batch element
+    positions: list[int]   # frame position of each batch element
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block, (1, heads, L, dim)
+
+
+class _SelfAttention:
+    """attn1 processor: RoPE, store into the cache, attend over the cache rows in place."""
+
+    def __init__(self, owner: CausalWan, block: int) -> None:
+        self.owner = owner
+        self.block = block
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):
+        call = self.owner.call
+        cache = call.cache
+        b, t, _ = hidden_states.shape
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        cos, sin = rotary_emb
+        q = _rotate(q, cos, sin)
+        k = _rotate(k, cos, sin)
+        lengths = []
+        for i in range(b):
+            slot = cache.slot_for(self.block, call.chunks[i], k[i], v[i])
+            cache.store(self.block, call.rows[i], slot, call.positions[i], k[i], v[i])
+            lengths.append(cache.filled_slots(self.block, call.rows[i]) * t)
+        rows = call.rows
+        longest = max(lengths)
+        if rows == list(range(rows[0], rows[0] + b)):
+            keys = cache.k[self.block][rows[0]:rows[0] + b, :, :longest]
+            values = cache.v[self.block][rows[0]:rows[0] + b, :, :longest]
+        else:  # rows out of order (not produced by the engine's schedules, kept for safety)
+            keys = cache.k[self.block][rows, :, :longest]
+            values = cache.v[self.block][rows, :, :longest]
+        mask = None
+        if min(lengths) < longest:
+            idx = torch.arange(longest, device=q.device)
+            mask = (idx[None, :] < torch.tensor(lengths, device=q.device)[:, None])[:, None, None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype),
+                                             values.to(q.dtype), attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class _CrossAttention:
+    """attn2 processor: the prompt's keys/values come precomputed (once per prompt)."""
+
+    def __init__(self, owner: CausalWan, block: int) -> None:
+        self.owner = owner
+        self.block = block
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):
+        k, v = self.owner.call.cross_kv[self.block]
+        b = hidden_states.shape[0]
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1).to(q.dtype),
+                                             v.expand(b, -1, -1, -1).to(q.dtype))
+        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on (B, T, heads, dim) with cos/sin of shape (B, T, 1, dim)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out
+
+
+class CausalWan:
+    """Wraps a WanTransformer3DModel for streaming; installs our attention processors."""
+
+    def __init__(self, transformer) -> None:
+        self.model = transformer
+        cfg = transformer.config
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.attention_head_dim
+        self.patch = tuple(cfg.patch_size)
+        rope = transformer.rope
+        self.t_dim, self.h_dim, self.w_dim = rope.t_dim, rope.h_dim, rope.w_dim
+        self.inv_freq = [rope_inv_freq(d) for d in (self.t_dim, self.h_dim, self.w_dim)]
+        self.call: ChunkCall | None = None
+        for i, block in enumerate(transformer.blocks):
+            block.attn1.set_processor(_SelfAttention(self, i))
+            block.attn2.set_processor(_CrossAttention(self, i))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.patch_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.patch_embedding.weight.dtype
+
+    def tokens_per_frame(self, latent_h: int, latent_w: int) -> int:
+        return (latent_h // self.patch[1]) * (latent_w // self.patch[2])
+
+    # --- pieces of the forward -------------------------------------------------------------
+
+    def rope(self, positions: list[int], pph: int, ppw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, T, 1, head_dim) for one latent frame per batch element."""
+        dev = self.device
+        ct, st = rope_cos_sin(torch.tensor(positions, device=dev), self.inv_freq[0])  # B, td
+        ch, sh = rope_cos_sin(torch.arange(pph, device=dev), self.inv_freq[1])       # H, hd
+        cw, sw = rope_cos_sin(torch.arange(ppw, device=dev), self.inv_freq[2])       # W, wd
+        b = len(positions)
+
+        def grid(t, h, w):
+            return torch.cat([t[:, None, None, :].expand(b, pph, ppw, -1),
+                              h[None, :, None, :].expand(b, pph, ppw, -1),
+                              w[None, None, :, :].expand(b, pph, ppw, -1)], -1)
+
+        cos = grid(ct, ch, cw).reshape(b, pph * ppw, 1, -1)
+        sin = grid(st, sh, sw).reshape(b, pph * ppw, 1, -1)
+        return cos, sin
+
+    @torch.no_grad()
+    def cross_kv(self, prompt_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block cross-attention K/V for umT5 embeddings (1, L, text_dim)."""
+        context = self.model.condition_embedder.text_embedder(
+            prompt_embeds.to(self.device, self.dtype))
+        out = []
+        for block in self.model.blocks:
+            attn = block.attn2
+            k = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            v = attn.to_v(context).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            out.append((k.contiguous(), v.contiguous()))
+        return out
+
+    def embed(self, latents: torch.Tensor, timesteps: torch.Tensor):
+        """Patchify (B, C, 1, h, w) and embed per-element timesteps."""
+        model = self.model
+        x = model.patch_embedding(latents.to(self.dtype))
+        x = x.flatten(2).transpose(1, 2).contiguous()
+        cond = model.condition_embedder
+        temb = cond.timesteps_proj(timesteps.to(self.device))
+        temb = cond.time_embedder(temb.to(next(cond.time_embedder.parameters()).dtype))
+        temb = temb.type_as(x)
+        proj = cond.time_proj(cond.act_fn(temb)).unflatten(1, (6, -1))
+        return x, temb, proj
+
+    def blocks(self, x: torch.Tensor, proj: torch.Tensor, rope, call: ChunkCall,
+               start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run blocks[start:end] (a pipeline stage) on tokens (B, T, dim)."""
+        self.call = call
+        try:
+            for block in self.model.blocks[start:end]:
+                x = block(x, None, proj, rope)
+        finally:
+            self.call = None
+        return x
+
+    def head(self, x: torch.Tensor, temb: torch.Tensor, latent_h: int, latent_w: int
+             ) -> torch.Tensor:
+        model = self.model
+        shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, 1)
+        x = (model.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = model.proj_out(x)
+        b = x.shape[0]
+        pt, ph, pw = self.patch
+        hh, ww = latent_h // ph, latent_w // pw
+        x = x.reshape(b, 1, hh, ww, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    @torch.no_grad()
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, call: ChunkCall
+                ) -> torch.Tensor:
+        """Flow prediction for a batch of single latent frames (B, 16, 1, h, w)."""
+        _, _, frames, h, w = latents.shape
+        if frames != 1:
+            raise ValueError("the causal forward takes one latent frame per batch element.")
+        x, temb, proj = self.embed(latents, timesteps)
+        rope = self.rope(call.positions, h // self.patch[1], w // self.patch[2])
+        x = self.blocks(x, proj, rope, call)
+        return self.head(x, temb, h, w)
+
+
+def flops_per_chunk(transformer, tokens: int, cached_tokens: int, text_len: int = 512) -> float:
+    """Approximate matmul FLOPs of one causal forward of one latent frame (for benchmarks)."""
+    cfg = transformer.config
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    per_block = 2 * tokens * d * d * 4                 # q, k, v, o of self-attention
+    per_block += 2 * tokens * d * d * 2                 # q, o of cross-attention
+    per_block += 2 * tokens * d * cfg.ffn_dim * 2       # FFN
+    per_block += 2 * 2 * tokens * cached_tokens * d     # QK^T and PV over the cache
+    per_block += 2 * 2 * tokens * text_len * d          # cross-attention scores
+    return float(per_block * cfg.num_layers + 2 * tokens * d * math.prod(cfg.patch_size) * 16)
