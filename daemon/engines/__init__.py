@@ -15,7 +15,13 @@ def _passthrough(device: str) -> Engine:
     return PassthroughEngine(device)
 
 
+def _video_tiny(device: str) -> Engine:
+    from .video.factory import build_video_engine
+    return build_video_engine("tiny", device=device)
+
+
 REGISTRY["passthrough"] = (_passthrough, "frames back unchanged (or inverted), format-converted")
+REGISTRY["video-tiny"] = (_video_tiny, "video engine, tiny random-weight Wan (abstract output)")
 
 
 def best_engine() -> str:

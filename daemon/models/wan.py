@@ -52,7 +52,7 @@ PRESETS: dict[str, WanPreset] = {
         "tiny",
         transformer=dict(_COMMON, num_attention_heads=2, attention_head_dim=32, ffn_dim=128,
                          num_layers=2, text_dim=32),
-        vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        vae=dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                  temperal_downsample=[False, True, True]),
         text_encoder=dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                           num_heads=4, relative_attention_num_buckets=8,

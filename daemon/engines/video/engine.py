@@ -1,0 +1,294 @@
+"""The streaming video engine: StreamDiffusionV2-style video-to-video on a causal Wan DiT.
+
+Per chunk of 4 input frames (the first chunk of a stream is 1 + 4 frames):
+1. encode with the streaming causal VAE (one latent frame per 4 frames, 2 for the first);
+2. noise it: x = s * eps + (1 - s) * z, s from the noise scale and the motion controller;
+3. denoise with 1-4 steps of the distilled flow model, attending to the stream's KV cache;
+   in Stream Batch mode one forward advances every chunk in flight by one step (throughput
+   one chunk per forward, output lag steps - 1 chunks); sequential mode denoises each chunk
+   completely at once (lowest latency); a stream's first chunk is always sequential;
+4. decode the clean latent with the streaming VAE: 4 output frames (5 for the first chunk).
+
+Everything a stream owns (KV cache, VAE caches, chunks in flight, controller, prompt K/V)
+lives in one ``VideoStream``; closing the stream drops it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ...frames import as_tensor, from_canonical, to_canonical
+from ...models.causal_wan import CausalWan, ChunkCall
+from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
+                    StreamOutput)
+from . import params as P
+from .kv_cache import CachePolicy, KVCache
+from .noise import MotionController, chunk_noise, sigma, timesteps
+from .vae_stream import StreamingVAE, VAEStreamState
+
+log = logging.getLogger("livediffusion.video")
+
+FIRST_CHUNK_FRAMES = 5
+CHUNK_FRAMES = 4
+
+
+@dataclass
+class Chunk:
+    """One latent frame on its way through the denoising steps."""
+
+    id: int
+    x: torch.Tensor            # (1, 16, 1, h, w) at its current step
+    position: int
+    schedule: list[float]      # timesteps told to the model, fixed at admission
+    seed: int
+    in_seqs: list[int]         # the input frames it came from
+    ts: list[int]
+    step: int = 0
+
+
+@dataclass
+class VideoStream:
+    config: StreamConfig
+    params: P.VideoParams
+    latent_h: int
+    latent_w: int
+    vae: VAEStreamState
+    cache: KVCache
+    cross_kv: list = field(default_factory=list)
+    motion: MotionController = field(default_factory=MotionController)
+    in_flight: list[Chunk] = field(default_factory=list)
+    flushed: list[Chunk] = field(default_factory=list)  # finished early by a steps change
+    next_chunk: int = 0
+    started: bool = False
+    last_scale: float = 0.0
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes() + self.vae.nbytes()
+
+
+class VideoEngine(Engine):
+    """Serves many streams with one set of weights (see the module docstring)."""
+
+    def __init__(self, name: str, transformer, vae, text_encoder, *, device: str = "cpu",
+                 min_side: int = 256, max_side: int = 1280, description: str = "") -> None:
+        self.name = name
+        self.device = torch.device(device)
+        self.wan = CausalWan(transformer)
+        self.vae = StreamingVAE(vae)
+        self.tokenizer, self.text_encoder = text_encoder
+        self.min_side, self.max_side = min_side, max_side
+        self.description = description
+        self.streams: dict[int, VideoStream] = {}
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    # --- interface ---------------------------------------------------------------------------
+
+    def capabilities(self) -> dict[str, Any]:
+        return {"frames_per_step": CHUNK_FRAMES, "first_step_frames": FIRST_CHUNK_FRAMES,
+                "sizes": {"min": self.min_side, "max": self.max_side, "multiple": 16},
+                "params": P.VideoParams().to_dict(), "device": str(self.device),
+                "description": self.description}
+
+    def frames_per_step(self, stream_id: int) -> int:
+        stream = self.streams.get(stream_id)
+        return CHUNK_FRAMES if stream is not None and stream.started else FIRST_CHUNK_FRAMES
+
+    def max_batch(self) -> int:
+        return 4
+
+    def open_stream(self, config: StreamConfig) -> dict[str, Any]:
+        w, h = config.input.width, config.input.height
+        for side, value in (("width", w), ("height", h)):
+            if value % 16 or not self.min_side <= value <= self.max_side:
+                raise ParamError(f"{self.name} needs a {side} that is a multiple of 16 from "
+                                 f"{self.min_side} to {self.max_side}, not {value}.")
+        params, _ = P.apply(P.VideoParams(), config.params)
+        stream = VideoStream(config, params, h // 8, w // 8, self.vae.new_state(),
+                             self._new_cache(params, params.steps, h // 8, w // 8))
+        stream.cross_kv = self.wan.cross_kv(self._embed_prompts(params))
+        self._configure_motion(stream)
+        self.streams[config.stream_id] = stream
+        return params.to_dict()
+
+    def update_params(self, stream_id: int, changes: Mapping[str, Any]) -> dict[str, Any]:
+        stream = self.streams[stream_id]
+        old = stream.params
+        new, reset = P.apply(old, changes)
+        if new.weighted_prompts() != old.weighted_prompts():
+            stream.cross_kv = self.wan.cross_kv(self._embed_prompts(new))
+        if new.steps != old.steps and stream.in_flight:
+            self._flush(stream)
+        stream.params = new
+        if new.cache_frames != old.cache_frames or reset:
+            stream.cache = self._new_cache(new, new.steps, stream.latent_h, stream.latent_w)
+        else:
+            stream.cache.policy = self._policy(new)
+            stream.cache.set_rows(new.steps)
+        if reset:
+            self.reset_stream(stream_id)
+        self._configure_motion(stream)
+        return new.to_dict()
+
+    def reset_stream(self, stream_id: int) -> None:
+        """Forget the stream's history (KV cache, VAE caches, chunks in flight, controller)."""
+        stream = self.streams[stream_id]
+        stream.cache.reset()
+        stream.vae = self.vae.new_state()
+        stream.in_flight.clear()
+        stream.flushed.clear()
+        stream.motion.reset()
+        stream.next_chunk = 0
+        stream.started = False
+
+    def close_stream(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+
+    def submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
+        return [self._process(item) for item in batch]
+
+    # --- per stream -----------------------------------------------------------------------------
+
+    def _process(self, item: StreamInput) -> StreamOutput:
+        stream = self.streams[item.stream_id]
+        expected = CHUNK_FRAMES if stream.started else FIRST_CHUNK_FRAMES
+        if len(item.frames) != expected:
+            raise EngineError(f"expected {expected} frames for this chunk, got "
+                              f"{len(item.frames)}.")
+        pixels = torch.stack([to_canonical(as_tensor(f.pixels, self.device), f.spec)
+                              for f in item.frames])              # N, H, W, 3 in [0, 1]
+        x = pixels.permute(0, 3, 1, 2) * 2.0 - 1.0                  # N, 3, H, W in [-1, 1]
+        p = stream.params
+        scale = stream.motion.update(x, p.noise_scale) if p.motion_control else p.noise_scale
+        stream.last_scale = scale
+        latents = self.vae.encode(x.permute(1, 0, 2, 3)[None], stream.vae)  # 1, 16, n, h, w
+        seqs = [f.seq for f in item.frames]
+        stamps = [f.ts for f in item.frames]
+        groups = [(seqs[:1], stamps[:1]), (seqs[1:], stamps[1:])] if not stream.started \
+            else [(seqs, stamps)]
+        finished: list[Chunk] = []
+        for j, (in_seqs, ts) in enumerate(groups):
+            chunk = self._admit(stream, latents[:, :, j:j + 1], scale, in_seqs, ts)
+            if not stream.started or not p.stream_batch:
+                finished.extend(self._sequential(stream, chunk))
+            else:
+                stream.in_flight.append(chunk)
+                finished.extend(self._stream_batch_step(stream))
+        stream.started = True
+        return StreamOutput(item.stream_id, self._decode(stream, finished))
+
+    def _admit(self, stream: VideoStream, z: torch.Tensor, scale: float, in_seqs: list[int],
+               ts: list[int]) -> Chunk:
+        cid = stream.next_chunk
+        stream.next_chunk += 1
+        position = stream.cache.admit(cid)
+        schedule = timesteps(stream.params.steps, scale)
+        eps = chunk_noise(stream.params.seed, cid, 0, tuple(z.shape), z.device, z.dtype)
+        x = scale * eps + (1.0 - scale) * z
+        return Chunk(cid, x, position, schedule, stream.params.seed, in_seqs, ts)
+
+    def _forward(self, stream: VideoStream, chunks: list[Chunk]) -> list[Chunk]:
+        """One DiT forward over chunks at distinct steps; advances each by one step and
+        returns those that became clean."""
+        chunks = sorted(chunks, key=lambda c: c.step)
+        x = torch.cat([c.x for c in chunks], 0)
+        t = torch.tensor([c.schedule[c.step] for c in chunks], device=x.device)
+        call = ChunkCall(stream.cache, rows=[c.step for c in chunks],
+                         chunks=[c.id for c in chunks], positions=[c.position for c in chunks],
+                         cross_kv=stream.cross_kv)
+        flow = self.wan.forward(x, t, call).to(x.dtype)
+        done = []
+        for i, c in enumerate(chunks):
+            x0 = c.x - sigma(c.schedule[c.step]) * flow[i:i + 1]
+            if c.step + 1 >= len(c.schedule):
+                c.x = x0
+                done.append(c)
+                stream.cache.forget(c.id)
+            else:
+                s_next = sigma(c.schedule[c.step + 1])
+                eps = chunk_noise(c.seed, c.id, c.step + 1, tuple(x0.shape), x0.device,
+                                  x0.dtype)
+                c.x = (1.0 - s_next) * x0 + s_next * eps
+                c.step += 1
+        return done
+
+    def _sequential(self, stream: VideoStream, chunk: Chunk) -> list[Chunk]:
+        while True:
+            done = self._forward(stream, [chunk])
+            if done:
+                return done
+
+    def _stream_batch_step(self, stream: VideoStream) -> list[Chunk]:
+        done = self._forward(stream, stream.in_flight)
+        stream.in_flight = [c for c in stream.in_flight if c not in done]
+        return done
+
+    def _flush(self, stream: VideoStream) -> None:
+        """Finish the chunks in flight with their own schedules (before the step count
+        changes), so no frame is lost; their frames come out with the next output."""
+        pending = stream.in_flight
+        stream.in_flight = []
+        while pending:
+            done = self._forward(stream, pending)
+            pending = [c for c in pending if c not in done]
+            stream.flushed.extend(done)
+
+    def _decode(self, stream: VideoStream, finished: list[Chunk]) -> list[OutputFrame]:
+        finished = stream.flushed + finished
+        stream.flushed = []
+        out: list[OutputFrame] = []
+        spec = stream.config.output
+        for chunk in sorted(finished, key=lambda c: c.id):
+            frames = self.vae.decode(chunk.x, stream.vae)[0]       # 3, N, H, W
+            if frames.shape[1] != len(chunk.in_seqs):
+                raise EngineError(f"decoded {frames.shape[1]} frames for a chunk of "
+                                  f"{len(chunk.in_seqs)}.")
+            rgb = ((frames + 1.0) * 0.5).permute(1, 2, 3, 0).float()  # N, H, W, 3
+            for i, seq in enumerate(chunk.in_seqs):
+                out.append(OutputFrame(from_canonical(rgb[i], spec), seq, chunk.ts[i]))
+        return out
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _policy(p: P.VideoParams) -> CachePolicy:
+        return CachePolicy(frames=p.cache_frames, sinks=p.sinks,
+                           refresh_threshold=p.sink_refresh, rope_max=p.rope_max)
+
+    def _new_cache(self, p: P.VideoParams, rows: int, latent_h: int, latent_w: int) -> KVCache:
+        wan = self.wan
+        cache = KVCache(wan.num_blocks, rows, wan.heads, wan.head_dim,
+                        wan.tokens_per_frame(latent_h, latent_w), self._policy(p),
+                        dtype=wan.dtype, device=wan.device)
+        cache.t_dim, cache.inv_freq_t = wan.t_dim, wan.inv_freq[0]
+        return cache
+
+    @staticmethod
+    def _configure_motion(stream: VideoStream) -> None:
+        p = stream.params
+        stream.motion.motion_scale = p.motion_scale
+        stream.motion.reduce = p.motion_reduce
+        stream.motion.gain = p.motion_gain
+
+    def _embed_prompts(self, p: P.VideoParams) -> torch.Tensor:
+        """Blend the umT5 embeddings of the weighted prompts (linearly, weights normalised)."""
+        pairs = [(text, w) for text, w in p.weighted_prompts() if w > 0]
+        total = sum(w for _, w in pairs)
+        return sum(self._prompt_embedding(text) * (w / total) for text, w in pairs)
+
+    def _prompt_embedding(self, text: str) -> torch.Tensor:
+        cached = self._prompt_cache.get(text)
+        if cached is not None:
+            self._prompt_cache.move_to_end(text)
+            return cached
+        from ...models.wan import encode_prompt
+        emb = encode_prompt(self.tokenizer, self.text_encoder, text,
+                            next(self.text_encoder.parameters()).device)
+        self._prompt_cache[text] = emb
+        while len(self._prompt_cache) > 64:
+            self._prompt_cache.popitem(last=False)
+        return emb

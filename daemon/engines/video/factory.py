@@ -1,0 +1,33 @@
+"""Build a VideoEngine from a preset: random weights (tiny, benchmarks) or real checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from ...models import wan as W
+from .engine import VideoEngine
+
+
+def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                       weights=None, seed: int = 0) -> VideoEngine:
+    """``weights``: a loaders.WanWeights with real networks; None builds random weights of the
+    preset's size (the tiny preset always does)."""
+    preset = W.PRESETS[preset_name]
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if weights is not None:
+        transformer, vae, text = weights.transformer, weights.vae, weights.text
+        description = f"Wan 2.1 {preset.name} ({weights.source})"
+    else:
+        torch.manual_seed(seed)
+        transformer = W.build_transformer(preset, dtype, device)
+        vae = W.build_vae(preset, torch.float32 if dtype == torch.float32 else dtype, device)
+        text = W.build_text_encoder(preset, torch.float32, device) if preset.text_encoder \
+            else None
+        description = f"Wan 2.1 {preset.name} architecture with RANDOM weights"
+    if text is None:
+        raise ValueError("a text encoder is needed; load real weights for this preset.")
+    min_side = 32 if preset_name == "tiny" else 256
+    return VideoEngine(f"video-{preset_name}" if preset_name == "tiny" else "video",
+                       transformer, vae, text, device=device, min_side=min_side,
+                       description=description)

@@ -1,0 +1,77 @@
+"""Noise for the video engine: the few-step flow-matching schedule, deterministic per-chunk
+noise, and the motion-aware noise controller (REFERENCE.md section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: timesteps of the distilled causal generator for 1..4 denoising steps
+STEP_LISTS: dict[int, tuple[float, ...]] = {
+    1: (700.0,),
+    2: (700.0, 500.0),
+    3: (700.0, 500.0, 400.0),
+    4: (700.0, 500.0, 400.0, 200.0),
+}
+
+
+def timesteps(steps: int, noise_scale: float) -> list[float]:
+    """The step list with the first timestep told to the model set by the noise scale:
+    t0 = 1000 * s - 100 (the release's deliberate offset).  Later steps never exceed t0."""
+    if steps not in STEP_LISTS:
+        raise ValueError("steps must be 1, 2, 3 or 4.")
+    t0 = min(max(1000.0 * noise_scale - 100.0, 1.0), 999.0)
+    return [t0] + [min(t, t0) for t in STEP_LISTS[steps][1:]]
+
+
+def sigma(t: float) -> float:
+    """Flow-matching noise level of a timestep (the list is already shifted: sigma = t/1000)."""
+    return t / 1000.0
+
+
+def chunk_noise(seed: int, chunk: int, step: int, shape: tuple[int, ...],
+                device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian noise that depends only on (seed, chunk, step): the same in Stream Batch and
+    in the sequential schedule, and reproducible for a seed."""
+    gen = torch.Generator(device="cpu").manual_seed(
+        (seed * 1_000_003 + chunk * 131 + step) % (2**63))
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device, dtype)
+
+
+@dataclass
+class MotionController:
+    """More motion -> less noise, so fast movement keeps its structure.
+
+    d = per-frame RMS pixel difference to the previous frame (pixels in [-1, 1]), max over the
+    chunk; m = clamp(d / motion_scale, 0, 1); s = gain * (s_init - reduce * m) + (1 - gain) *
+    s_prev.  Defaults are the release's constants (0.2, 0.1, 0.9)."""
+
+    motion_scale: float = 0.2
+    reduce: float = 0.1
+    gain: float = 0.9
+    previous_frame: torch.Tensor | None = None
+    previous_scale: float | None = None
+    last_motion: float = 0.0
+
+    def update(self, frames: torch.Tensor, s_init: float) -> float:
+        """frames: (N, 3, H, W) in [-1, 1], oldest first; returns the chunk's noise scale."""
+        prev = self.previous_frame
+        seq = frames if prev is None else torch.cat([prev[None], frames], 0)
+        if seq.shape[0] > 1:
+            diff = (seq[1:] - seq[:-1]).float()
+            d = float(diff.pow(2).mean(dim=(1, 2, 3)).sqrt().max())
+        else:
+            d = 0.0
+        m = min(max(d / self.motion_scale, 0.0), 1.0)
+        s_prev = s_init if self.previous_scale is None else self.previous_scale
+        s = self.gain * (s_init - self.reduce * m) + (1.0 - self.gain) * s_prev
+        self.previous_frame = frames[-1].detach().clone()
+        self.previous_scale = s
+        self.last_motion = m
+        return s
+
+    def reset(self) -> None:
+        self.previous_frame = None
+        self.previous_scale = None
+        self.last_motion = 0.0

@@ -1,0 +1,95 @@
+"""Chunk-by-chunk encoding and decoding with diffusers' AutoencoderKLWan.
+
+The VAE's causal convolutions keep the last frames of their inputs between calls; diffusers
+keeps that cache on the module.  Here every stream owns its own cache lists and passes them
+to the encoder/decoder, so streams never see each other's history.
+
+Latents are normalised with the VAE's latents_mean/std on encode and de-normalised on decode
+(the DiT was trained on normalised latents; the public StreamDiffusionV2 release skips the
+normalisation on encode only, which we take for an oversight: revisit with real weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _conv_count(module) -> int:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+
+
+@dataclass
+class VAEStreamState:
+    enc: list = field(default_factory=list)
+    dec: list = field(default_factory=list)
+    encoded: int = 0   # latent frames encoded so far
+    decoded: int = 0   # latent frames decoded so far
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.enc, *self.dec)
+                   if isinstance(t, torch.Tensor))
+
+
+class StreamingVAE:
+    def __init__(self, vae, normalize: bool = True) -> None:
+        self.vae = vae
+        self.z_dim = vae.config.z_dim
+        self.enc_convs = _conv_count(vae.encoder)
+        self.dec_convs = _conv_count(vae.decoder)
+        dev, dt = self.device, self.dtype
+        if normalize:
+            mean = torch.tensor(vae.config.latents_mean, device=dev, dtype=dt)
+            std = torch.tensor(vae.config.latents_std, device=dev, dtype=dt)
+        else:
+            mean = torch.zeros(self.z_dim, device=dev, dtype=dt)
+            std = torch.ones(self.z_dim, device=dev, dtype=dt)
+        self.mean = mean.view(1, -1, 1, 1, 1)
+        self.std = std.view(1, -1, 1, 1, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def new_state(self) -> VAEStreamState:
+        return VAEStreamState([None] * self.enc_convs, [None] * self.dec_convs)
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
+        """frames (B, 3, N, H, W) in [-1, 1]: N = 1 for a stream's first call, then 4 per
+        latent frame.  Returns normalised latents (B, z, N', H/8, W/8)."""
+        n = frames.shape[2]
+        first = state.encoded == 0
+        if (first and (n - 1) % 4) or (not first and n % 4):
+            raise ValueError(f"{n} frames do not make whole latent frames "
+                             f"({'1 + 4k' if first else '4k'} expected).")
+        x = frames.to(self.device, self.dtype)
+        outs = []
+        start = 0
+        if first:
+            outs.append(self.vae.encoder(x[:, :, :1], feat_cache=state.enc, feat_idx=[0]))
+            start = 1
+        for i in range(start, n, 4):
+            outs.append(self.vae.encoder(x[:, :, i:i + 4], feat_cache=state.enc, feat_idx=[0]))
+        h = self.vae.quant_conv(torch.cat(outs, 2))
+        mu = h[:, :self.z_dim]
+        state.encoded += mu.shape[2]
+        return (mu - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
+        """Normalised latents (B, z, N', h, w) -> frames (B, 3, N, H, W) in [-1, 1]."""
+        z = latents.to(self.device, self.dtype) * self.std + self.mean
+        x = self.vae.post_quant_conv(z)
+        outs = []
+        for i in range(x.shape[2]):
+            outs.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=state.dec, feat_idx=[0],
+                                         first_chunk=state.decoded == 0))
+            state.decoded += 1
+        return torch.cat(outs, 2).clamp_(-1.0, 1.0)

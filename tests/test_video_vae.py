@@ -1,0 +1,53 @@
+"""Streaming VAE: chunk-by-chunk encode/decode equals the whole-clip encode/decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from livediffusion.daemon.engines.video.vae_stream import StreamingVAE
+from livediffusion.daemon.models.wan import PRESETS, build_vae
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return build_vae(PRESETS["tiny"])
+
+
+def test_streaming_encode_equals_whole_clip(vae):
+    sv = StreamingVAE(vae)
+    clip = torch.rand(1, 3, 13, 32, 48) * 2 - 1
+    whole = (vae.encode(clip).latent_dist.mode() - sv.mean) / sv.std
+    state = sv.new_state()
+    parts = [sv.encode(clip[:, :, :1], state)] + \
+        [sv.encode(clip[:, :, i:i + 4], state) for i in range(1, 13, 4)]
+    torch.testing.assert_close(torch.cat(parts, 2), whole, atol=1e-5, rtol=1e-4)
+
+
+def test_streaming_decode_equals_whole_clip(vae):
+    sv = StreamingVAE(vae)
+    latents = torch.randn(1, 16, 4, 4, 6)
+    whole = vae.decode(latents * sv.std + sv.mean).sample
+    state = sv.new_state()
+    parts = [sv.decode(latents[:, :, i:i + 1], state) for i in range(4)]
+    streamed = torch.cat(parts, 2)
+    assert streamed.shape == (1, 3, 13, 32, 48)
+    torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-4)
+
+
+def test_streams_do_not_share_history(vae):
+    sv = StreamingVAE(vae)
+    a, b = sv.new_state(), sv.new_state()
+    clip = torch.rand(1, 3, 5, 32, 48) * 2 - 1
+    first = sv.encode(clip, a)
+    sv.encode(torch.rand(1, 3, 1, 32, 48), b)  # another stream in between
+    again = sv.encode(clip, sv.new_state())
+    torch.testing.assert_close(first, again)
+
+
+def test_chunks_must_be_whole_latent_frames(vae):
+    sv = StreamingVAE(vae)
+    state = sv.new_state()
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        sv.encode(torch.zeros(1, 3, 4, 32, 48), state)
