@@ -237,6 +237,9 @@ class EngineWorker:
                                   {"code": code, "message": f"engine step failed: {exc}"}))
             return
         elapsed_ms = (time.perf_counter() - started) * 1000.0
+        for item in inputs:  # chunked engines change their appetite (first chunk 1 + 4)
+            self.scheduler.set_frames_per_step(item.stream_id,
+                                               engine.frames_per_step(item.stream_id))
         for out in outputs:
             stream = self.streams.get(out.stream_id)
             if stream is None:

@@ -43,7 +43,6 @@ class Chunk:
 
     id: int
     x: torch.Tensor            # (1, 16, 1, h, w) at its current step
-    position: int
     schedule: list[float]      # timesteps told to the model, fixed at admission
     seed: int
     in_seqs: list[int]         # the input frames it came from
@@ -185,11 +184,11 @@ class VideoEngine(Engine):
                ts: list[int]) -> Chunk:
         cid = stream.next_chunk
         stream.next_chunk += 1
-        position = stream.cache.admit(cid)
+        stream.cache.admit(cid)
         schedule = timesteps(stream.params.steps, scale)
         eps = chunk_noise(stream.params.seed, cid, 0, tuple(z.shape), z.device, z.dtype)
         x = scale * eps + (1.0 - scale) * z
-        return Chunk(cid, x, position, schedule, stream.params.seed, in_seqs, ts)
+        return Chunk(cid, x, schedule, stream.params.seed, in_seqs, ts)
 
     def _forward(self, stream: VideoStream, chunks: list[Chunk]) -> list[Chunk]:
         """One DiT forward over chunks at distinct steps; advances each by one step and
@@ -197,8 +196,10 @@ class VideoEngine(Engine):
         chunks = sorted(chunks, key=lambda c: c.step)
         x = torch.cat([c.x for c in chunks], 0)
         t = torch.tensor([c.schedule[c.step] for c in chunks], device=x.device)
+        # positions come from the cache: a wrap may have moved a chunk that is in flight
+        positions = [stream.cache.chunk_position[c.id] for c in chunks]
         call = ChunkCall(stream.cache, rows=[c.step for c in chunks],
-                         chunks=[c.id for c in chunks], positions=[c.position for c in chunks],
+                         chunks=[c.id for c in chunks], positions=positions,
                          cross_kv=stream.cross_kv)
         flow = self.wan.forward(x, t, call).to(x.dtype)
         done = []

@@ -1,0 +1,230 @@
+"""The video engine on the tiny preset: schedules, live parameters, memory, transport."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from livediffusion.daemon.engines.base import InputFrame, ParamError, StreamConfig, StreamInput
+from livediffusion.daemon.engines.video.factory import build_video_engine
+from livediffusion.daemon.engines.video.noise import MotionController, timesteps
+from livediffusion.shared import Client
+from livediffusion.shared.protocol import FrameSpec
+
+from helpers import wait_until
+
+SPEC = FrameSpec(64, 48)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return build_video_engine("tiny")
+
+
+class Feeder:
+    """Feeds an engine stream the frames a scheduler would, from a seeded random clip."""
+
+    def __init__(self, engine, sid: int, seed: int = 0, spec: FrameSpec = SPEC) -> None:
+        self.engine, self.sid, self.spec = engine, sid, spec
+        self.rng = np.random.default_rng(seed)
+        self.seq = 0
+
+    def chunk(self) -> list:
+        frames = []
+        for _ in range(self.engine.frames_per_step(self.sid)):
+            self.seq += 1
+            pixels = self.rng.integers(0, 256, self.spec.shape, dtype=np.uint8)
+            frames.append(InputFrame(self.seq, pixels, self.spec, self.seq))
+        return self.engine.submit([StreamInput(self.sid, frames)])[0].frames
+
+
+def open_stream(engine, sid: int, **params) -> None:
+    engine.open_stream(StreamConfig(sid, SPEC, SPEC, 30.0, params))
+
+
+def test_first_chunk_is_five_frames_then_four(engine):
+    open_stream(engine, 1, steps=1)
+    try:
+        feed = Feeder(engine, 1)
+        assert engine.frames_per_step(1) == 5
+        out = feed.chunk()
+        assert [f.in_seq for f in out] == [1, 2, 3, 4, 5]
+        assert engine.frames_per_step(1) == 4
+        assert [f.in_seq for f in feed.chunk()] == [6, 7, 8, 9]
+        assert out[0].pixels.shape == (48, 64, 3) and out[0].pixels.dtype == torch.uint8
+    finally:
+        engine.close_stream(1)
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_stream_batch_equals_sequential_schedule(engine, steps):
+    open_stream(engine, 1, steps=steps, stream_batch=True, seed=7)
+    open_stream(engine, 2, steps=steps, stream_batch=False, seed=7)
+    try:
+        batched, sequential = {}, {}
+        fa, fb = Feeder(engine, 1, seed=3), Feeder(engine, 2, seed=3)
+        lags = []
+        for _ in range(8):
+            a, b = fa.chunk(), fb.chunk()
+            lags.append(len(b) - len(a))
+            batched.update({f.in_seq: f.pixels for f in a})
+            sequential.update({f.in_seq: f.pixels for f in b})
+        assert lags[1:steps] == [4] * (steps - 1)  # Stream Batch lags steps - 1 chunks
+        common = sorted(set(batched) & set(sequential))
+        assert len(common) >= 5 + 4 * (7 - (steps - 1)) - 1
+        for seq in common:
+            diff = (batched[seq].int() - sequential[seq].int()).abs().max()
+            assert diff <= 1, f"frame {seq} differs by {diff}"
+    finally:
+        engine.close_stream(1)
+        engine.close_stream(2)
+
+
+def test_prompt_change_keeps_the_self_attention_cache_and_reset_clears_it(engine):
+    open_stream(engine, 1, steps=1, prompt="a forest")
+    try:
+        feed = Feeder(engine, 1)
+        for _ in range(3):
+            feed.chunk()
+        stream = engine.streams[1]
+        keys = [k.clone() for k in stream.cache.k]
+        positions = stream.cache.positions.clone()
+        cross = stream.cross_kv[0][0].clone()
+        engine.update_params(1, {"prompt": "a city at night"})
+        assert all(torch.equal(a, b) for a, b in zip(keys, stream.cache.k))
+        assert torch.equal(positions, stream.cache.positions)
+        assert not torch.equal(cross, stream.cross_kv[0][0])
+        assert engine.frames_per_step(1) == 4 and len(feed.chunk()) == 4  # no restart
+        engine.update_params(1, {"reset": True})
+        assert stream.cache.filled_slots(0, 0) == 0
+        assert engine.frames_per_step(1) == 5 and len(feed.chunk()) == 5
+    finally:
+        engine.close_stream(1)
+
+
+def test_weighted_prompts_blend_embeddings_linearly(engine):
+    a = engine._prompt_embedding("a forest")
+    b = engine._prompt_embedding("a city")
+    from livediffusion.daemon.engines.video.params import VideoParams
+    blend = engine._embed_prompts(VideoParams(prompts=(("a forest", 3.0), ("a city", 1.0))))
+    torch.testing.assert_close(blend, 0.75 * a + 0.25 * b)
+
+
+def test_every_live_parameter_applies_without_a_restart(engine):
+    open_stream(engine, 1, steps=2)
+    try:
+        feed = Feeder(engine, 1)
+        feed.chunk()
+        changes = [{"seed": 3}, {"noise_scale": 0.5}, {"strength": 0.9}, {"steps": 4},
+                   {"steps": 1}, {"motion_control": False}, {"stream_batch": False},
+                   {"sinks": 1}, {"sink_refresh": 0.0}, {"cache_frames": 4},
+                   {"prompts": [["a", 1], ["b", 2]]}, {"motion_scale": 0.3}]
+        for change in changes:
+            engine.update_params(1, change)
+            out = feed.chunk()
+            assert engine.frames_per_step(1) == 4, change
+            for f in out:
+                assert f.pixels.float().std() > 0, change  # a real frame, not a blank
+        assert engine.streams[1].params.steps == 1
+    finally:
+        engine.close_stream(1)
+
+
+def test_a_steps_change_loses_no_frame(engine):
+    open_stream(engine, 1, steps=3)
+    try:
+        feed = Feeder(engine, 1)
+        seen = [f.in_seq for f in feed.chunk()]
+        for _ in range(3):
+            seen += [f.in_seq for f in feed.chunk()]
+        engine.update_params(1, {"steps": 1})
+        for _ in range(2):
+            seen += [f.in_seq for f in feed.chunk()]
+        assert seen == list(range(1, feed.seq + 1))
+    finally:
+        engine.close_stream(1)
+
+
+@pytest.mark.parametrize("change,match", [({"steps": 5}, "steps"), ({"sinks": 6}, "sinks"),
+                                          ({"noise_scale": "lots"}, "noise_scale"),
+                                          ({"colour": 1}, "no parameter 'colour'"),
+                                          ({"prompts": [["x"]]}, "prompts")])
+def test_bad_parameters_are_refused_with_a_sentence(engine, change, match):
+    open_stream(engine, 1)
+    try:
+        with pytest.raises(ParamError, match=match):
+            engine.update_params(1, change)
+    finally:
+        engine.close_stream(1)
+
+
+def test_sizes_must_be_multiples_of_16(engine):
+    with pytest.raises(ParamError, match="multiple of 16"):
+        engine.open_stream(StreamConfig(9, FrameSpec(60, 48), FrameSpec(60, 48), 30.0, {}))
+
+
+def test_first_timestep_follows_the_noise_scale():
+    assert timesteps(2, 0.8) == [700.0, 500.0]
+    assert timesteps(4, 0.8) == [700.0, 500.0, 400.0, 200.0]
+    assert timesteps(3, 0.5) == [400.0, 400.0, 400.0]
+    assert timesteps(1, 0.95)[0] == pytest.approx(850.0)
+
+
+def test_motion_controller_follows_the_release_formula():
+    ctl = MotionController()
+    still = torch.zeros(4, 3, 8, 8)
+    assert ctl.update(still, 0.8) == pytest.approx(0.8)           # no motion: s_init
+    moving = torch.stack([torch.full((3, 8, 8), v) for v in (0.0, 0.1, 0.2, 0.3)])
+    s = ctl.update(moving, 0.8)                                     # d = 0.1 -> m = 0.5
+    assert ctl.last_motion == pytest.approx(0.5)
+    assert s == pytest.approx(0.9 * (0.8 - 0.1 * 0.5) + 0.1 * 0.8)
+
+
+@pytest.mark.slow
+def test_thousands_of_chunks_keep_memory_flat(engine):
+    spec = FrameSpec(32, 32)
+    engine.open_stream(StreamConfig(1, spec, spec, 30.0, {"steps": 2, "rope_max": 12,
+                                                           "cache_frames": 4, "sinks": 1}))
+    try:
+        feed = Feeder(engine, 1, spec=spec)
+        stream = engine.streams[1]
+        sizes = []
+        for i in range(2000):
+            feed.chunk()
+            if i % 250 == 0:
+                sizes.append((stream.nbytes(), len(stream.in_flight),
+                              len(stream.cache.targets), len(stream.cache.chunk_position)))
+        assert len(set(sizes[1:])) == 1, sizes
+        assert stream.next_chunk == 2001
+        assert stream.cache.next_position <= 12 + 1  # positions wrapped, never ran away
+    finally:
+        engine.close_stream(1)
+
+
+def test_video_stream_over_the_real_transport():
+    from livediffusion.daemon.server import Daemon
+
+    daemon = Daemon(port=0, engines=("video-tiny",)).start()
+    try:
+        with Client(daemon.endpoint) as c:
+            stream = c.open_stream("v", 64, 48, engine="video-tiny", params={"steps": 1},
+                                   timeout=30)
+            assert stream.params["steps"] == 1 and "prompt" in stream.params
+            rng = np.random.default_rng(0)
+            worker = daemon.worker
+            sent = 0
+            for chunk in (5, 4, 4):  # a chunk at a time, as a camera slower than CPU would
+                for _ in range(chunk):
+                    assert stream.send(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+                sent += chunk
+                assert wait_until(lambda: (c.poll(0.05),
+                                           worker.streams[stream.id].frames_out)[1] == sent, 30)
+            assert wait_until(lambda: (c.poll(0.05), stream.latest())[1] is not None
+                              and stream.latest().in_seq == 13, 10)
+            last = stream.latest()
+            assert last.pixels.shape == (48, 64, 3) and last.pixels.std() > 0
+            stats = c.stats()["v"]["daemon"]
+            assert stats["frames_in"] == 13 and stats["frames_out"] == 13
+    finally:
+        daemon.stop()
