@@ -2,9 +2,11 @@
 sink refresh, RoPE wrap, reset, row resizing, bounded bookkeeping, policy validation.
 
 The cache is driven the way the causal forward and the engine drive it: for each chunk,
-``pos = cache.admit(chunk)``; then, per block, ``slot = cache.slot_for(block, chunk, k, v)``
-and ``cache.store(block, row, slot, pos, k, v)`` (later steps use other rows with the same
-slot); ``cache.forget(chunk)`` after the chunk's last step.
+``pos = cache.admit(chunk)``; then for each of its steps ``cache.prepare([row], [chunk])`` and,
+per block, ``slot = cache.slot_for(block, chunk, k, v)`` and ``cache.store(block, row, slot,
+pos, k, v)`` (later steps use other rows with the same slot); ``cache.forget(chunk)`` after
+the chunk's last step.  A wrap re-rotates a row when ``prepare`` brings the first chunk of the
+new epoch to it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def run_chunk(cache: KVCache, chunk: int, k: torch.Tensor, v: torch.Tensor, *,
     kr = rope(k, pos, cache.t_dim)
     slots = []
     for row in rows:
+        cache.prepare([row], [chunk])
         row_slots = []
         for block in range(cache.blocks):
             slot = cache.slot_for(block, chunk, kr, v)
@@ -361,6 +364,8 @@ def test_wrap_reanchors_positions_once_next_position_passes_rope_max():
     pos = cache.admit(7)                                           # 7 would pass 6: wrap
     assert pos == 3 == cache.policy.frames - 1
     assert cache.next_position == 4
+    assert cache.positions[0, 0].tolist() == [0, 4, 5, 6]          # rows move lazily...
+    cache.prepare([0], [7])                                        # ...when chunk 7 arrives
     # sink at 0, ring frames (4, 5, 6) shifted by 4 keeping their offsets to the new chunk.
     assert cache.positions[0].tolist() == [[0, 0, 1, 2]] * 2
     assert cache.chunk_position == {7: 3}
@@ -378,6 +383,7 @@ def test_wrap_rerotates_cached_keys_to_their_new_positions():
     before_k = [t.clone() for t in cache.k]
     before_v = [t.clone() for t in cache.v]
     cache.admit(7)
+    cache.prepare([0, 1], [7, 7])
     new_pos = {0: 0, 4: 0, 5: 1, 6: 2}
     for block in range(blocks):
         for row in range(rows):
@@ -416,6 +422,7 @@ def test_wrap_reanchors_a_refreshed_sink_and_keeps_ring_offsets():
     assert cache.books[0].chunk == [0, 4, 5, 6]
     assert cache.positions[0, 0].tolist() == [0, 4, 5, 6]
     assert cache.admit(7) == 3                       # 7 > rope_max: wrap, shift 4
+    cache.prepare([0], [7])
     assert cache.positions[0, 0].tolist() == [0, 1, 1, 2]
     for slot, (chunk, p) in enumerate([(0, 0), (4, 1), (5, 1), (6, 2)]):
         ks, vs = stored(cache, 0, 0, slot)
@@ -423,13 +430,28 @@ def test_wrap_reanchors_a_refreshed_sink_and_keeps_ring_offsets():
         torch.testing.assert_close(vs, kv[chunk][1], rtol=0, atol=0)
 
 
-def test_wrap_shifts_in_flight_chunk_positions():
+def test_a_chunk_in_flight_at_a_wrap_finishes_against_rows_that_have_not_moved():
+    """Stream Batch: chunk 6 is at its second step (row 1) when chunk 7 wraps positions.
+    Chunk 6 keeps position 6 in row 1 as in the sequential schedule; row 1 is re-anchored only
+    when chunk 7 reaches it, and chunk 6's keys move with it."""
     cache = make_cache(blocks=1, rows=2, frames=4, sinks=1, rope_max=6)
     for c in range(6):
-        run_chunk(cache, c, *chunk_kv(c))
-    assert cache.admit(6) == 6        # chunk 6 in flight (not forgotten)
-    assert cache.admit(7) == 3        # wrap: shift 4
-    assert cache.chunk_position == {6: 2, 7: 3}
+        run_chunk(cache, c, *chunk_kv(c), rows=(0, 1))
+    k6, v6 = chunk_kv(6, noise=1.0)
+    assert cache.admit(6) == 6
+    cache.prepare([0], [6])
+    slot6 = cache.slot_for(0, 6, rope(k6, 6), v6)
+    cache.store(0, 0, slot6, 6, rope(k6, 6), v6)
+    assert cache.admit(7) == 3                        # wrap: shift 4
+    assert cache.chunk_position == {6: 6, 7: 3}       # positions never change after admission
+    cache.prepare([0, 1], [7, 6])                     # one forward: 7 at row 0, 6 at row 1
+    assert cache.positions[0, 0].tolist()[slot6] == 2  # row 0 re-anchored (6 -> 2)
+    assert cache.positions[1, 0].tolist()[slot6] != 2  # row 1 not yet
+    cache.store(0, 1, slot6, 6, rope(k6, 6), v6)
+    cache.prepare([1], [7])                           # chunk 7 reaches row 1
+    assert cache.positions[1, 0].tolist()[slot6] == 2
+    ks, _ = stored(cache, 0, 1, slot6)
+    torch.testing.assert_close(ks, rope(k6, 2), rtol=0, atol=1e-5)
 
 
 def test_repeated_wraps_keep_positions_bounded_and_keys_exact():

@@ -196,8 +196,8 @@ class VideoEngine(Engine):
         chunks = sorted(chunks, key=lambda c: c.step)
         x = torch.cat([c.x for c in chunks], 0)
         t = torch.tensor([c.schedule[c.step] for c in chunks], device=x.device)
-        # positions come from the cache: a wrap may have moved a chunk that is in flight
         positions = [stream.cache.chunk_position[c.id] for c in chunks]
+        stream.cache.prepare([c.step for c in chunks], [c.id for c in chunks])
         call = ChunkCall(stream.cache, rows=[c.step for c in chunks],
                          chunks=[c.id for c in chunks], positions=positions,
                          cross_kv=stream.cross_kv)

@@ -15,12 +15,12 @@ Policy, per block, decided once per chunk (at its first step) and reused at its 
     and mean V) to some sink: then it replaces the least similar sink.  Empty sinks are never
     "least similar" (they cannot be: the ring is used only after the sinks are filled);
   * keys are stored after RoPE at their frame position; positions grow by one per chunk.  When
-    the next position would pass ``rope_max``, every cached key is re-rotated in place: ring
+    the next position would pass ``rope_max``, a wrap re-rotates cached keys in place: ring
     frames shift down keeping their exact offsets to the new chunk, sinks are re-anchored at
     positions ``0 .. sinks - 1``, and the new chunk lands at ``frames - 1``.  Offsets therefore
     stay inside the range the model was trained on, and no cached key keeps a stale phase.
-    (Known approximation: a chunk still in flight at a wrap keeps its shifted position in the
-    rows it has not reached yet, even where it refreshes a sink; the next wrap re-anchors it.)
+    Each row is re-rotated when the first chunk admitted after the wrap reaches it (``prepare``),
+    so Stream Batch and the sequential schedule stay identical across wraps.
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ class KVCache:
     #: chunk id -> frame position (after any wrap)
     chunk_position: dict[int, int] = field(default_factory=dict)
     next_position: int = 0
+    #: wrap epochs: shifts[e] is the shift of the wrap that started epoch e + 1
+    shifts: list[int] = field(default_factory=list)
+    chunk_epoch: dict[int, int] = field(default_factory=dict)
+    row_epoch: list[int] = field(default_factory=list)
     filled: int = 0  # chunks admitted so far (row 0), capped at policy.frames
     t_dim: int = 0
     inv_freq_t: torch.Tensor | None = None
@@ -102,8 +106,14 @@ class KVCache:
                                     dtype=torch.long)
         self.books = [_BlockBook([-1] * self.policy.frames, self.policy.sinks)
                       for _ in range(self.blocks)]
+        self._clear_books()
+
+    def _clear_books(self) -> None:
         self.targets.clear()
         self.chunk_position.clear()
+        self.chunk_epoch.clear()
+        self.shifts = []
+        self.row_epoch = [0] * self.rows
         self.next_position = 0
         self.filled = 0
 
@@ -114,10 +124,7 @@ class KVCache:
         self.positions.fill_(self.EMPTY)
         self.books = [_BlockBook([-1] * self.policy.frames, self.policy.sinks)
                       for _ in range(self.blocks)]
-        self.targets.clear()
-        self.chunk_position.clear()
-        self.next_position = 0
-        self.filled = 0
+        self._clear_books()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
@@ -131,46 +138,58 @@ class KVCache:
             self.k[i] = _resize_rows(self.k[i], rows)
             self.v[i] = _resize_rows(self.v[i], rows)
         self.positions = _resize_rows(self.positions, rows)
+        self.row_epoch = (self.row_epoch + [self.row_epoch[-1]] * rows)[:rows]
         self.rows = rows
 
     # --- admission of a new chunk (called once per chunk, before its first step) -----------
 
     def admit(self, chunk: int) -> int:
-        """Give the chunk its frame position, re-anchoring positions first when they would
-        pass rope_max; returns the position."""
+        """Give the chunk its frame position (starting a new wrap epoch first when positions
+        would pass rope_max); returns the position.  Positions never change afterwards."""
         if self.next_position > self.policy.rope_max:
-            self._wrap()
+            shift = self.next_position - (self.policy.frames - 1)
+            self.shifts.append(shift)
+            self.next_position -= shift
         position = self.next_position
         self.chunk_position[chunk] = position
+        self.chunk_epoch[chunk] = len(self.shifts)
         self.next_position += 1
         return position
 
-    def _wrap(self) -> None:
-        """Re-rotate cached keys so that the next chunk gets position ``frames - 1``."""
+    def prepare(self, rows: list[int], chunks: list[int]) -> None:
+        """Before a forward: bring each row to the wrap epoch of the chunk about to use it.
+
+        Rows are re-anchored lazily, when the first chunk admitted after a wrap reaches them,
+        so a chunk still in flight at a wrap finishes its remaining steps against rows that
+        have not moved yet, exactly as in the sequential schedule.
+        """
+        for row, chunk in zip(rows, chunks):
+            target = self.chunk_epoch.get(chunk, len(self.shifts))
+            while self.row_epoch[row] < target:
+                self._wrap_row(row, self.shifts[self.row_epoch[row]])
+                self.row_epoch[row] += 1
+
+    def _wrap_row(self, row: int, shift: int) -> None:
+        """Re-rotate one row's keys: ring frames shift down by ``shift``, sinks re-anchor at
+        positions 0 .. sinks - 1."""
         p = self.policy
-        shift = self.next_position - (p.frames - 1)
-        new = self.positions.clone()
+        old = self.positions[row]                      # blocks, frames
+        new = old.clone()
         filled = new != self.EMPTY
-        ring = torch.zeros_like(filled)
-        ring[:, :, p.sinks:] = True
-        new[filled & ring] -= shift
-        for j in range(p.sinks):
-            new[:, :, j][filled[:, :, j]] = j
-        delta = new - self.positions
-        delta[~filled] = 0
+        new[:, p.sinks:][filled[:, p.sinks:]] -= shift
+        sink_pos = torch.arange(p.sinks).expand(self.blocks, -1)
+        new[:, :p.sinks] = torch.where(filled[:, :p.sinks], sink_pos, new[:, :p.sinks])
+        delta = torch.where(filled, new - old, torch.zeros_like(new))
+        td = self.t_dim
         for block in range(self.blocks):
-            for row in range(self.rows):
-                d = delta[row, block]
-                if not d.any():
-                    continue
-                cos, sin = rope_cos_sin(d, self.inv_freq_t)  # (frames, t_dim)
-                k = self.k[block][row].unflatten(1, (p.frames, self.tokens))  # h, f, t, d
-                td = self.t_dim
-                k[..., :td] = rotate_pairs(k[..., :td], cos[None, :, None, :].to(k.device),
-                                           sin[None, :, None, :].to(k.device))
-        self.positions = new
-        self.chunk_position = {c: pos - shift for c, pos in self.chunk_position.items()}
-        self.next_position -= shift
+            d = delta[block]
+            if not d.any():
+                continue
+            cos, sin = rope_cos_sin(d, self.inv_freq_t)  # frames, t_dim
+            k = self.k[block][row].unflatten(1, (p.frames, self.tokens))  # heads, f, t, dim
+            k[..., :td] = rotate_pairs(k[..., :td], cos[None, :, None, :].to(k.device),
+                                       sin[None, :, None, :].to(k.device))
+        self.positions[row] = new
 
     def slot_for(self, block: int, chunk: int, k_new: torch.Tensor, v_new: torch.Tensor) -> int:
         """The frame slot this chunk occupies in ``block`` (decided at its first call).
@@ -229,6 +248,7 @@ class KVCache:
         """Drop the bookkeeping of a chunk that has passed its last step."""
         self.targets.pop(chunk, None)
         self.chunk_position.pop(chunk, None)
+        self.chunk_epoch.pop(chunk, None)
 
 
 def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
