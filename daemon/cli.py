@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+from livediffusion.shared.client import DaemonError
 from livediffusion.shared.protocol import DEFAULT_PORT, HEARTBEAT_TIMEOUT_S
 
 
@@ -151,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except KeyboardInterrupt:
         return 130
-    except (CliError, OSError, ValueError, ConnectionError, TimeoutError, ImportError) as exc:
+    except (CliError, OSError, ValueError, ConnectionError, TimeoutError, ImportError,
+            DaemonError) as exc:
         if args.debug:
             raise
         text = str(exc).strip() or type(exc).__name__

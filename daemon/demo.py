@@ -83,6 +83,11 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{args.frames} frames")
     if engine == "passthrough":
         print("  (passthrough returns frames unchanged; it measures the transport itself)")
+    elif engine == "video-tiny":
+        print("  The tiny preset is the real Wan 2.1 architecture at toy size with RANDOM weights:\n"
+              "  its output is abstract colour, not a restyled video. For the real model run\n"
+              "  'livediffusion models pull wan-1.3b' and then 'livediffusion demo --engine video'\n"
+              "  on a CUDA GPU.")
     clip = capture_clip(args.source, width, height, args.frames) if args.source \
         else test_clip(width, height, args.frames)
     writer = cv2.VideoWriter(args.output, cv2.VideoWriter_fourcc(*"mp4v"), args.fps,
@@ -105,10 +110,24 @@ def run_demo(args: argparse.Namespace) -> int:
     with spawned_daemon(engine) as endpoint:
         with Client(endpoint, name="demo") as client:
             stream = client.open_stream("demo", width, height, engine=engine, params=params,
-                                        fps=args.fps, timeout=120)
+                                        fps=args.fps, keep=8, timeout=120)
             period = 1.0 / args.fps
             next_at = time.perf_counter()
             sent = 0
+            caps = client.capabilities["engines"][engine]
+            per_step = int(caps.get("frames_per_step", 1))
+            step_end = int(caps.get("first_step_frames", per_step))
+
+            def consumed(n: int, timeout: float = 60.0) -> None:
+                """Without pacing: wait until the engine has taken the frames sent, so none
+                is dropped (flow control on consumption, since output may lag)."""
+                deadline = time.perf_counter() + timeout
+                while time.perf_counter() < deadline:
+                    if client.stats()["demo"].get("daemon", {}).get("frames_in", 0) >= n:
+                        return
+                    for done in stream.frames():
+                        write(done)
+                    client.poll(0.02)
             for frame in clip:
                 if not args.no_realtime:
                     while (delay := next_at - time.perf_counter()) > 0:
@@ -119,16 +138,17 @@ def run_demo(args: argparse.Namespace) -> int:
                     sent_frames[sent] = frame
                     while len(sent_frames) > 64:
                         sent_frames.popitem(last=False)
-                # without pacing keep one frame in flight: as fast as the engine goes
-                out = stream.wait(5.0) if args.no_realtime else stream.new_frame()
-                if out is not None:
+                if args.no_realtime and sent == step_end:
+                    consumed(sent)
+                    step_end += per_step
+                for out in stream.frames():
                     write(out)
             # let the last frames come back (until none arrives for half a second)
             while stream.stats()["received"] < sent:
-                out = stream.wait(0.5)
-                if out is None:
+                if stream.wait(2.0) is None:
                     break
-                write(out)
+                for out in stream.frames():
+                    write(out)
             stats = client.stats()["demo"]
     writer.release()
     c, d = stats["client"], stats.get("daemon", {})

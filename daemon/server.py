@@ -354,18 +354,22 @@ class Daemon:
         if transport not in ("shm", "inline"):
             raise ProtocolError(ErrorCode.BAD_SPEC, "transport must be 'shm' or 'inline'.")
         engine = self.engines[engine_name]
-        per_step = int(engine.capabilities().get("frames_per_step", 1))
+        caps = engine.capabilities()
+        per_step = int(caps.get("frames_per_step", 1))
+        most = max(per_step, int(caps.get("first_step_frames", per_step)))
         slots = msg.get("slots", DEFAULT_SLOTS)
         if not 1 <= slots <= P.MAX_SLOTS:
             raise ProtocolError(ErrorCode.BAD_SPEC, f"slots must be 1..{P.MAX_SLOTS}.")
         # The engine may hold a whole chunk of input slots while the client keeps writing.
-        slots_in = max(slots, per_step + 2)
+        slots_in = min(P.MAX_SLOTS, max(slots, most + 3))
         sid = next(self._stream_ids)
         ring_in = ring_out = None
         if transport == "shm":
             try:
                 ring_in = FrameRing.create(slots_in, in_spec.nbytes, tag="i")
-                ring_out = FrameRing.create(slots, out_spec.nbytes, tag="o")
+                # a chunked engine publishes a whole chunk at once: room for it and 2 more
+                ring_out = FrameRing.create(min(P.MAX_SLOTS, max(slots, most + 2)),
+                                            out_spec.nbytes, tag="o")
             except OSError as exc:
                 if ring_in is not None:
                     ring_in.close()
@@ -376,7 +380,7 @@ class Daemon:
         self.streams[sid] = stream
         self._names[name] = sid
         session.streams.add(sid)
-        self.scheduler.add_stream(sid, engine_name, per_step)
+        self.scheduler.add_stream(sid, engine_name, most)
         config = StreamConfig(sid, in_spec, out_spec, fps, dict(msg.get("params") or {}))
         self.scheduler.post(Open((session.identity, rid), config, engine_name, ring_in, ring_out))
 

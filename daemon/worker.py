@@ -197,6 +197,13 @@ class EngineWorker:
                             f"origin {got.origin}; stream {sid} was opened for {spec.width}x"
                             f"{spec.height} {spec.format} {spec.dtype} origin {spec.origin}.")
             return None
+        if not stream.engine.borrows_input:
+            # The engine keeps working long after this call returns: take a copy now and
+            # check it, instead of finding the slot overwritten after the step.
+            pixels = pixels.copy()
+            if not stream.ring_in.is_intact(ref.slot, ref.seq):
+                stream.torn += 1
+                return None
         return InputFrame(ref.seq, pixels, got, hdr.ts)
 
     def _bad_frame(self, stream: WorkerStream, message: str) -> None:
@@ -217,7 +224,8 @@ class EngineWorker:
                 continue  # a chunk with a hole is dropped whole; newer frames follow
             stream.frames_in += len(frames)
             inputs.append(StreamInput(sid, frames))
-            used[sid] = [(r.slot, r.seq) for r in refs if r.slot is not None]
+            if stream.engine.borrows_input:  # its output may still be the input's pixels
+                used[sid] = [(r.slot, r.seq) for r in refs if r.slot is not None]
             engine = stream.engine
         if not inputs or engine is None:
             return

@@ -106,6 +106,7 @@ class Stream:
         self.output_request = dict(output or {})
         self.slots = slots
         self.zero_copy = zero_copy
+        self.frames_per_step = 1  # input frames the engine consumes per step (from OPENED)
         self.id: int | None = None
         self.state = "opening"  # opening -> open -> closed | failed
         self.output_spec: FrameSpec | None = None
@@ -113,7 +114,9 @@ class Stream:
         self._ring_in: FrameRing | None = None
         self._ring_out: FrameRing | None = None
         self._seq = 0
-        self._pending_notice: tuple[dict[str, Any], Any] | None = None
+        self._pending: deque[tuple[dict[str, Any], Any]] = deque()
+        self.keep = 0
+        self._kept: deque[Frame] = deque()
         self._latest: Frame | None = None
         self._delivered_seq = 0
         self._pool: list[np.ndarray] = []
@@ -177,6 +180,17 @@ class Stream:
             return None
         self._delivered_seq = frame.seq
         return frame
+
+    def frames(self) -> list[Frame]:
+        """With ``keep`` > 0: every frame received since the last call (at most ``keep``),
+        oldest first; for recording or encoding every output frame rather than showing
+        the newest.  Pixels follow the same validity rule as ``latest``."""
+        self.client.poll(0)
+        out = list(self._kept)
+        self._kept.clear()
+        if out:
+            self._delivered_seq = out[-1].seq
+        return out
 
     def wait(self, timeout: float = 5.0) -> Frame | None:
         """Block up to ``timeout`` seconds for a frame that ``new_frame``/``wait`` did not
@@ -271,19 +285,22 @@ class Stream:
             return
         self.id = msg["stream"]
         self.params = dict(msg.get("params") or self.params)
+        self.frames_per_step = int(msg.get("frames_per_step", 1))
         self.state = "open"
 
     def _on_notice(self, msg: dict[str, Any], payload: Any) -> None:
-        if self._pending_notice is not None:
-            self.counters["skipped"] += 1  # newest frame wins
-        self._pending_notice = (msg, payload)
+        self._pending.append((msg, payload))
+        while len(self._pending) > max(1, self.keep):
+            self._pending.popleft()
+            self.counters["skipped"] += 1  # newest frames win
 
     def _take_pending(self) -> None:
-        """Read the newest announced output (after a whole batch of notices was drained)."""
-        if self._pending_notice is None or self.output_spec is None:
-            return
-        msg, payload = self._pending_notice
-        self._pending_notice = None
+        """Read the newest announced output(s) (after a whole batch of notices was drained):
+        the newest one, or with ``keep`` up to that many, oldest first."""
+        while self._pending and self.output_spec is not None:
+            self._read_output(*self._pending.popleft())
+
+    def _read_output(self, msg: dict[str, Any], payload: Any) -> None:
         spec = self.output_spec
         ring, slot = None, -1
         try:
@@ -322,6 +339,10 @@ class Stream:
         self.counters["received"] += 1
         self._latest = Frame(pixels, msg["seq"], msg.get("in_seq", 0), latency, _ring=ring,
                              _slot=slot)
+        if self.keep:
+            self._kept.append(self._latest)
+            while len(self._kept) > self.keep:
+                self._kept.popleft()
 
     def _next_buffer(self, spec: FrameSpec) -> np.ndarray:
         if not self._pool or self._pool[0].shape != spec.shape or \
@@ -335,7 +356,7 @@ class Stream:
             if ring is not None:
                 ring.close()
         self._ring_in = self._ring_out = None
-        self._pending_notice = None
+        self._pending.clear()
 
 
 class Client:
@@ -562,12 +583,14 @@ class Client:
                     dtype: str = "uint8", origin: str = "top", fps: float = 30.0,
                     engine: str = "passthrough", params: dict[str, Any] | None = None,
                     output: dict[str, Any] | None = None, slots: int = 3,
-                    zero_copy: bool = False, timeout: float = 10.0) -> Stream:
+                    zero_copy: bool = False, keep: int = 0, timeout: float = 10.0) -> Stream:
         """Open a stream.  ``output`` may set width/height/format/dtype/origin of the frames
         coming back (default: same as input).  With ``timeout`` > 0 block until open (raises
         DaemonError when refused); with 0 return at once (``stream.ready`` tells).
         ``zero_copy`` hands out output frames as read-only views into shared memory (see
-        ``Frame``): one copy less for hosts that copy the frame into a texture at once."""
+        ``Frame``): one copy less for hosts that copy the frame into a texture at once.
+        ``keep`` > 0 keeps up to that many received frames for ``frames()`` (and reads every
+        announced frame, not only the newest), for recording."""
         if name in self._streams and self._streams[name].state not in ("closed", "failed"):
             raise ValueError(f"this client already has a stream named {name!r}.")
         try:
@@ -576,7 +599,8 @@ class Client:
         except P.ProtocolError as exc:
             raise ValueError(exc.message) from None
         stream = Stream(self, name, spec, fps=fps, engine=engine, params=params or {},
-                        output=output, slots=slots, zero_copy=zero_copy)
+                        output=output, slots=max(slots, keep + 2), zero_copy=zero_copy)
+        stream.keep = keep  # the output ring above holds every kept frame until it is read
         self._streams[name] = stream
         if self.state == "disconnected":
             self.connect(timeout)

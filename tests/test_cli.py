@@ -54,8 +54,8 @@ def test_doctor_prints_one_screen():
 
 def test_demo_writes_a_video_and_prints_fps_and_latency(tmp_path):
     out = tmp_path / "demo.mp4"
-    result = run("demo", "--frames", "24", "--size", "64x48", "--output", str(out),
-                 "--param", "mode=invert")
+    result = run("demo", "--engine", "passthrough", "--frames", "24", "--size", "64x48",
+                 "--output", str(out), "--param", "mode=invert")
     assert result.returncode == 0, result.stderr
     assert "output FPS" in result.stdout and "latency p50" in result.stdout
     cap = cv2.VideoCapture(str(out))
@@ -72,8 +72,8 @@ def test_demo_reads_a_video_file(tmp_path):
     for i in range(12):
         writer.write(np.full((60, 80, 3), 20 * i, np.uint8))
     writer.release()
-    result = run("demo", str(src), "--size", "64x48", "--frames", "12",
-                 "--output", str(tmp_path / "out.mp4"))
+    result = run("demo", str(src), "--engine", "passthrough", "--size", "64x48",
+                 "--frames", "12", "--output", str(tmp_path / "out.mp4"))
     assert result.returncode == 0, result.stderr
     assert "frames sent 12" in result.stdout
 

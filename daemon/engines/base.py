@@ -43,8 +43,8 @@ class StreamConfig:
 
 @dataclass
 class InputFrame:
-    """One input frame.  ``pixels`` may be a view into shared memory that the writer can
-    overwrite after ``submit`` returns: engines copy (or upload) what they keep."""
+    """One input frame.  For engines that borrow input, ``pixels`` is a view into shared
+    memory that the writer can overwrite after ``submit`` returns."""
 
     seq: int
     pixels: np.ndarray
@@ -78,6 +78,10 @@ class Engine(ABC):
 
     #: name clients use in OPEN
     name: str = ""
+    #: True if ``submit`` may return (views of) the input pixels and finishes quickly: the
+    #: worker then hands it zero-copy views of the shared-memory slots and checks them after
+    #: publishing.  False (the default): the worker copies each frame out of its slot first.
+    borrows_input: bool = False
 
     @abstractmethod
     def capabilities(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ MODES = ("identity", "invert")
 
 class PassthroughEngine(Engine):
     name = "passthrough"
+    borrows_input = True  # identity output is the input slot itself, copied once to the ring
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = torch.device(device)

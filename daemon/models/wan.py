@@ -63,6 +63,21 @@ PRESETS: dict[str, WanPreset] = {
 GENERATOR_REPO = "jerryfeng/StreamDiffusionV2"
 
 
+def cast(model, dtype: torch.dtype):
+    """Cast a diffusers model, keeping the modules it wants in float32 (norms, time
+    embedding, modulation tables) in float32, as from_pretrained(torch_dtype=...) does."""
+    if dtype == torch.float32:
+        return model
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        if not any(k in name.split(".") for k in keep):
+            param.data = param.data.to(dtype)
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and not any(k in name.split(".") for k in keep):
+            buf.data = buf.data.to(dtype)
+    return model
+
+
 def build_transformer(preset: WanPreset, dtype: torch.dtype = torch.float32,
                       device: str | torch.device = "cpu"):
     """A randomly initialised WanTransformer3DModel of the preset's size."""
@@ -70,7 +85,7 @@ def build_transformer(preset: WanPreset, dtype: torch.dtype = torch.float32,
 
     with torch.device(device):
         model = WanTransformer3DModel(**preset.transformer)
-    return model.to(dtype=dtype).eval().requires_grad_(False)
+    return cast(model, dtype).eval().requires_grad_(False)
 
 
 def build_vae(preset: WanPreset, dtype: torch.dtype = torch.float32,
@@ -80,7 +95,7 @@ def build_vae(preset: WanPreset, dtype: torch.dtype = torch.float32,
 
     with torch.device(device):
         vae = AutoencoderKLWan(**preset.vae)
-    return vae.to(dtype=dtype).eval().requires_grad_(False)
+    return cast(vae, dtype).eval().requires_grad_(False)
 
 
 def build_text_encoder(preset: WanPreset, dtype: torch.dtype = torch.float32,
