@@ -119,6 +119,9 @@ def test_zero_copy_frames_are_read_only_views_that_know_when_they_are_stale(clie
     assert not first.pixels.flags.writeable
     with pytest.raises(ValueError):
         first.pixels[0, 0, 0] = 1
-    round_trip(stream, rgb(seed=2))
-    round_trip(stream, rgb(seed=3))  # the daemon has reused first's slot by now
+    slots = stream._ring_out.slots
+    for i in range(slots - 1):
+        round_trip(stream, rgb(seed=2 + i))
+        assert first.intact()  # not reused while younger slots are free
+    round_trip(stream, rgb(seed=9))  # the daemon has reused first's slot by now
     assert not first.intact()
