@@ -34,11 +34,10 @@ def _resolve_device(device: str) -> str:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from .engines import REGISTRY
     from .server import Daemon
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip()) if args.engines \
-        else tuple(REGISTRY)
+        else None
     try:
         daemon = Daemon(args.host, args.port, engines=engines,
                         device=_resolve_device(args.device), ipc_path=args.ipc,
@@ -59,12 +58,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "transport":
         from .bench.transport import run_transport_bench
         return run_transport_bench(args)
+    if args.suite == "video":
+        from .bench.video import run_video_bench
+        return run_video_bench(args)
     raise CliError(f"unknown benchmark {args.suite!r}.")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import run_doctor
     return run_doctor(args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import registry
+
+    if args.action == "list":
+        print(f"{'name':<10} {'state':<8} repository / what")
+        for entry in registry.MODELS.values():
+            path = registry.local_path(entry.name)
+            state = "present" if path else "absent"
+            print(f"{entry.name:<10} {state:<8} {entry.repo}")
+            print(f"{'':<20}{entry.what}" + (f"\n{'':<20}{path}" if path else ""))
+        return 0
+    if args.name not in registry.MODELS:
+        raise CliError(f"unknown model {args.name!r}; known: {', '.join(registry.MODELS)}.")
+    try:
+        path = registry.pull(args.name)
+    except Exception as exc:  # noqa: BLE001 - network/hub errors come in many types
+        raise CliError(f"could not download {args.name} ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200]}); check the network and that "
+                       f"huggingface.co is reachable.") from None
+    print(f"{args.name} is in {path}")
+    return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -121,16 +146,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send frames as fast as the engine takes them instead of at --fps")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks that print a table (and JSON on request)")
-    p.add_argument("suite", choices=["transport"], help="which benchmark")
+    p = sub.add_parser("bench", help="benchmarks that print a table (and JSON on request)",
+                       description="transport: client-daemon round trips; video: the video "
+                                   "engine at real sizes with random weights.")
+    p.add_argument("suite", choices=["transport", "video"], help="which benchmark")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--iterations", type=int, default=200, help="round trips per case")
+    p.add_argument("--iterations", type=int, default=200,
+                   help="round trips per case (transport) or chunks per case (video)")
+    p.add_argument("--model", default="1.3b", choices=["1.3b", "14b", "tiny"],
+                   help="video: architecture size (random weights)")
+    p.add_argument("--height", type=int, action="append",
+                   help="video: frame height, repeatable with --width (default 480 and 512)")
+    p.add_argument("--width", type=int, action="append",
+                   help="video: frame width (default 832 and 512)")
+    p.add_argument("--steps", default="1,2,3,4", help="video: denoising steps, comma-separated")
+    p.add_argument("--device", default="auto", help="video: torch device")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("doctor", help="print versions, devices, extras, ports and weights",
                        description="One screen to paste into a bug report.")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("models", help="list or download model weights",
+                       description="list: which weights are known and present; pull NAME: "
+                                   "download into the Hugging Face cache.")
+    p.add_argument("action", choices=["list", "pull"])
+    p.add_argument("name", nargs="?", default="", help="model to pull (see list)")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("keys", help="create CURVE keys for a daemon reachable from the LAN")
     p.add_argument("action", choices=["init"])

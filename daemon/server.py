@@ -93,7 +93,8 @@ class Daemon:
         self.max_streams = max_streams
         self.keys_dir = Path(keys_dir) if keys_dir else None
         self.ipc_path = ipc_path
-        names = engines or tuple(REGISTRY)
+        from .engines import available_engines
+        names = engines or available_engines()
         unknown = [n for n in names if n not in REGISTRY]
         if unknown:
             raise ValueError(f"unknown engine {unknown[0]!r}; available: {', '.join(REGISTRY)}.")

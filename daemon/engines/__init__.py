@@ -20,16 +20,46 @@ def _video_tiny(device: str) -> Engine:
     return build_video_engine("tiny", device=device)
 
 
+def _video(size: str) -> Callable[[str], Engine]:
+    def factory(device: str) -> Engine:
+        from .video.factory import build_real_video_engine
+        return build_real_video_engine(size, device=device)
+    return factory
+
+
+def _weights_present(*names: str) -> Callable[[], bool]:
+    def check() -> bool:
+        from ..models.registry import local_path
+        return all(local_path(n) is not None for n in names)
+    return check
+
+
 REGISTRY["passthrough"] = (_passthrough, "frames back unchanged (or inverted), format-converted")
 REGISTRY["video-tiny"] = (_video_tiny, "video engine, tiny random-weight Wan (abstract output)")
+REGISTRY["video"] = (_video("1.3b"), "video engine, Wan 2.1 1.3B + StreamDiffusionV2 generator")
+REGISTRY["video-14b"] = (_video("14b"), "video engine, Wan 2.1 14B + StreamDiffusionV2 generator")
+
+#: engines loaded when the daemon is started without --engines: those that need no download,
+#: plus those whose weights are present
+AVAILABLE: dict[str, Callable[[], bool]] = {
+    "passthrough": lambda: True,
+    "video-tiny": lambda: True,
+    "video": _weights_present("wan-1.3b", "sdv2-1.3b"),
+    "video-14b": _weights_present("wan-14b", "sdv2-14b"),
+}
+
+
+def available_engines() -> tuple[str, ...]:
+    return tuple(name for name in REGISTRY if AVAILABLE.get(name, lambda: True)())
 
 
 def best_engine() -> str:
     """The most capable engine that can run here without downloads (used by the demo)."""
-    for name in ("video-tiny", "passthrough"):
-        if name in REGISTRY:
+    for name in ("video", "video-tiny", "passthrough"):
+        if name in REGISTRY and AVAILABLE.get(name, lambda: True)():
             return name
     return "passthrough"
 
 
-__all__ = ["Engine", "EngineError", "ParamError", "REGISTRY", "best_engine"]
+__all__ = ["Engine", "EngineError", "ParamError", "REGISTRY", "available_engines",
+           "best_engine"]

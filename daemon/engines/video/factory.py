@@ -31,3 +31,18 @@ def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dt
     return VideoEngine(f"video-{preset_name}" if preset_name == "tiny" else "video",
                        transformer, vae, text, device=device, min_side=min_side,
                        description=description)
+
+
+def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda") -> VideoEngine:
+    """The video engine on the downloaded Wan 2.1 weights and StreamDiffusionV2 generator."""
+    from ...models import loaders, registry
+
+    wan_dir = registry.require(f"wan-{size}")
+    gen_dir = registry.require(f"sdv2-{size}")
+    generator = gen_dir / registry.MODELS[f"sdv2-{size}"].allow[0]
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    weights = loaders.load_diffusers_dir(wan_dir, dtype=dtype, device=device,
+                                         generator=generator, preset=size)
+    engine = build_video_engine(size, device=device, dtype=dtype, weights=weights)
+    engine.name = "video" if size == "1.3b" else f"video-{size}"
+    return engine
