@@ -15,7 +15,9 @@ lives in one ``VideoStream``; closing the stream drops it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -84,6 +86,20 @@ class VideoEngine(Engine):
         self.description = description
         self.streams: dict[int, VideoStream] = {}
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        #: benchmarks set this to a dict to collect per-stage times (seconds, synchronised)
+        self.stage_times: dict[str, list[float]] | None = None
+
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        if self.stage_times is None:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        started = time.perf_counter()
+        yield
+        sync()
+        self.stage_times.setdefault(name, []).append(time.perf_counter() - started)
 
     # --- interface ---------------------------------------------------------------------------
 
@@ -158,13 +174,15 @@ class VideoEngine(Engine):
         if len(item.frames) != expected:
             raise EngineError(f"expected {expected} frames for this chunk, got "
                               f"{len(item.frames)}.")
-        pixels = torch.stack([to_canonical(as_tensor(f.pixels, self.device), f.spec)
-                              for f in item.frames])              # N, H, W, 3 in [0, 1]
-        x = pixels.permute(0, 3, 1, 2) * 2.0 - 1.0                  # N, 3, H, W in [-1, 1]
+        with self._stage("upload"):
+            pixels = torch.stack([to_canonical(as_tensor(f.pixels, self.device), f.spec)
+                                  for f in item.frames])          # N, H, W, 3 in [0, 1]
+            x = pixels.permute(0, 3, 1, 2) * 2.0 - 1.0              # N, 3, H, W in [-1, 1]
         p = stream.params
         scale = stream.motion.update(x, p.noise_scale) if p.motion_control else p.noise_scale
         stream.last_scale = scale
-        latents = self.vae.encode(x.permute(1, 0, 2, 3)[None], stream.vae)  # 1, 16, n, h, w
+        with self._stage("encode"):
+            latents = self.vae.encode(x.permute(1, 0, 2, 3)[None], stream.vae)  # 1,16,n,h,w
         seqs = [f.seq for f in item.frames]
         stamps = [f.ts for f in item.frames]
         groups = [(seqs[:1], stamps[:1]), (seqs[1:], stamps[1:])] if not stream.started \
@@ -201,7 +219,8 @@ class VideoEngine(Engine):
         call = ChunkCall(stream.cache, rows=[c.step for c in chunks],
                          chunks=[c.id for c in chunks], positions=positions,
                          cross_kv=stream.cross_kv)
-        flow = self.wan.forward(x, t, call).to(x.dtype)
+        with self._stage("dit"):
+            flow = self.wan.forward(x, t, call).to(x.dtype)
         done = []
         for i, c in enumerate(chunks):
             x0 = c.x - sigma(c.schedule[c.step]) * flow[i:i + 1]
@@ -244,7 +263,8 @@ class VideoEngine(Engine):
         out: list[OutputFrame] = []
         spec = stream.config.output
         for chunk in sorted(finished, key=lambda c: c.id):
-            frames = self.vae.decode(chunk.x, stream.vae)[0]       # 3, N, H, W
+            with self._stage("decode"):
+                frames = self.vae.decode(chunk.x, stream.vae)[0]   # 3, N, H, W
             if frames.shape[1] != len(chunk.in_seqs):
                 raise EngineError(f"decoded {frames.shape[1]} frames for a chunk of "
                                   f"{len(chunk.in_seqs)}.")

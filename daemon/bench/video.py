@@ -1,0 +1,187 @@
+"""``livediffusion bench video``: the video engine at real sizes with RANDOM weights.
+
+Per resolution and step count: steady-state output FPS, time to first frame of a new stream
+fed at 30 FPS, per-chunk latency p50/p99 and jitter, peak GPU memory, and a breakdown (frame
+upload and conversion, VAE encode, DiT per forward, VAE decode, host download) with the DiT's
+achieved TFLOP/s beside the bf16 matmul rate measured in the same run.
+
+The umT5 text encoder is replaced by a one-layer random umT5 of the real output width: it runs
+once per prompt change, never per chunk, so it does not enter these figures (its memory does
+not either).  Weights are random: speed and memory are real, the pictures are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..engines.base import InputFrame, StreamConfig, StreamInput
+from ..engines.video.engine import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, VideoEngine
+from ..models import wan as W
+from ..models.causal_wan import flops_per_chunk
+from .common import percentile, print_table, provenance, write_json
+from livediffusion.shared.protocol import FrameSpec
+
+INPUT_FPS = 30.0
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The chip's dense matmul rate measured now (bf16 on GPUs)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    reps = 20 if device.type == "cuda" else 3
+    started = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - started) / 1e12
+
+
+def build_bench_engine(model: str, device: torch.device) -> VideoEngine:
+    preset = W.PRESETS[model]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    transformer = W.build_transformer(preset, dtype, device)
+    vae = W.build_vae(preset, dtype, device)
+    text_dim = preset.transformer["text_dim"]
+    stand_in = W.WanPreset("text-stand-in", {}, text_encoder=dict(
+        vocab_size=384, d_model=text_dim, d_kv=64, d_ff=256, num_layers=1,
+        num_heads=max(1, text_dim // 64), relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, feed_forward_proj="gated-gelu", pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0))
+    text = W.build_text_encoder(stand_in, dtype, device)
+    return VideoEngine(f"video-{model}", transformer, vae, text, device=str(device),
+                       min_side=32 if model == "tiny" else 256,
+                       description=f"Wan 2.1 {model}, RANDOM weights")
+
+
+def _clip(height: int, width: int):
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    i = 0
+    while True:
+        t = i / INPUT_FPS
+        img = np.stack([np.sin(xx / 40 + t), np.sin(yy / 50 + 1.3 * t),
+                        np.sin((xx + yy) / 70 - t)], -1)
+        yield ((img * 0.5 + 0.5) * 255).astype(np.uint8)
+        i += 1
+
+
+def _run_chunk(engine: VideoEngine, sid: int, clip, spec: FrameSpec, seq: int, n: int):
+    frames = []
+    for _ in range(n):
+        seq += 1
+        frames.append(InputFrame(seq, next(clip), spec, seq))
+    out = engine.submit([StreamInput(sid, frames)])[0].frames
+    pixels = [f.pixels.cpu() if hasattr(f.pixels, "cpu") else f.pixels for f in out]
+    return seq, pixels
+
+
+def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks: int,
+               matmul: float) -> dict:
+    device = engine.device
+    cuda = device.type == "cuda"
+    spec = FrameSpec(width, height)
+    sid = 1000 + 10 * steps
+    clip = _clip(height, width)
+    # warm-up on a throwaway stream: kernels, cuDNN plans and allocator pools for this shape
+    engine.open_stream(StreamConfig(sid + 1, spec, spec, INPUT_FPS, {"steps": steps}))
+    seq, _ = _run_chunk(engine, sid + 1, clip, spec, 0, FIRST_CHUNK_FRAMES)
+    for _ in range(steps + 1):
+        seq, _ = _run_chunk(engine, sid + 1, clip, spec, seq, CHUNK_FRAMES)
+    engine.close_stream(sid + 1)
+    engine.open_stream(StreamConfig(sid, spec, spec, INPUT_FPS, {"steps": steps}))
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        seq, _ = _run_chunk(engine, sid, clip, spec, 0, FIRST_CHUNK_FRAMES)
+        first_chunk = time.perf_counter() - started
+        ttff = (FIRST_CHUNK_FRAMES - 1) / INPUT_FPS + first_chunk
+        for _ in range(3):  # fill the Stream Batch pipeline and warm kernels
+            seq, _ = _run_chunk(engine, sid, clip, spec, seq, CHUNK_FRAMES)
+        times = []
+        for _ in range(chunks):
+            t0 = time.perf_counter()
+            seq, _ = _run_chunk(engine, sid, clip, spec, seq, CHUNK_FRAMES)
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        engine.stage_times = {}
+        for _ in range(max(3, chunks // 4)):
+            t0 = time.perf_counter()
+            seq, _ = _run_chunk(engine, sid, clip, spec, seq, CHUNK_FRAMES)
+            engine.stage_times.setdefault("total", []).append(time.perf_counter() - t0)
+        stages = {k: 1000 * float(np.median(v)) for k, v in engine.stage_times.items()}
+        engine.stage_times = None
+        cache = engine.streams[sid].cache
+        tokens = cache.tokens
+        dit_flops = flops_per_chunk(engine.wan.model, tokens, cache.policy.frames * tokens)
+        dit_ms = stages.get("dit", 0.0)
+        slots = steps  # one Stream Batch forward carries every step
+        known = sum(stages.get(k, 0.0) for k in ("upload", "encode", "dit", "decode"))
+        mean = float(np.mean(times))
+        return {
+            "resolution": f"{height}x{width}", "steps": steps,
+            "fps": round(CHUNK_FRAMES / mean, 2), "ttff_s": round(ttff, 3),
+            "chunk_p50_ms": round(1000 * percentile(times, 50), 2),
+            "chunk_p99_ms": round(1000 * percentile(times, 99), 2),
+            "jitter_ms": round(1000 * float(np.std(times)), 2),
+            "p99_over_p50": round(percentile(times, 99) / max(percentile(times, 50), 1e-9), 2),
+            "peak_gib": round(peak, 2),
+            "upload_ms": round(stages.get("upload", 0.0), 2),
+            "encode_ms": round(stages.get("encode", 0.0), 2),
+            "dit_ms": round(dit_ms, 2),
+            "decode_ms": round(stages.get("decode", 0.0), 2),
+            "other_ms": round(stages.get("total", 0.0) - known, 2),
+            "dit_tflops": round(dit_flops * slots / (dit_ms / 1000) / 1e12, 1) if dit_ms else 0.0,
+            "matmul_tflops": round(matmul, 1),
+        }
+    finally:
+        engine.close_stream(sid)
+
+
+def run_video_bench(args: argparse.Namespace) -> int:
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    heights = args.height or ([480, 512] if args.model != "tiny" else [64])
+    widths = args.width or ([832, 512] if args.model != "tiny" else [64])
+    if len(heights) != len(widths):
+        raise ValueError("give as many --width as --height.")
+    steps = [int(s) for s in args.steps.split(",")]
+    chunks = args.iterations if args.iterations != 200 else (30 if device.type == "cuda" else 5)
+    meta = {**provenance(), "bench": "video", "model": args.model, "device": str(device),
+            "weights": "random", "chunks": chunks,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__}
+    print(f"video engine, Wan 2.1 {args.model} with RANDOM weights on {meta['gpu']} "
+          f"({meta['date']}, commit {meta['commit']}); text encoder: a one-layer stand-in, "
+          f"not on the per-chunk path")
+    matmul = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    engine = build_bench_engine(args.model, device)
+    records = []
+    for h, w in zip(heights, widths):
+        for n in steps:
+            try:
+                records.append(bench_case(engine, h, w, n, chunks, matmul))
+            except torch.OutOfMemoryError:
+                print(f"  {h}x{w} steps {n}: out of GPU memory")
+                torch.cuda.empty_cache()
+            print(f"  done {h}x{w} steps {n}", flush=True)
+    print_table(records, [("resolution", "HxW", ""), ("steps", "steps", ""),
+                          ("fps", "FPS", ".1f"), ("ttff_s", "TTFF s", ".3f"),
+                          ("chunk_p50_ms", "p50 ms", ".1f"), ("chunk_p99_ms", "p99 ms", ".1f"),
+                          ("jitter_ms", "jitter", ".1f"), ("peak_gib", "peak GiB", ".2f"),
+                          ("upload_ms", "upload", ".1f"), ("encode_ms", "encode", ".1f"),
+                          ("dit_ms", "DiT", ".1f"), ("decode_ms", "decode", ".1f"),
+                          ("dit_tflops", "DiT TF/s", ".0f"), ("matmul_tflops", "mm TF/s", ".0f")])
+    write_json(args.json, records, meta)
+    return 0
