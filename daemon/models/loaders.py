@@ -98,7 +98,12 @@ def original_to_diffusers_vae(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _load_into(model, sd: dict[str, torch.Tensor], what: str):
-    result = model.load_state_dict(sd, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()
+        raise WeightsError(f"{what}: {first[1].strip() if len(first) > 1 else first[0]}; "
+                           f"wrong model size?") from None
     missing = [k for k in result.missing_keys if not k.endswith(("freqs_cos", "freqs_sin"))]
     if missing or result.unexpected_keys:
         raise WeightsError(f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), "
@@ -147,6 +152,27 @@ def _restore_buffers(model, preset: WanPreset) -> None:
                                    cfg["rope_max_seq_len"])
 
 
+def load_transformer_dir(directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                         device: str = "cpu"):
+    """The DiT from a diffusers ``transformer/`` folder (config + safetensors, maybe sharded),
+    without needing accelerate: built empty, filled in place, float32 modules kept."""
+    from diffusers import WanTransformer3DModel
+
+    root = Path(directory)
+    index = root / "diffusion_pytorch_model.safetensors.index.json"
+    single = root / "diffusion_pytorch_model.safetensors"
+    weights = index if index.exists() else single
+    config = {k: v for k, v in WanTransformer3DModel.load_config(root).items()
+              if not k.startswith("_")}
+    model = _load_into(_empty(WanTransformer3DModel, config), read_state_dict(weights),
+                       str(weights))
+    preset = WanPreset("from-config", dict(config))
+    preset.transformer.setdefault("rope_max_seq_len", 1024)
+    preset.transformer.setdefault("patch_size", (1, 2, 2))
+    _restore_buffers(model, preset)
+    return cast(model.to(device=device, dtype=torch.float32), dtype).eval().requires_grad_(False)
+
+
 def load_vae_file(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                   config: dict[str, Any] | None = None):
     """The Wan 2.1 VAE from the original ``Wan2.1_VAE.pth``."""
@@ -187,9 +213,7 @@ def load_diffusers_dir(directory: str | Path, *, dtype: torch.dtype = torch.bflo
         transformer = load_generator(generator, preset, dtype=dtype, device=device)
         source = f"{Path(generator).name} + {root.name}"
     else:
-        transformer = WanTransformer3DModel.from_pretrained(root / "transformer",
-                                                            torch_dtype=dtype)
-        transformer = transformer.to(device).eval().requires_grad_(False)
+        transformer = load_transformer_dir(root / "transformer", dtype=dtype, device=device)
         source = root.name
     vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32)
     vae = cast(vae.to(device), dtype).eval().requires_grad_(False)
