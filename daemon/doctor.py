@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import platform
 import socket
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from . import __version__
 
@@ -24,17 +22,6 @@ EXTRAS = {
     "virtualcam": ["pyvirtualcam", "cv2"],
     "spout": ["SpoutGL"],
 }
-
-#: model weights the engines can use, as Hugging Face repositories
-WEIGHTS = {
-    "Wan 2.1 T2V 1.3B (diffusers)": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    "Wan 2.1 T2V 14B (diffusers)": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
-    "StreamDiffusionV2 causal generator": "jerryfeng/StreamDiffusionV2",
-    "sd-turbo": "stabilityai/sd-turbo",
-    "sdxl-turbo": "stabilityai/sdxl-turbo",
-    "TAESD tiny VAE": "madebyollin/taesd",
-}
-
 
 def _version(dist: str) -> str:
     try:
@@ -58,13 +45,6 @@ def _port_free(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-def _hf_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return home / "hub"
 
 
 def run_doctor(args: argparse.Namespace) -> int:
@@ -108,10 +88,13 @@ def run_doctor(args: argparse.Namespace) -> int:
     port_state = "free" if _port_free(args.port) else "IN USE (a daemon running, or another program)"
     lines.append(f"control port 127.0.0.1:{args.port}: {port_state}")
     lines.append("")
-    cache = _hf_cache()
-    lines.append(f"weights (Hugging Face cache {cache}):")
-    for label, repo in WEIGHTS.items():
-        present = (cache / ("models--" + repo.replace("/", "--")) / "snapshots").is_dir()
-        lines.append(f"  {label:<38} {'present' if present else 'absent'}  ({repo})")
+    lines.append("weights (Hugging Face cache; fetch with 'livediffusion models pull NAME'):")
+    try:
+        from .models.registry import MODELS, local_path
+        for entry in MODELS.values():
+            state = "present" if local_path(entry.name) else "absent"
+            lines.append(f"  {entry.name:<10} {state:<8} {entry.repo}")
+    except ImportError as exc:
+        lines.append(f"  cannot check ({exc})")
     print("\n".join(lines))
     return 0

@@ -24,7 +24,8 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("args", [[], ["daemon"], ["demo"], ["bench"], ["doctor"], ["keys"]])
+@pytest.mark.parametrize("args", [[], ["daemon"], ["demo"], ["bench"], ["doctor"], ["keys"],
+                                  ["models"]])
 def test_help_everywhere(args):
     result = run(*args, "--help")
     assert result.returncode == 0 and "usage: livediffusion" in result.stdout
@@ -50,6 +51,7 @@ def test_doctor_prints_one_screen():
     for section in ("python", "packages:", "extras:", "devices:", "control port", "weights"):
         assert section in result.stdout
     assert "free" in result.stdout and "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in result.stdout
+    assert "wan-1.3b" in result.stdout and "absent" in result.stdout
 
 
 def test_demo_writes_a_video_and_prints_fps_and_latency(tmp_path):
@@ -141,3 +143,36 @@ def test_curve_keys_admit_only_authorised_clients(tmp_path):
             Client(d.endpoint).connect(timeout=1.0)
     finally:
         d.stop()
+
+
+def test_models_list_names_every_model_and_its_state():
+    result = run("models", "list")
+    assert result.returncode == 0
+    for name in ("wan-1.3b", "wan-14b", "sdv2-1.3b", "sdv2-14b"):
+        assert name in result.stdout
+    assert "jerryfeng/StreamDiffusionV2" in result.stdout
+
+
+def test_missing_weights_name_the_command_that_fetches_them():
+    result = run("daemon", "--engines", "video", "--port", str(free_port()))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "livediffusion models pull wan-1.3b" in result.stderr
+
+
+def test_pull_without_network_is_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run("models", "pull", "sdv2-1.3b")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "could not download sdv2-1.3b" in result.stderr
+
+
+def test_bench_video_runs_the_tiny_architecture(tmp_path):
+    path = tmp_path / "v.json"
+    result = run("bench", "video", "--model", "tiny", "--steps", "1,2", "--iterations", "2",
+                 "--json", str(path), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stdout
+    records = json.loads(path.read_text())["records"]
+    assert [r["steps"] for r in records] == [1, 2]
+    for r in records:
+        assert r["fps"] > 0 and r["ttff_s"] > 0 and r["dit_ms"] > 0 and r["encode_ms"] > 0

@@ -77,3 +77,31 @@ def test_rope_tables_match_diffusers(models):
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(sin.reshape(1, -1, 1, sin.shape[-1]), sin_ref.float(),
                                atol=1e-6, rtol=0)
+
+
+def test_a_forward_split_into_stages_equals_the_whole(models):
+    """Pipeline parallelism runs contiguous block ranges on different ranks."""
+    reference, wan = models
+    h, w = 8, 12
+    latents = torch.randn(2, 16, 1, h, w)
+    t = torch.tensor([700.0, 500.0])
+    cross = wan.cross_kv(torch.randn(1, TEXT_LEN, reference.config.text_dim))
+    policy = CachePolicy(frames=4, sinks=1, refresh_threshold=0)
+    outs = []
+    for split in (None, 1):
+        cache = make_cache(wan, 2, h, w, policy)
+        cache.admit(0)
+        cache.admit(1)
+        call = ChunkCall(cache, rows=[0, 1], chunks=[1, 0], positions=[1, 0], cross_kv=cross)
+        x, temb, proj = wan.embed(latents, t)
+        rope = wan.rope(call.positions, h // 2, w // 2)
+        if split is None:
+            x = wan.blocks(x, proj, rope, call)
+        else:
+            x = wan.blocks(x, proj, rope, call, 0, split)   # stage on rank 0
+            x = wan.blocks(x, proj, rope, call, split)      # stage on rank 1
+        outs.append(wan.head(x, temb, h, w))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    torch.testing.assert_close(outs[0], wan.forward(latents, t, ChunkCall(
+        make_cache(wan, 2, h, w, policy), rows=[0, 1], chunks=[1, 0], positions=[1, 0],
+        cross_kv=cross)), atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -23,6 +24,7 @@ def provenance() -> dict[str, Any]:
                                 text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    commit = commit or os.environ.get("LIVEDIFFUSION_COMMIT", "")  # copies without .git
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}"
                        .strip(),
