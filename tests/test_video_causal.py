@@ -63,7 +63,7 @@ def test_chunked_cached_forward_equals_block_causal_forward(models):
     for c in range(frames):
         position = cache.admit(c)
         out = wan.forward(latents[:, :, c:c + 1], t,
-                          ChunkCall(cache, rows=[0], chunks=[c], positions=[position],
+                          ChunkCall.single(cache, rows=[0], chunks=[c], positions=[position],
                                     cross_kv=cross))
         torch.testing.assert_close(out, full[:, :, c:c + 1], atol=2e-5, rtol=1e-4)
 
@@ -92,7 +92,7 @@ def test_a_forward_split_into_stages_equals_the_whole(models):
         cache = make_cache(wan, 2, h, w, policy)
         cache.admit(0)
         cache.admit(1)
-        call = ChunkCall(cache, rows=[0, 1], chunks=[1, 0], positions=[1, 0], cross_kv=cross)
+        call = ChunkCall.single(cache, rows=[0, 1], chunks=[1, 0], positions=[1, 0], cross_kv=cross)
         x, temb, proj = wan.embed(latents, t)
         rope = wan.rope(call.positions, h // 2, w // 2)
         if split is None:
@@ -102,6 +102,6 @@ def test_a_forward_split_into_stages_equals_the_whole(models):
             x = wan.blocks(x, proj, rope, call, split)      # stage on rank 1
         outs.append(wan.head(x, temb, h, w))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
-    torch.testing.assert_close(outs[0], wan.forward(latents, t, ChunkCall(
+    torch.testing.assert_close(outs[0], wan.forward(latents, t, ChunkCall.single(
         make_cache(wan, 2, h, w, policy), rows=[0, 1], chunks=[1, 0], positions=[1, 0],
         cross_kv=cross)), atol=1e-5, rtol=1e-5)

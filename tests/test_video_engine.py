@@ -229,3 +229,47 @@ def test_video_stream_over_the_real_transport():
             assert stats["frames_in"] == 13 and stats["frames_out"] == 13
     finally:
         daemon.stop()
+
+
+def test_several_streams_share_one_forward_and_match_running_alone(engine):
+    """Two streams (different prompts and seeds) in one submit: one DiT forward per step,
+    and the same frames as when each stream runs alone."""
+    def run(together: bool) -> dict[int, dict[int, torch.Tensor]]:
+        for sid, prompt, seed in ((1, "a forest", 1), (2, "a city", 2)):
+            open_stream(engine, sid, steps=2, prompt=prompt, seed=seed)
+        feeds = {1: Feeder(engine, 1, seed=5), 2: Feeder(engine, 2, seed=6)}
+        out = {1: {}, 2: {}}
+        forwards = []
+        try:
+            for _ in range(5):
+                engine.stage_times = {}
+                if together:
+                    inputs = []
+                    for sid, feed in feeds.items():
+                        frames = []
+                        for _ in range(engine.frames_per_step(sid)):
+                            feed.seq += 1
+                            frames.append(InputFrame(feed.seq, feed.rng.integers(
+                                0, 256, SPEC.shape, dtype=np.uint8), SPEC, feed.seq))
+                        inputs.append(StreamInput(sid, frames))
+                    results = {o.stream_id: o.frames for o in engine.submit(inputs)}
+                else:
+                    results = {sid: feed.chunk() for sid, feed in feeds.items()}
+                forwards.append(len(engine.stage_times.get("dit", [])))
+                for sid, frames in results.items():
+                    out[sid].update({f.in_seq: f.pixels for f in frames})
+        finally:
+            engine.stage_times = None
+            engine.close_stream(1)
+            engine.close_stream(2)
+        return out, forwards
+
+    together, forwards = run(True)
+    alone, forwards_alone = run(False)
+    assert forwards[2:] == [1, 1, 1]            # steady state: one forward for both streams
+    assert forwards_alone[2:] == [2, 2, 2]
+    for sid in (1, 2):
+        assert together[sid].keys() == alone[sid].keys() and len(alone[sid]) >= 13
+        for seq, pixels in alone[sid].items():
+            assert (together[sid][seq].int() - pixels.int()).abs().max() <= 1
+    assert not torch.equal(together[1][13], together[2][13])

@@ -58,13 +58,35 @@ class FrameCache(Protocol):
 
 @dataclass
 class ChunkCall:
-    """What the attention processors need to know about the current call."""
+    """What the attention processors need to know about the current call.
 
-    cache: FrameCache
-    rows: list[int]        # cache row (denoising step) of each batch element
-    chunks: list[int]      # chunk id of each batch element
-    positions: list[int]   # frame position of each batch element
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block, (1, heads, L, dim)
+    Batch elements may belong to different streams (each with its own cache and prompt): the
+    linear layers run batched, attention runs once per group of consecutive elements sharing
+    a cache (or a prompt), reading that stream's cache rows in place.
+    """
+
+    caches: list[FrameCache]   # per batch element: its stream's cache
+    rows: list[int]            # cache row (denoising step) of each batch element
+    chunks: list[int]          # chunk id of each batch element
+    positions: list[int]       # frame position of each batch element
+    cross_kv: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per element: per block (1,h,L,d)
+
+    @classmethod
+    def single(cls, cache: FrameCache, rows: list[int], chunks: list[int],
+               positions: list[int], cross_kv) -> ChunkCall:
+        """All elements from one stream."""
+        n = len(rows)
+        return cls([cache] * n, rows, chunks, positions, [cross_kv] * n)
+
+
+def _groups(items: list) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive elements that are the same object."""
+    out, start = [], 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i] is not items[start]:
+            out.append((start, i))
+            start = i
+    return out
 
 
 class _SelfAttention:
@@ -77,24 +99,32 @@ class _SelfAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None):
         call = self.owner.call
-        cache = call.cache
         b, t, _ = hidden_states.shape
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         cos, sin = rotary_emb
-        q = _rotate(q, cos, sin)
+        q = _rotate(q, cos, sin).transpose(1, 2)
         k = _rotate(k, cos, sin)
+        outs = []
+        for lo, hi in _groups(call.caches):
+            outs.append(self._attend(call, lo, hi, q[lo:hi], k, v, t))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _attend(self, call: ChunkCall, lo: int, hi: int, q, k, v, t: int) -> torch.Tensor:
+        cache = call.caches[lo]
         lengths = []
-        for i in range(b):
+        for i in range(lo, hi):
             slot = cache.slot_for(self.block, call.chunks[i], k[i], v[i])
             cache.store(self.block, call.rows[i], slot, call.positions[i], k[i], v[i])
             lengths.append(cache.filled_slots(self.block, call.rows[i]) * t)
-        rows = call.rows
+        rows = call.rows[lo:hi]
         longest = max(lengths)
-        if rows == list(range(rows[0], rows[0] + b)):
-            keys = cache.k[self.block][rows[0]:rows[0] + b, :, :longest]
-            values = cache.v[self.block][rows[0]:rows[0] + b, :, :longest]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            keys = cache.k[self.block][rows[0]:rows[0] + len(rows), :, :longest]
+            values = cache.v[self.block][rows[0]:rows[0] + len(rows), :, :longest]
         else:  # rows out of order (not produced by the engine's schedules, kept for safety)
             keys = cache.k[self.block][rows, :, :longest]
             values = cache.v[self.block][rows, :, :longest]
@@ -102,10 +132,8 @@ class _SelfAttention:
         if min(lengths) < longest:
             idx = torch.arange(longest, device=q.device)
             mask = (idx[None, :] < torch.tensor(lengths, device=q.device)[:, None])[:, None, None]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype),
-                                             values.to(q.dtype), attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
-        return attn.to_out[1](attn.to_out[0](out))
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
+                                              attn_mask=mask)
 
 
 class _CrossAttention:
@@ -117,11 +145,15 @@ class _CrossAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None):
-        k, v = self.owner.call.cross_kv[self.block]
-        b = hidden_states.shape[0]
+        call = self.owner.call
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1).to(q.dtype),
-                                             v.expand(b, -1, -1, -1).to(q.dtype))
+        outs = []
+        for lo, hi in _groups(call.cross_kv):
+            k, v = call.cross_kv[lo][self.block]
+            n = hi - lo
+            outs.append(F.scaled_dot_product_attention(
+                q[lo:hi], k.expand(n, -1, -1, -1).to(q.dtype), v.expand(n, -1, -1, -1).to(q.dtype)))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
 

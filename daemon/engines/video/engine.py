@@ -9,6 +9,9 @@ Per chunk of 4 input frames (the first chunk of a stream is 1 + 4 frames):
    completely at once (lowest latency); a stream's first chunk is always sequential;
 4. decode the clean latent with the streaming VAE: 4 output frames (5 for the first chunk).
 
+Several streams of the same size in one ``submit`` share ONE DiT forward: the linear layers
+run batched over every stream's chunks, attention reads each stream's own cache in place.
+
 Everything a stream owns (KV cache, VAE caches, chunks in flight, controller, prompt K/V)
 lives in one ``VideoStream``; closing the stream drops it.
 """
@@ -50,6 +53,22 @@ class Chunk:
     in_seqs: list[int]         # the input frames it came from
     ts: list[int]
     step: int = 0
+
+
+class _Done:
+    """Chunks that became clean in a forward, per stream."""
+
+    def __init__(self) -> None:
+        self._by_stream: dict[int, list[Chunk]] = {}
+
+    def add(self, stream: VideoStream, chunk: Chunk) -> None:
+        self._by_stream.setdefault(id(stream), []).append(chunk)
+
+    def get_for(self, stream: VideoStream) -> list[Chunk]:
+        return self._by_stream.get(id(stream), [])
+
+    def __bool__(self) -> bool:
+        return bool(self._by_stream)
 
 
 @dataclass
@@ -164,12 +183,36 @@ class VideoEngine(Engine):
         self.streams.pop(stream_id, None)
 
     def submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
-        return [self._process(item) for item in batch]
+        """Encode every stream's chunk, run ONE DiT forward over all Stream Batch streams of
+        the same size (first chunks and sequential streams run on their own), decode."""
+        finished: dict[int, list[Chunk]] = {}
+        batched: list[VideoStream] = []
+        for item in batch:
+            stream = self.streams[item.stream_id]
+            new = self._encode(stream, item)
+            finished[item.stream_id] = []
+            if not stream.started or not stream.params.stream_batch:
+                for chunk in new:
+                    finished[item.stream_id].extend(self._sequential(stream, chunk))
+            else:
+                stream.in_flight.extend(new)
+                batched.append(stream)
+            stream.started = True
+        groups: dict[tuple[int, int], list[VideoStream]] = {}
+        for stream in batched:
+            groups.setdefault((stream.latent_h, stream.latent_w), []).append(stream)
+        for streams in groups.values():
+            done = self._forward([(s, s.in_flight) for s in streams])
+            for stream in streams:
+                ready = done.get_for(stream)
+                stream.in_flight = [c for c in stream.in_flight if c not in ready]
+                finished[stream.config.stream_id].extend(ready)
+        return [StreamOutput(item.stream_id, self._decode(self.streams[item.stream_id],
+                                                          finished[item.stream_id]))
+                for item in batch]
 
-    # --- per stream -----------------------------------------------------------------------------
-
-    def _process(self, item: StreamInput) -> StreamOutput:
-        stream = self.streams[item.stream_id]
+    def _encode(self, stream: VideoStream, item: StreamInput) -> list[Chunk]:
+        """Convert, encode and admit one stream's input frames: one chunk (two at first)."""
         expected = CHUNK_FRAMES if stream.started else FIRST_CHUNK_FRAMES
         if len(item.frames) != expected:
             raise EngineError(f"expected {expected} frames for this chunk, got "
@@ -187,16 +230,8 @@ class VideoEngine(Engine):
         stamps = [f.ts for f in item.frames]
         groups = [(seqs[:1], stamps[:1]), (seqs[1:], stamps[1:])] if not stream.started \
             else [(seqs, stamps)]
-        finished: list[Chunk] = []
-        for j, (in_seqs, ts) in enumerate(groups):
-            chunk = self._admit(stream, latents[:, :, j:j + 1], scale, in_seqs, ts)
-            if not stream.started or not p.stream_batch:
-                finished.extend(self._sequential(stream, chunk))
-            else:
-                stream.in_flight.append(chunk)
-                finished.extend(self._stream_batch_step(stream))
-        stream.started = True
-        return StreamOutput(item.stream_id, self._decode(stream, finished))
+        return [self._admit(stream, latents[:, :, j:j + 1], scale, in_seqs, ts)
+                for j, (in_seqs, ts) in enumerate(groups)]
 
     def _admit(self, stream: VideoStream, z: torch.Tensor, scale: float, in_seqs: list[int],
                ts: list[int]) -> Chunk:
@@ -208,25 +243,29 @@ class VideoEngine(Engine):
         x = scale * eps + (1.0 - scale) * z
         return Chunk(cid, x, schedule, stream.params.seed, in_seqs, ts)
 
-    def _forward(self, stream: VideoStream, chunks: list[Chunk]) -> list[Chunk]:
-        """One DiT forward over chunks at distinct steps; advances each by one step and
-        returns those that became clean."""
-        chunks = sorted(chunks, key=lambda c: c.step)
+    def _forward(self, work: list[tuple[VideoStream, list[Chunk]]]) -> _Done:
+        """One DiT forward over chunks of one or more streams (each stream's chunks at
+        distinct steps); advances each by one step and returns those that became clean."""
+        streams, chunks = [], []
+        for stream, items in work:
+            ordered = sorted(items, key=lambda c: c.step)
+            stream.cache.prepare([c.step for c in ordered], [c.id for c in ordered])
+            streams += [stream] * len(ordered)
+            chunks += ordered
         x = torch.cat([c.x for c in chunks], 0)
         t = torch.tensor([c.schedule[c.step] for c in chunks], device=x.device)
-        positions = [stream.cache.chunk_position[c.id] for c in chunks]
-        stream.cache.prepare([c.step for c in chunks], [c.id for c in chunks])
-        call = ChunkCall(stream.cache, rows=[c.step for c in chunks],
+        positions = [s.cache.chunk_position[c.id] for s, c in zip(streams, chunks)]
+        call = ChunkCall([s.cache for s in streams], rows=[c.step for c in chunks],
                          chunks=[c.id for c in chunks], positions=positions,
-                         cross_kv=stream.cross_kv)
+                         cross_kv=[s.cross_kv for s in streams])
         with self._stage("dit"):
             flow = self.wan.forward(x, t, call).to(x.dtype)
-        done = []
-        for i, c in enumerate(chunks):
+        done = _Done()
+        for i, (stream, c) in enumerate(zip(streams, chunks)):
             x0 = c.x - sigma(c.schedule[c.step]) * flow[i:i + 1]
             if c.step + 1 >= len(c.schedule):
                 c.x = x0
-                done.append(c)
+                done.add(stream, c)
                 stream.cache.forget(c.id)
             else:
                 s_next = sigma(c.schedule[c.step + 1])
@@ -238,14 +277,9 @@ class VideoEngine(Engine):
 
     def _sequential(self, stream: VideoStream, chunk: Chunk) -> list[Chunk]:
         while True:
-            done = self._forward(stream, [chunk])
+            done = self._forward([(stream, [chunk])])
             if done:
-                return done
-
-    def _stream_batch_step(self, stream: VideoStream) -> list[Chunk]:
-        done = self._forward(stream, stream.in_flight)
-        stream.in_flight = [c for c in stream.in_flight if c not in done]
-        return done
+                return done.get_for(stream)
 
     def _flush(self, stream: VideoStream) -> None:
         """Finish the chunks in flight with their own schedules (before the step count
@@ -253,7 +287,7 @@ class VideoEngine(Engine):
         pending = stream.in_flight
         stream.in_flight = []
         while pending:
-            done = self._forward(stream, pending)
+            done = self._forward([(stream, pending)]).get_for(stream)
             pending = [c for c in pending if c not in done]
             stream.flushed.extend(done)
 
