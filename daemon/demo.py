@@ -79,6 +79,8 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown engine {engine!r}; available: {', '.join(REGISTRY)}.")
     width, height = args.size
     params = _params(args.param)
+    if engine == "video-tiny":
+        params.setdefault("decoder", "tiny")  # the fast decoder keeps 2 CPU cores interactive
     print(f"livediffusion demo: engine {engine}, {width}x{height} at {args.fps:g} FPS, "
           f"{args.frames} frames")
     if engine == "passthrough":

@@ -2,8 +2,9 @@
 
 Per resolution and step count: steady-state output FPS, time to first frame of a new stream
 fed at 30 FPS, per-chunk latency p50/p99 and jitter, peak GPU memory, and a breakdown (frame
-upload and conversion, VAE encode, DiT per forward, VAE decode, host download) with the DiT's
-achieved TFLOP/s beside the bf16 matmul rate measured in the same run.
+upload and conversion, VAE encode, DiT per forward, decode) with the DiT's
+achieved TFLOP/s beside the bf16 matmul rate measured in the same run; with the Wan VAE
+decoder and with the tiny TAEHV-layout decoder (random weights at the real widths).
 
 The umT5 text encoder is replaced by a one-layer random umT5 of the real output width: it runs
 once per prompt change, never per chunk, so it does not enter these figures (its memory does
@@ -59,9 +60,12 @@ def build_bench_engine(model: str, device: torch.device) -> VideoEngine:
         relative_attention_max_distance=32, feed_forward_proj="gated-gelu", pad_token_id=0,
         eos_token_id=1, decoder_start_token_id=0))
     text = W.build_text_encoder(stand_in, dtype, device)
+    from ..models.tiny_decoder import TinyVideoDecoder
+    widths = (16, 8, 8, 8) if model == "tiny" else (256, 128, 64, 64)
+    tiny = TinyVideoDecoder(widths=widths).to(device, dtype).eval()
     return VideoEngine(f"video-{model}", transformer, vae, text, device=str(device),
                        min_side=32 if model == "tiny" else 256,
-                       description=f"Wan 2.1 {model}, RANDOM weights")
+                       description=f"Wan 2.1 {model}, RANDOM weights", tiny_decoder=tiny)
 
 
 def _clip(height: int, width: int):
@@ -86,19 +90,20 @@ def _run_chunk(engine: VideoEngine, sid: int, clip, spec: FrameSpec, seq: int, n
 
 
 def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks: int,
-               matmul: float) -> dict:
+               matmul: float, decoder: str = "vae") -> dict:
     device = engine.device
     cuda = device.type == "cuda"
     spec = FrameSpec(width, height)
     sid = 1000 + 10 * steps
     clip = _clip(height, width)
     # warm-up on a throwaway stream: kernels, cuDNN plans and allocator pools for this shape
-    engine.open_stream(StreamConfig(sid + 1, spec, spec, INPUT_FPS, {"steps": steps}))
+    params = {"steps": steps, "decoder": decoder}
+    engine.open_stream(StreamConfig(sid + 1, spec, spec, INPUT_FPS, params))
     seq, _ = _run_chunk(engine, sid + 1, clip, spec, 0, FIRST_CHUNK_FRAMES)
     for _ in range(steps + 1):
         seq, _ = _run_chunk(engine, sid + 1, clip, spec, seq, CHUNK_FRAMES)
     engine.close_stream(sid + 1)
-    engine.open_stream(StreamConfig(sid, spec, spec, INPUT_FPS, {"steps": steps}))
+    engine.open_stream(StreamConfig(sid, spec, spec, INPUT_FPS, params))
     try:
         if cuda:
             torch.cuda.synchronize()
@@ -130,7 +135,7 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
         known = sum(stages.get(k, 0.0) for k in ("upload", "encode", "dit", "decode"))
         mean = float(np.mean(times))
         return {
-            "resolution": f"{height}x{width}", "steps": steps,
+            "resolution": f"{height}x{width}", "steps": steps, "decoder": decoder,
             "fps": round(CHUNK_FRAMES / mean, 2), "ttff_s": round(ttff, 3),
             "chunk_p50_ms": round(1000 * percentile(times, 50), 2),
             "chunk_p99_ms": round(1000 * percentile(times, 99), 2),
@@ -168,15 +173,18 @@ def run_video_bench(args: argparse.Namespace) -> int:
     matmul = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     engine = build_bench_engine(args.model, device)
     records = []
-    for h, w in zip(heights, widths):
-        for n in steps:
-            try:
-                records.append(bench_case(engine, h, w, n, chunks, matmul))
-            except torch.OutOfMemoryError:
-                print(f"  {h}x{w} steps {n}: out of GPU memory")
-                torch.cuda.empty_cache()
-            print(f"  done {h}x{w} steps {n}", flush=True)
+    decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
+    for decoder in decoders:
+        for h, w in zip(heights, widths):
+            for n in steps:
+                try:
+                    records.append(bench_case(engine, h, w, n, chunks, matmul, decoder))
+                except torch.OutOfMemoryError:
+                    print(f"  {h}x{w} steps {n} {decoder}: out of GPU memory")
+                    torch.cuda.empty_cache()
+                print(f"  done {h}x{w} steps {n} decoder {decoder}", flush=True)
     print_table(records, [("resolution", "HxW", ""), ("steps", "steps", ""),
+                          ("decoder", "decoder", ""),
                           ("fps", "FPS", ".1f"), ("ttff_s", "TTFF s", ".3f"),
                           ("chunk_p50_ms", "p50 ms", ".1f"), ("chunk_p99_ms", "p99 ms", ".1f"),
                           ("jitter_ms", "jitter", ".1f"), ("peak_gib", "peak GiB", ".2f"),

@@ -37,6 +37,7 @@ class WanWeights:
     vae: Any
     text: tuple[Any, Any]  # (tokenizer, encoder)
     source: str
+    tiny_decoder: Any = None  # TAEHV-layout fast decoder (taew2_1.pth), when downloaded
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

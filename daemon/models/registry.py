@@ -26,6 +26,9 @@ MODELS: dict[str, ModelEntry] = {m.name: m for m in [
     ModelEntry("sdv2-14b", "jerryfeng/StreamDiffusionV2",
                "StreamDiffusionV2 causal few-step generator for Wan 14B",
                ("wan_causal_dmd_v2v_14b/model.pt",)),
+    ModelEntry("taew2_1", "madebyollin/taehv",
+               "TAEHV tiny decoder for Wan 2.1 latents (the video engine's fast decoder)",
+               ("taew2_1.pth",)),
 ]}
 
 

@@ -83,6 +83,8 @@ class VideoStream:
     motion: MotionController = field(default_factory=MotionController)
     in_flight: list[Chunk] = field(default_factory=list)
     flushed: list[Chunk] = field(default_factory=list)  # finished early by a steps change
+    tiny: Any = None        # the fast decoder's state while params.decoder == "tiny"
+    last_latent: torch.Tensor | None = None  # primes a decoder switched in mid-stream
     next_chunk: int = 0
     started: bool = False
     last_scale: float = 0.0
@@ -95,12 +97,14 @@ class VideoEngine(Engine):
     """Serves many streams with one set of weights (see the module docstring)."""
 
     def __init__(self, name: str, transformer, vae, text_encoder, *, device: str = "cpu",
-                 min_side: int = 256, max_side: int = 1280, description: str = "") -> None:
+                 min_side: int = 256, max_side: int = 1280, description: str = "",
+                 tiny_decoder=None) -> None:
         self.name = name
         self.device = torch.device(device)
         self.wan = CausalWan(transformer)
         self.vae = StreamingVAE(vae)
         self.tokenizer, self.text_encoder = text_encoder
+        self.tiny_decoder = tiny_decoder  # TAEHV-layout fast decoder, if its weights exist
         self.min_side, self.max_side = min_side, max_side
         self.description = description
         self.streams: dict[int, VideoStream] = {}
@@ -142,6 +146,7 @@ class VideoEngine(Engine):
                 raise ParamError(f"{self.name} needs a {side} that is a multiple of 16 from "
                                  f"{self.min_side} to {self.max_side}, not {value}.")
         params, _ = P.apply(P.VideoParams(), config.params)
+        self._check_decoder(params)
         stream = VideoStream(config, params, h // 8, w // 8, self.vae.new_state(),
                              self._new_cache(params, params.steps, h // 8, w // 8))
         stream.cross_kv = self.wan.cross_kv(self._embed_prompts(params))
@@ -153,6 +158,9 @@ class VideoEngine(Engine):
         stream = self.streams[stream_id]
         old = stream.params
         new, reset = P.apply(old, changes)
+        self._check_decoder(new)
+        if new.decoder != old.decoder:
+            self._switch_decoder(stream, new.decoder)
         if new.weighted_prompts() != old.weighted_prompts():
             stream.cross_kv = self.wan.cross_kv(self._embed_prompts(new))
         if new.steps != old.steps and stream.in_flight:
@@ -168,11 +176,35 @@ class VideoEngine(Engine):
         self._configure_motion(stream)
         return new.to_dict()
 
+    def _check_decoder(self, p: P.VideoParams) -> None:
+        if p.decoder == "tiny" and self.tiny_decoder is None:
+            raise ParamError("the tiny decoder's weights are not downloaded; fetch them with: "
+                             "livediffusion models pull taew2_1")
+
+    def _switch_decoder(self, stream: VideoStream, decoder: str) -> None:
+        """Change decoders mid-stream: the new one starts from fresh state primed with the
+        last decoded latent (output discarded), so it yields 4 frames per chunk at once and
+        continues the picture instead of starting a new clip."""
+        last = stream.last_latent
+        if decoder == "tiny":
+            stream.tiny = self.tiny_decoder.new_state()
+            if last is not None:
+                stream.tiny.to_trim = 0
+                self.tiny_decoder.decode(last, stream.tiny)
+        else:
+            stream.tiny = None
+            fresh = self.vae.new_state()
+            stream.vae.dec, stream.vae.decoded = fresh.dec, 0
+            if last is not None:
+                self.vae.decode(last, stream.vae)
+
     def reset_stream(self, stream_id: int) -> None:
         """Forget the stream's history (KV cache, VAE caches, chunks in flight, controller)."""
         stream = self.streams[stream_id]
         stream.cache.reset()
         stream.vae = self.vae.new_state()
+        stream.tiny = self.tiny_decoder.new_state() if stream.params.decoder == "tiny" else None
+        stream.last_latent = None
         stream.in_flight.clear()
         stream.flushed.clear()
         stream.motion.reset()
@@ -298,7 +330,13 @@ class VideoEngine(Engine):
         spec = stream.config.output
         for chunk in sorted(finished, key=lambda c: c.id):
             with self._stage("decode"):
-                frames = self.vae.decode(chunk.x, stream.vae)[0]   # 3, N, H, W
+                if stream.params.decoder == "tiny":
+                    if stream.tiny is None:
+                        stream.tiny = self.tiny_decoder.new_state()
+                    frames = self.tiny_decoder.decode(chunk.x, stream.tiny)[0]
+                else:
+                    frames = self.vae.decode(chunk.x, stream.vae)[0]   # 3, N, H, W
+            stream.last_latent = chunk.x
             if frames.shape[1] != len(chunk.in_seqs):
                 raise EngineError(f"decoded {frames.shape[1]} frames for a chunk of "
                                   f"{len(chunk.in_seqs)}.")

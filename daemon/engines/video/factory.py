@@ -28,9 +28,17 @@ def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dt
     if text is None:
         raise ValueError("a text encoder is needed; load real weights for this preset.")
     min_side = 32 if preset_name == "tiny" else 256
+    if weights is not None:
+        tiny_decoder = weights.tiny_decoder
+    elif preset_name == "tiny":
+        from ...models.tiny_decoder import TinyVideoDecoder
+        tiny_decoder = TinyVideoDecoder(widths=(16, 8, 8, 8)).to(device).eval()
+    else:
+        from ...models.tiny_decoder import TinyVideoDecoder
+        tiny_decoder = TinyVideoDecoder().to(device, dtype).eval()
     return VideoEngine(f"video-{preset_name}" if preset_name == "tiny" else "video",
                        transformer, vae, text, device=device, min_side=min_side,
-                       description=description)
+                       description=description, tiny_decoder=tiny_decoder)
 
 
 def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda") -> VideoEngine:
@@ -43,6 +51,11 @@ def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda") -> Vide
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     weights = loaders.load_diffusers_dir(wan_dir, dtype=dtype, device=device,
                                          generator=generator, preset=size)
+    tiny_dir = registry.local_path("taew2_1")
+    if tiny_dir is not None:
+        from ...models.tiny_decoder import load_tiny_decoder
+        weights.tiny_decoder = load_tiny_decoder(tiny_dir / "taew2_1.pth", dtype=dtype,
+                                                 device=device)
     engine = build_video_engine(size, device=device, dtype=dtype, weights=weights)
     engine.name = "video" if size == "1.3b" else f"video-{size}"
     return engine

@@ -25,6 +25,7 @@ class VideoParams:
     sinks: int = 3
     sink_refresh: float = 0.2      # cosine threshold, 0 = off
     rope_max: int = 50
+    decoder: str = "vae"           # "vae" (Wan VAE) or "tiny" (TAEHV-layout fast decoder)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -95,6 +96,10 @@ def apply(current: VideoParams, changes: Mapping[str, Any]) -> tuple[VideoParams
             updates[key] = _number(key, value, 0, 63, integer=True)
         elif key == "rope_max":
             updates[key] = _number(key, value, 2, 1000, integer=True)
+        elif key == "decoder":
+            if value not in ("vae", "tiny"):
+                raise ParamError("decoder must be 'vae' or 'tiny'.")
+            updates[key] = value
     params = replace(current, **updates)
     if params.sinks >= params.cache_frames:
         raise ParamError(f"sinks ({params.sinks}) must be fewer than cache_frames "
