@@ -173,6 +173,7 @@ def test_bench_video_runs_the_tiny_architecture(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "RANDOM weights" in result.stdout
     records = json.loads(path.read_text())["records"]
-    assert [r["steps"] for r in records] == [1, 2]
+    assert [(r["steps"], r["decoder"]) for r in records] == [(1, "vae"), (2, "vae"), (1, "tiny"),
+                                                              (2, "tiny")]
     for r in records:
         assert r["fps"] > 0 and r["ttff_s"] > 0 and r["dit_ms"] > 0 and r["encode_ms"] > 0
