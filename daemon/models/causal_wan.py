@@ -89,12 +89,16 @@ def _groups(items: list) -> list[tuple[int, int]]:
     return out
 
 
-class _SelfAttention:
-    """attn1 processor: RoPE, store into the cache, attend over the cache rows in place."""
+class _BlockProcessor:
+    """An attention processor bound to one block; reads the current call from its owner."""
 
     def __init__(self, owner: CausalWan, block: int) -> None:
         self.owner = owner
         self.block = block
+
+
+class _SelfAttention(_BlockProcessor):
+    """attn1 processor: RoPE, store into the cache, attend over the cache rows in place."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None):
@@ -136,12 +140,8 @@ class _SelfAttention:
                                               attn_mask=mask)
 
 
-class _CrossAttention:
+class _CrossAttention(_BlockProcessor):
     """attn2 processor: the prompt's keys/values come precomputed (once per prompt)."""
-
-    def __init__(self, owner: CausalWan, block: int) -> None:
-        self.owner = owner
-        self.block = block
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None):
