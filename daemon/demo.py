@@ -60,6 +60,9 @@ def _params(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--param takes KEY=VALUE, not {pair!r}.")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+            continue
         for cast in (int, float):
             try:
                 out[key] = cast(value)
@@ -109,7 +112,7 @@ def run_demo(args: argparse.Namespace) -> int:
         written += 1
         out_times.append(time.perf_counter())
 
-    with spawned_daemon(engine) as endpoint:
+    with spawned_daemon(engine, device="auto") as endpoint:
         with Client(endpoint, name="demo") as client:
             stream = client.open_stream("demo", width, height, engine=engine, params=params,
                                         fps=args.fps, keep=8, timeout=120)

@@ -35,7 +35,6 @@ class Mailbox:
     frames_per_step: int
     frames: deque[FrameRef] = field(default_factory=deque)
     dropped: int = 0
-    offered: int = 0
 
     def ready(self) -> bool:
         return len(self.frames) >= self.frames_per_step
@@ -71,7 +70,6 @@ class Scheduler:
         box = self._boxes.get(stream_id)
         if box is None:
             return False
-        box.offered += 1
         box.frames.append(ref)
         while len(box.frames) > box.frames_per_step:
             box.frames.popleft()

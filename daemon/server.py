@@ -63,7 +63,6 @@ class ServerStream:
     ring_out: FrameRing | None
     state: str = "opening"  # opening -> open -> closing
     notices_in: int = 0
-    frames_out: int = 0
     opened_at: float = field(default_factory=time.monotonic)
 
 
@@ -94,6 +93,7 @@ class Daemon:
         self.keys_dir = Path(keys_dir) if keys_dir else None
         self.ipc_path = ipc_path
         from .engines import available_engines
+        self._explicit_engines = bool(engines)
         names = engines or available_engines()
         unknown = [n for n in names if n not in REGISTRY]
         if unknown:
@@ -132,7 +132,10 @@ class Daemon:
 
     def serve_forever(self, install_signals: bool = True) -> None:
         if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            sigs = [signal.SIGINT, signal.SIGTERM]
+            if hasattr(signal, "SIGBREAK"):  # Windows: what CTRL_BREAK_EVENT delivers
+                sigs.append(signal.SIGBREAK)
+            for sig in sigs:
                 signal.signal(sig, lambda signum, frame: self._stop.set())
         self._serve()
 
@@ -147,7 +150,14 @@ class Daemon:
     def _build_engines(self) -> None:
         for name in self._engine_names:
             factory, _ = REGISTRY[name]
-            self.engines[name] = factory(self.device)
+            try:
+                self.engines[name] = factory(self.device)
+            except Exception as exc:  # noqa: BLE001 - reported, or fatal if asked for
+                if self._explicit_engines:
+                    raise
+                log.error("engine %s could not be loaded and is left out: %s", name, exc)
+        if not self.engines:
+            raise RuntimeError("no engine could be loaded.")
 
     def _serve(self) -> None:
         for name in stale_segments():
@@ -166,15 +176,19 @@ class Daemon:
         if self.keys_dir is not None:
             from .auth import start_curve_server
             authenticator = start_curve_server(ctx, router, self.keys_dir)
+        host = self.host
+        if ":" in host:  # IPv6 literal
+            router.ipv6 = True
+            host = f"[{host}]"
         try:
             if self.port == 0:
-                self.port = router.bind_to_random_port(f"tcp://{self.host}")
+                self.port = router.bind_to_random_port(f"tcp://{host}")
             else:
-                router.bind(f"tcp://{self.host}:{self.port}")
+                router.bind(f"tcp://{host}:{self.port}")
         except zmq.ZMQError as exc:
             ctx.destroy(linger=0)
             raise OSError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        self.endpoint = f"tcp://{self.host}:{self.port}"
+        self.endpoint = f"tcp://{host}:{self.port}"
         if self.ipc_path:
             router.bind(f"ipc://{self.ipc_path}")
         self.scheduler = Scheduler(lambda engine: self.engines[engine].max_batch())
@@ -468,6 +482,8 @@ class Daemon:
         stream.session.streams.discard(stream.id)
 
     def _end_session(self, session: Session) -> None:
+        for key in [k for k in self._error_log if k[0] == session.number]:
+            del self._error_log[key]
         for sid in list(session.streams):
             stream = self.streams.get(sid)
             if stream is not None and stream.state != "closing":
@@ -491,7 +507,12 @@ class Daemon:
     def _drain_results(self) -> None:
         results = self.worker.results
         while results:
-            self._on_result(results.popleft())
+            result = results.popleft()
+            try:
+                self._on_result(result)
+            except Exception:  # noqa: BLE001 - one bad result must not stop the daemon
+                log.exception("could not deliver a %s result of stream %d", result.kind,
+                              result.stream_id)
 
     def _on_result(self, result: Result) -> None:
         stream = self.streams.get(result.stream_id)
@@ -501,7 +522,6 @@ class Daemon:
         alive = self.sessions.get(stream.session.identity) is stream.session
         if result.kind == "frame":
             if alive and stream.state == "open":
-                stream.frames_out += 1
                 self._send(identity, {"type": "frame", "stream": stream.id, **result.body},
                            result.payload)
         elif result.kind == "opened":

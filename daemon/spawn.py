@@ -24,7 +24,9 @@ def spawned_daemon(engines: str = "passthrough", *, device: str = "cpu",
     port = free_port()
     cmd = [sys.executable, "-m", "livediffusion.daemon", "--log-level", log_level, "daemon",
            "--port", str(port), "--engines", engines, "--device", device, *extra]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    # Windows: a group of its own, so the stop signal below does not reach this console too
+    flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, creationflags=flags)
     endpoint = f"tcp://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
@@ -41,7 +43,7 @@ def spawned_daemon(engines: str = "passthrough", *, device: str = "cpu",
         yield endpoint
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT if os.name == "posix" else signal.CTRL_C_EVENT)
+            proc.send_signal(signal.SIGINT if os.name == "posix" else signal.CTRL_BREAK_EVENT)
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:

@@ -171,7 +171,8 @@ class EngineWorker:
         sid = stream.config.stream_id
         if ref.data is not None:
             row_stride = ref.stride or spec.row_bytes
-            if len(ref.data) != row_stride * spec.height or row_stride < spec.row_bytes:
+            if len(ref.data) != row_stride * spec.height or row_stride < spec.row_bytes or \
+                    row_stride % spec.np_dtype.itemsize:
                 self._bad_frame(stream, f"inline frame has {len(ref.data)} bytes; a "
                                 f"{spec.width}x{spec.height} {spec.format} {spec.dtype} frame "
                                 f"needs {row_stride * spec.height} (rows of {row_stride} bytes).")
@@ -233,6 +234,7 @@ class EngineWorker:
         try:
             outputs = engine.submit(inputs)
         except Exception as exc:  # noqa: BLE001 - one failed step must not kill the daemon
+            self._follow_appetite(engine, inputs)
             oom = _is_oom(exc)
             code = ErrorCode.OUT_OF_MEMORY if oom else getattr(exc, "code",
                                                                ErrorCode.ENGINE_ERROR)
@@ -245,9 +247,7 @@ class EngineWorker:
                                   {"code": code, "message": f"engine step failed: {exc}"}))
             return
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        for item in inputs:  # chunked engines change their appetite (first chunk 1 + 4)
-            self.scheduler.set_frames_per_step(item.stream_id,
-                                               engine.frames_per_step(item.stream_id))
+        self._follow_appetite(engine, inputs)
         for out in outputs:
             stream = self.streams.get(out.stream_id)
             if stream is None:
@@ -262,6 +262,14 @@ class EngineWorker:
                     log.error("stream %d: %s", out.stream_id, exc)
                     self._emit(Result("error", out.stream_id, None,
                                       {"code": exc.code, "message": str(exc)}))
+
+    def _follow_appetite(self, engine: Engine, inputs: list[StreamInput]) -> None:
+        """Chunked engines change how many frames their next step takes (first chunk 1 + 4,
+        and again after a reset)."""
+        for item in inputs:
+            if item.stream_id in self.streams:
+                self.scheduler.set_frames_per_step(item.stream_id,
+                                                   engine.frames_per_step(item.stream_id))
 
     def _publish(self, stream: WorkerStream, pixels: Any, in_seq: int, ts: int,
                  inputs_used) -> None:

@@ -345,10 +345,11 @@ class Stream:
                 self._kept.popleft()
 
     def _next_buffer(self, spec: FrameSpec) -> np.ndarray:
-        if not self._pool or self._pool[0].shape != spec.shape or \
+        size = max(_POOL, self.keep + 2)  # every kept frame needs a buffer of its own
+        if len(self._pool) != size or self._pool[0].shape != spec.shape or \
                 self._pool[0].dtype != spec.np_dtype:
-            self._pool = [np.empty(spec.shape, spec.np_dtype) for _ in range(_POOL)]
-        self._pool_i = (self._pool_i + 1) % _POOL
+            self._pool = [np.empty(spec.shape, spec.np_dtype) for _ in range(size)]
+        self._pool_i = (self._pool_i + 1) % size
         return self._pool[self._pool_i]
 
     def _detach(self) -> None:
@@ -423,6 +424,8 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if "://[" in self.endpoint:  # IPv6 literal
+            sock.ipv6 = True
         if self.keys:
             sock.curve_serverkey = self.keys["server_public"]
             sock.curve_publickey = self.keys["public"]
@@ -610,6 +613,7 @@ class Client:
             try:
                 stream.wait_open(timeout)
             except (DaemonError, TimeoutError):
+                stream.state = "closed"  # a late OPENED is answered with CLOSE
                 self._streams.pop(name, None)
                 raise
         return stream

@@ -271,9 +271,11 @@ class FrameSpec:
         spec = cls(width, height, fmt, dtype, origin, 0)
         stride = msg.get("stride", 0)
         if stride:
-            if not isinstance(stride, int) or stride < spec.row_bytes or stride > 4 * spec.row_bytes:
+            itemsize = spec.np_dtype.itemsize
+            if not isinstance(stride, int) or stride < spec.row_bytes or \
+                    stride > 4 * spec.row_bytes or stride % itemsize:
                 raise ProtocolError(ErrorCode.BAD_SPEC,
-                                    f"stride {stride} must be between {spec.row_bytes} "
-                                    f"and {4 * spec.row_bytes} bytes.")
+                                    f"stride {stride} must be a multiple of {itemsize} between "
+                                    f"{spec.row_bytes} and {4 * spec.row_bytes} bytes.")
             spec = cls(width, height, fmt, dtype, origin, stride)
         return spec

@@ -132,6 +132,15 @@ class FrameRing:
         size = RING_HEADER_SIZE + slots * slot_stride
         shm = shared_memory.SharedMemory(name=name or new_segment_name(tag), create=True,
                                          size=size)
+        if hasattr(os, "posix_fallocate") and getattr(shm, "_fd", -1) >= 0:
+            # tmpfs only reserves pages when written: claim them now, so a full /dev/shm is
+            # an error here instead of SIGBUS in whichever process writes the frame later
+            try:
+                os.posix_fallocate(shm._fd, 0, size)  # noqa: SLF001
+            except OSError:
+                shm.close()
+                shm.unlink()
+                raise
         _CREATED_HERE.add(shm.name)
         RING_HEADER.pack_into(shm.buf, 0, RING_MAGIC, RING_VERSION, slots, slot_stride, capacity,
                               SLOT_HEADER_SIZE)
@@ -253,7 +262,8 @@ class FrameRing:
         if FORMATS[fmt] != channels:
             raise RingError(f"slot {slot} says format {fmt} with {channels} channels.")
         row = width * channels * DTYPES[dtype].itemsize
-        if width == 0 or height == 0 or stride < row or stride * height > self.capacity:
+        if width == 0 or height == 0 or stride < row or stride * height > self.capacity or \
+                stride % DTYPES[dtype].itemsize:
             raise RingError(f"slot {slot} holds an impossible {width}x{height} frame "
                             f"(stride {stride}, capacity {self.capacity}).")
         return SlotHeader(seq, width, height, stride, channels, dtype, fmt, origin, nbytes, ts,

@@ -125,3 +125,39 @@ def test_zero_copy_frames_are_read_only_views_that_know_when_they_are_stale(clie
         assert first.intact()  # not reused while younger slots are free
     round_trip(stream, rgb(seed=9))  # the daemon has reused first's slot by now
     assert not first.intact()
+
+
+def test_kept_frames_each_keep_their_own_pixels(client, daemon):
+    stream = client.open_stream("keep", 16, 8, keep=6)
+    for value in range(1, 7):  # one at a time, so the daemon drops none
+        stream.send(np.full((8, 16, 3), value, np.uint8))
+        assert wait_until(lambda: daemon.worker.streams[stream.id].frames_out == value)
+    got = []
+    deadline = time.monotonic() + 5
+    while len(got) < 6 and time.monotonic() < deadline:
+        client.poll(0.05)
+        got += stream.frames()
+    assert [int(f.pixels[0, 0, 0]) for f in got] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_open_that_timed_out_does_not_keep_the_name(daemon):
+    c = Client(daemon.endpoint).connect()
+    try:
+        with pytest.raises(TimeoutError):
+            c.open_stream("slow-open", 64, 48, timeout=1e-6)
+        assert wait_until(lambda: (c.poll(0.02), "slow-open" not in daemon._names)[1])
+        assert c.open_stream("slow-open", 64, 48).ready
+    finally:
+        c.close()
+
+
+def test_every_package_folder_is_in_the_distribution():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {"livediffusion." + ".".join(p.parent.relative_to(root).parts)
+             for top in ("daemon", "shared") for p in (root / top).rglob("__init__.py")}
+    assert found == listed

@@ -383,3 +383,10 @@ def test_output_fields_are_validated_like_input_fields():
 def test_output_channels_are_checked_against_the_inherited_format():
     inp = FrameSpec(64, 48, "rgba")
     assert FrameSpec.from_msg({"channels": 4}, default=inp).format == "rgba"
+
+
+def test_stride_must_be_a_multiple_of_the_sample_size():
+    with raises_code(ErrorCode.BAD_SPEC):
+        FrameSpec.from_msg({"width": 64, "height": 48, "dtype": "float32", "stride": 770})
+    assert FrameSpec.from_msg({"width": 64, "height": 48, "dtype": "float32",
+                               "stride": 772}).stride == 772

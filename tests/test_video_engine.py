@@ -273,3 +273,52 @@ def test_several_streams_share_one_forward_and_match_running_alone(engine):
         for seq, pixels in alone[sid].items():
             assert (together[sid][seq].int() - pixels.int()).abs().max() <= 1
     assert not torch.equal(together[1][13], together[2][13])
+
+
+@pytest.mark.parametrize("change", [{"cache_frames": 4}, {"stream_batch": False},
+                                    {"steps": 1}])
+def test_schedule_and_cache_changes_lose_no_frame(engine, change):
+    open_stream(engine, 1, steps=2)
+    try:
+        feed = Feeder(engine, 1)
+        seen = []
+        for _ in range(3):
+            seen += [f.in_seq for f in feed.chunk()]
+        engine.update_params(1, change)
+        for _ in range(3):
+            seen += [f.in_seq for f in feed.chunk()]
+        engine.update_params(1, {"stream_batch": True, "steps": 2})
+        for _ in range(3):
+            seen += [f.in_seq for f in feed.chunk()]
+        assert seen == list(range(1, seen[-1] + 1)) and seen[-1] >= feed.seq - 4
+    finally:
+        engine.close_stream(1)
+
+
+def test_a_failed_step_restarts_the_stream_instead_of_wedging_it(engine, monkeypatch):
+    open_stream(engine, 1, steps=2)
+    try:
+        feed = Feeder(engine, 1)
+        real = engine.wan.forward
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise torch.OutOfMemoryError("simulated")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine.wan, "forward", flaky)
+        with pytest.raises(torch.OutOfMemoryError):
+            feed.chunk()                          # the first chunk fails mid-way
+        assert engine.frames_per_step(1) == 5    # the stream starts over, cleanly
+        assert len(feed.chunk()) == 5
+        assert len(feed.chunk()) == 0 and len(feed.chunk()) == 4  # Stream Batch lag, then on
+    finally:
+        engine.close_stream(1)
+
+
+def test_motion_control_never_makes_the_noise_scale_negative():
+    ctl = MotionController(reduce=0.9)
+    moving = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 1.0, -1.0, 1.0)])
+    assert ctl.update(moving, 0.5) > 0.1

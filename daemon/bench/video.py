@@ -99,10 +99,12 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
     # warm-up on a throwaway stream: kernels, cuDNN plans and allocator pools for this shape
     params = {"steps": steps, "decoder": decoder}
     engine.open_stream(StreamConfig(sid + 1, spec, spec, INPUT_FPS, params))
-    seq, _ = _run_chunk(engine, sid + 1, clip, spec, 0, FIRST_CHUNK_FRAMES)
-    for _ in range(steps + 1):
-        seq, _ = _run_chunk(engine, sid + 1, clip, spec, seq, CHUNK_FRAMES)
-    engine.close_stream(sid + 1)
+    try:
+        seq, _ = _run_chunk(engine, sid + 1, clip, spec, 0, FIRST_CHUNK_FRAMES)
+        for _ in range(steps + 1):
+            seq, _ = _run_chunk(engine, sid + 1, clip, spec, seq, CHUNK_FRAMES)
+    finally:
+        engine.close_stream(sid + 1)
     engine.open_stream(StreamConfig(sid, spec, spec, INPUT_FPS, params))
     try:
         if cuda:

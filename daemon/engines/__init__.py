@@ -28,9 +28,11 @@ def _video(size: str) -> Callable[[str], Engine]:
 
 
 def _weights_present(*names: str) -> Callable[[], bool]:
+    """Real video engines need their weights and a CUDA GPU to be loaded by default."""
     def check() -> bool:
+        import torch
         from ..models.registry import local_path
-        return all(local_path(n) is not None for n in names)
+        return torch.cuda.is_available() and all(local_path(n) is not None for n in names)
     return check
 
 

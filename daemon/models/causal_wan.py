@@ -108,8 +108,8 @@ class _SelfAttention(_BlockProcessor):
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         cos, sin = rotary_emb
-        q = _rotate(q, cos, sin).transpose(1, 2)
-        k = _rotate(k, cos, sin)
+        q = rotate_pairs(q, cos, sin).transpose(1, 2)
+        k = rotate_pairs(k, cos, sin)
         outs = []
         for lo, hi in _groups(call.caches):
             outs.append(self._attend(call, lo, hi, q[lo:hi], k, v, t))
@@ -156,16 +156,6 @@ class _CrossAttention(_BlockProcessor):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's RoPE on (B, T, heads, dim) with cos/sin of shape (B, T, 1, dim)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
-    return out
 
 
 class CausalWan:

@@ -129,7 +129,7 @@ def load_transformer_file(path: str | Path, preset: WanPreset | str = "1.3b", *,
     sd = original_to_diffusers_transformer(read_state_dict(path))
     model = _load_into(_empty(WanTransformer3DModel, preset.transformer), sd, str(path))
     _restore_buffers(model, preset)
-    return cast(model.to(device=device, dtype=torch.float32), dtype).eval().requires_grad_(False)
+    return _finish(model, dtype, device)
 
 
 def load_generator(path: str | Path, preset: WanPreset | str = "1.3b", *, key: str | None = None,
@@ -141,7 +141,13 @@ def load_generator(path: str | Path, preset: WanPreset | str = "1.3b", *, key: s
     sd = original_to_diffusers_transformer(generator_state_dict(read_state_dict(path), key))
     model = _load_into(_empty(WanTransformer3DModel, preset.transformer), sd, str(path))
     _restore_buffers(model, preset)
-    return cast(model.to(device=device, dtype=torch.float32), dtype).eval().requires_grad_(False)
+    return _finish(model, dtype, device)
+
+
+def _finish(model, dtype: torch.dtype, device: str):
+    """Cast on the host first (float32 modules kept), then move: the device never holds a
+    float32 copy of a model meant to run in bf16."""
+    return cast(model.float(), dtype).to(device).eval().requires_grad_(False)
 
 
 def _restore_buffers(model, preset: WanPreset) -> None:
@@ -171,7 +177,7 @@ def load_transformer_dir(directory: str | Path, *, dtype: torch.dtype = torch.bf
     preset.transformer.setdefault("rope_max_seq_len", 1024)
     preset.transformer.setdefault("patch_size", (1, 2, 2))
     _restore_buffers(model, preset)
-    return cast(model.to(device=device, dtype=torch.float32), dtype).eval().requires_grad_(False)
+    return _finish(model, dtype, device)
 
 
 def load_vae_file(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -181,7 +187,7 @@ def load_vae_file(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
 
     sd = original_to_diffusers_vae(read_state_dict(path))
     model = _load_into(_empty(AutoencoderKLWan, config or {}), sd, str(path))
-    return cast(model.to(device=device, dtype=torch.float32), dtype).eval().requires_grad_(False)
+    return _finish(model, dtype, device)
 
 
 def load_text_encoder(directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,

@@ -23,10 +23,6 @@ class WanPreset:
     vae: dict[str, Any] = field(default_factory=dict)
     #: UMT5Config kwargs for a randomly initialised encoder (tiny), None for pretrained
     text_encoder: dict[str, Any] | None = None
-    #: Hugging Face repositories of the real weights
-    diffusers_repo: str | None = None
-    original_repo: str | None = None
-    generator_file: str | None = None  # StreamDiffusionV2 causal generator inside its repo
 
 
 _COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256,
@@ -37,17 +33,11 @@ PRESETS: dict[str, WanPreset] = {
     "1.3b": WanPreset(
         "1.3b",
         transformer=dict(_COMMON, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
-                         num_layers=30, text_dim=4096),
-        diffusers_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-        original_repo="Wan-AI/Wan2.1-T2V-1.3B",
-        generator_file="wan_causal_dmd_v2v/model.pt"),
+                         num_layers=30, text_dim=4096)),
     "14b": WanPreset(
         "14b",
         transformer=dict(_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824,
-                         num_layers=40, text_dim=4096),
-        diffusers_repo="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        original_repo="Wan-AI/Wan2.1-T2V-14B",
-        generator_file="wan_causal_dmd_v2v_14b/model.pt"),
+                         num_layers=40, text_dim=4096)),
     "tiny": WanPreset(
         "tiny",
         transformer=dict(_COMMON, num_attention_heads=2, attention_head_dim=32, ffn_dim=128,
@@ -59,8 +49,6 @@ PRESETS: dict[str, WanPreset] = {
                           relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
                           pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
 }
-
-GENERATOR_REPO = "jerryfeng/StreamDiffusionV2"
 
 
 def cast(model, dtype: torch.dtype):

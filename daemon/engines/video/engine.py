@@ -42,7 +42,7 @@ FIRST_CHUNK_FRAMES = 5
 CHUNK_FRAMES = 4
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: it holds tensors
 class Chunk:
     """One latent frame on its way through the denoising steps."""
 
@@ -87,7 +87,6 @@ class VideoStream:
     last_latent: torch.Tensor | None = None  # primes a decoder switched in mid-stream
     next_chunk: int = 0
     started: bool = False
-    last_scale: float = 0.0
 
     def nbytes(self) -> int:
         return self.cache.nbytes() + self.vae.nbytes()
@@ -163,8 +162,10 @@ class VideoEngine(Engine):
             self._switch_decoder(stream, new.decoder)
         if new.weighted_prompts() != old.weighted_prompts():
             stream.cross_kv = self.wan.cross_kv(self._embed_prompts(new))
-        if new.steps != old.steps and stream.in_flight:
-            self._flush(stream)
+        reshaped = (new.steps, new.cache_frames, new.stream_batch) != \
+            (old.steps, old.cache_frames, old.stream_batch)
+        if reshaped and stream.in_flight:
+            self._flush(stream)  # finish what is in flight under the old schedule and cache
         stream.params = new
         if new.cache_frames != old.cache_frames or reset:
             stream.cache = self._new_cache(new, new.steps, stream.latent_h, stream.latent_w)
@@ -216,7 +217,19 @@ class VideoEngine(Engine):
 
     def submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
         """Encode every stream's chunk, run ONE DiT forward over all Stream Batch streams of
-        the same size (first chunks and sequential streams run on their own), decode."""
+        the same size (first chunks and sequential streams run on their own), decode.
+
+        A failed step (out of memory, a bug) leaves no stream half-advanced: every stream of
+        the batch restarts from its next chunk (a new first chunk), then the error goes up."""
+        try:
+            return self._submit(batch)
+        except BaseException:
+            for item in batch:
+                if item.stream_id in self.streams:
+                    self.reset_stream(item.stream_id)
+            raise
+
+    def _submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
         finished: dict[int, list[Chunk]] = {}
         batched: list[VideoStream] = []
         for item in batch:
@@ -255,7 +268,6 @@ class VideoEngine(Engine):
             x = pixels.permute(0, 3, 1, 2) * 2.0 - 1.0              # N, 3, H, W in [-1, 1]
         p = stream.params
         scale = stream.motion.update(x, p.noise_scale) if p.motion_control else p.noise_scale
-        stream.last_scale = scale
         with self._stage("encode"):
             latents = self.vae.encode(x.permute(1, 0, 2, 3)[None], stream.vae)  # 1,16,n,h,w
         seqs = [f.seq for f in item.frames]

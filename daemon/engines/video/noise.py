@@ -16,6 +16,9 @@ STEP_LISTS: dict[int, tuple[float, ...]] = {
 }
 
 
+MIN_NOISE_SCALE = 0.11  # t0 = 1000 s - 100 stays a valid timestep above this
+
+
 def timesteps(steps: int, noise_scale: float) -> list[float]:
     """The step list with the first timestep told to the model set by the noise scale:
     t0 = 1000 * s - 100 (the release's deliberate offset).  Later steps never exceed t0."""
@@ -66,6 +69,7 @@ class MotionController:
         m = min(max(d / self.motion_scale, 0.0), 1.0)
         s_prev = s_init if self.previous_scale is None else self.previous_scale
         s = self.gain * (s_init - self.reduce * m) + (1.0 - self.gain) * s_prev
+        s = min(max(s, MIN_NOISE_SCALE), 1.0)  # strong constants must not flip the noise sign
         self.previous_frame = frames[-1].detach().clone()
         self.previous_scale = s
         self.last_motion = m
