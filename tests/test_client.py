@@ -145,6 +145,7 @@ def test_an_open_that_timed_out_does_not_keep_the_name(daemon):
     try:
         with pytest.raises(TimeoutError):
             c.open_stream("slow-open", 64, 48, timeout=1e-6)
+        assert wait_until(lambda: (c.poll(0.02), not c._opening)[1])  # the late OPENED came
         assert wait_until(lambda: (c.poll(0.02), "slow-open" not in daemon._names)[1])
         assert c.open_stream("slow-open", 64, 48).ready
     finally:
