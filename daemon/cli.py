@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video: frame width (default 832 and 512)")
     p.add_argument("--steps", default="1,2,3,4", help="video: denoising steps, comma-separated")
     p.add_argument("--device", default="auto", help="video: torch device")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="video: keep the VAE in NCDHW layout on GPUs (for A/B measurements)")
     p.add_argument("--decoders", default="vae,tiny",
                    help="video: decoders to measure, comma-separated (vae, tiny)")
     p.set_defaults(func=cmd_bench)

@@ -51,3 +51,16 @@ def test_chunks_must_be_whole_latent_frames(vae):
     state = sv.new_state()
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         sv.encode(torch.zeros(1, 3, 4, 32, 48), state)
+
+
+def test_channels_last_layout_computes_the_same(vae):
+    clip = torch.rand(1, 3, 5, 32, 48) * 2 - 1
+    plain = StreamingVAE(vae, channels_last=False)
+    z = plain.encode(clip, plain.new_state())
+    y = plain.decode(z, plain.new_state())
+    fast = StreamingVAE(vae, channels_last=True)
+    assert fast.memory_format == torch.channels_last_3d
+    torch.testing.assert_close(fast.encode(clip, fast.new_state()), z, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.decode(z, fast.new_state()), y, atol=1e-5, rtol=1e-4)
+    for p in vae.parameters():  # leave the shared module as the other tests expect it
+        p.data = p.data.contiguous()

@@ -47,7 +47,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - started) / 1e12
 
 
-def build_bench_engine(model: str, device: torch.device) -> VideoEngine:
+def build_bench_engine(model: str, device: torch.device,
+                       channels_last: bool | None = None) -> VideoEngine:
     preset = W.PRESETS[model]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -65,7 +66,8 @@ def build_bench_engine(model: str, device: torch.device) -> VideoEngine:
     tiny = TinyVideoDecoder(widths=widths).to(device, dtype).eval()
     return VideoEngine(f"video-{model}", transformer, vae, text, device=str(device),
                        min_side=32 if model == "tiny" else 256,
-                       description=f"Wan 2.1 {model}, RANDOM weights", tiny_decoder=tiny)
+                       description=f"Wan 2.1 {model}, RANDOM weights", tiny_decoder=tiny,
+                       channels_last=channels_last)
 
 
 def _clip(height: int, width: int):
@@ -171,9 +173,13 @@ def run_video_bench(args: argparse.Namespace) -> int:
             "torch": torch.__version__}
     print(f"video engine, Wan 2.1 {args.model} with RANDOM weights on {meta['gpu']} "
           f"({meta['date']}, commit {meta['commit']}); text encoder: a one-layer stand-in, "
-          f"not on the per-chunk path")
+          f"not on the per-chunk path; VAE layout "
+          f"{'NCDHW' if args.no_channels_last else 'auto'}")
     matmul = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    engine = build_bench_engine(args.model, device)
+    engine = build_bench_engine(args.model, device,
+                                channels_last=False if args.no_channels_last else None)
+    meta["vae_layout"] = "NCDHW" if engine.vae.memory_format == torch.contiguous_format \
+        else "NDHWC"
     records = []
     decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
     for decoder in decoders:

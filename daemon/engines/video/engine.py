@@ -97,11 +97,11 @@ class VideoEngine(Engine):
 
     def __init__(self, name: str, transformer, vae, text_encoder, *, device: str = "cpu",
                  min_side: int = 256, max_side: int = 1280, description: str = "",
-                 tiny_decoder=None) -> None:
+                 tiny_decoder=None, channels_last: bool | None = None) -> None:
         self.name = name
         self.device = torch.device(device)
         self.wan = CausalWan(transformer)
-        self.vae = StreamingVAE(vae)
+        self.vae = StreamingVAE(vae, channels_last=channels_last)
         self.tokenizer, self.text_encoder = text_encoder
         self.tiny_decoder = tiny_decoder  # TAEHV-layout fast decoder, if its weights exist
         self.min_side, self.max_side = min_side, max_side

@@ -34,8 +34,16 @@ class VAEStreamState:
 
 
 class StreamingVAE:
-    def __init__(self, vae, normalize: bool = True) -> None:
+    def __init__(self, vae, normalize: bool = True, channels_last: bool | None = None) -> None:
         self.vae = vae
+        if channels_last is None:  # on GPUs cuDNN's 3D convolutions want NDHWC
+            channels_last = next(vae.parameters()).device.type == "cuda"
+        self.memory_format = torch.channels_last_3d if channels_last else \
+            torch.contiguous_format
+        if channels_last:  # the 3D convolutions' weights (the 2D ones stay as they are)
+            for param in vae.parameters():
+                if param.ndim == 5:
+                    param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
         self.z_dim = vae.config.z_dim
         self.enc_convs = _conv_count(vae.encoder)
         self.dec_convs = _conv_count(vae.decoder)
@@ -69,7 +77,7 @@ class StreamingVAE:
         if (first and (n - 1) % 4) or (not first and n % 4):
             raise ValueError(f"{n} frames do not make whole latent frames "
                              f"({'1 + 4k' if first else '4k'} expected).")
-        x = frames.to(self.device, self.dtype)
+        x = frames.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         outs = []
         start = 0
         if first:
@@ -86,7 +94,7 @@ class StreamingVAE:
     def decode(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
         """Normalised latents (B, z, N', h, w) -> frames (B, 3, N, H, W) in [-1, 1]."""
         z = latents.to(self.device, self.dtype) * self.std + self.mean
-        x = self.vae.post_quant_conv(z)
+        x = self.vae.post_quant_conv(z.contiguous(memory_format=self.memory_format))
         outs = []
         for i in range(x.shape[2]):
             outs.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=state.dec, feat_idx=[0],
