@@ -357,17 +357,17 @@ class Daemon:
         if len(self._names) >= self.max_streams:
             raise ProtocolError(ErrorCode.LIMIT,
                                 f"the daemon already serves {self.max_streams} streams.")
+        transport = msg.get("transport", "shm")
+        if transport not in ("shm", "inline"):
+            raise ProtocolError(ErrorCode.BAD_SPEC, "transport must be 'shm' or 'inline'.")
         in_spec = FrameSpec.from_msg(msg)
         out_msg = msg.get("output") or {}
         out_spec = FrameSpec.from_msg(out_msg, default=in_spec)
-        if msg.get("transport", "shm") == "inline":
+        if transport == "inline":
             out_spec = dataclasses.replace(out_spec, stride=0)  # inline pixels are tight rows
         fps = float(msg.get("fps", 30.0))
         if not 0 < fps <= 1000:
             raise ProtocolError(ErrorCode.BAD_SPEC, f"fps {fps} is outside (0, 1000].")
-        transport = msg.get("transport", "shm")
-        if transport not in ("shm", "inline"):
-            raise ProtocolError(ErrorCode.BAD_SPEC, "transport must be 'shm' or 'inline'.")
         engine = self.engines[engine_name]
         caps = engine.capabilities()
         per_step = int(caps.get("frames_per_step", 1))

@@ -84,7 +84,6 @@ class KVCache:
     shifts: list[int] = field(default_factory=list)
     chunk_epoch: dict[int, int] = field(default_factory=dict)
     row_epoch: list[int] = field(default_factory=list)
-    filled: int = 0  # chunks admitted so far (row 0), capped at policy.frames
     t_dim: int = 0
     inv_freq_t: torch.Tensor | None = None
 
@@ -104,27 +103,29 @@ class KVCache:
                   for _ in range(self.blocks)]
         self.positions = torch.full((self.rows, self.blocks, self.policy.frames), self.EMPTY,
                                     dtype=torch.long)
-        self.books = [_BlockBook([-1] * self.policy.frames, self.policy.sinks)
-                      for _ in range(self.blocks)]
         self._clear_books()
 
     def _clear_books(self) -> None:
+        self.books = [_BlockBook([-1] * self.policy.frames, self.policy.sinks)
+                      for _ in range(self.blocks)]
         self.targets.clear()
         self.chunk_position.clear()
         self.chunk_epoch.clear()
         self.shifts = []
         self.row_epoch = [0] * self.rows
         self.next_position = 0
-        self.filled = 0
 
     def reset(self) -> None:
         """Forget every frame (explicit stream reset); storage is kept and zeroed."""
         for t in (*self.k, *self.v):
             t.zero_()
         self.positions.fill_(self.EMPTY)
-        self.books = [_BlockBook([-1] * self.policy.frames, self.policy.sinks)
-                      for _ in range(self.blocks)]
         self._clear_books()
+
+    @property
+    def filled(self) -> int:
+        """Frame slots holding a chunk in every block (row 0's view), at most policy.frames."""
+        return sum(c >= 0 for c in self.books[-1].chunk)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
@@ -214,8 +215,6 @@ class KVCache:
                     p.sinks
         book.chunk[slot] = chunk
         targets[block] = slot
-        if block == self.blocks - 1:
-            self.filled = min(self.filled + 1, p.frames)
         return slot
 
     def _refresh_sink(self, block: int, k_new: torch.Tensor, v_new: torch.Tensor) -> int:
