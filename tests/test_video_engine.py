@@ -43,15 +43,15 @@ def open_stream(engine, sid: int, **params) -> None:
     engine.open_stream(StreamConfig(sid, SPEC, SPEC, 30.0, params))
 
 
-def test_first_chunk_is_five_frames_then_four(engine):
+def test_first_chunk_is_one_frame_then_four(engine):
     open_stream(engine, 1, steps=1)
     try:
         feed = Feeder(engine, 1)
-        assert engine.frames_per_step(1) == 5
+        assert engine.frames_per_step(1) == 1
         out = feed.chunk()
-        assert [f.in_seq for f in out] == [1, 2, 3, 4, 5]
+        assert [f.in_seq for f in out] == [1]
         assert engine.frames_per_step(1) == 4
-        assert [f.in_seq for f in feed.chunk()] == [6, 7, 8, 9]
+        assert [f.in_seq for f in feed.chunk()] == [2, 3, 4, 5]
         assert out[0].pixels.shape == (48, 64, 3) and out[0].pixels.dtype == torch.uint8
     finally:
         engine.close_stream(1)
@@ -73,7 +73,7 @@ def test_stream_batch_equals_sequential_schedule(engine, steps, cache):
             sequential.update({f.in_seq: f.pixels for f in b})
         assert lags[1:steps] == [4] * (steps - 1)  # Stream Batch lags steps - 1 chunks
         common = sorted(set(batched) & set(sequential))
-        assert len(common) >= 5 + 4 * (len(lags) - 1 - (steps - 1)) - 1
+        assert len(common) == 1 + 4 * (len(lags) - 1 - (steps - 1))
         for seq in common:
             diff = (batched[seq].int() - sequential[seq].int()).abs().max()
             assert diff <= 1, f"frame {seq} differs by {diff}"
@@ -99,7 +99,7 @@ def test_prompt_change_keeps_the_self_attention_cache_and_reset_clears_it(engine
         assert engine.frames_per_step(1) == 4 and len(feed.chunk()) == 4  # no restart
         engine.update_params(1, {"reset": True})
         assert stream.cache.filled_slots(0, 0) == 0
-        assert engine.frames_per_step(1) == 5 and len(feed.chunk()) == 5
+        assert engine.frames_per_step(1) == 1 and len(feed.chunk()) == 1
     finally:
         engine.close_stream(1)
 
@@ -197,7 +197,7 @@ def test_thousands_of_chunks_keep_memory_flat(engine):
                 sizes.append((stream.nbytes(), len(stream.in_flight),
                               len(stream.cache.targets), len(stream.cache.chunk_position)))
         assert len(set(sizes[1:])) == 1, sizes
-        assert stream.next_chunk == 2001
+        assert stream.next_chunk == 2000
         assert stream.cache.next_position <= 12 + 1  # positions wrapped, never ran away
     finally:
         engine.close_stream(1)
@@ -215,7 +215,7 @@ def test_video_stream_over_the_real_transport():
             rng = np.random.default_rng(0)
             worker = daemon.worker
             sent = 0
-            for chunk in (5, 4, 4):  # a chunk at a time, as a camera slower than CPU would
+            for chunk in (1, 4, 4, 4):  # a chunk at a time, as a camera slower than CPU would
                 for _ in range(chunk):
                     assert stream.send(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
                 sent += chunk
@@ -311,8 +311,8 @@ def test_a_failed_step_restarts_the_stream_instead_of_wedging_it(engine, monkeyp
         monkeypatch.setattr(engine.wan, "forward", flaky)
         with pytest.raises(torch.OutOfMemoryError):
             feed.chunk()                          # the first chunk fails mid-way
-        assert engine.frames_per_step(1) == 5    # the stream starts over, cleanly
-        assert len(feed.chunk()) == 5
+        assert engine.frames_per_step(1) == 1    # the stream starts over, cleanly
+        assert len(feed.chunk()) == 1
         assert len(feed.chunk()) == 0 and len(feed.chunk()) == 4  # Stream Batch lag, then on
     finally:
         engine.close_stream(1)

@@ -1,13 +1,14 @@
 """The streaming video engine: StreamDiffusionV2-style video-to-video on a causal Wan DiT.
 
-Per chunk of 4 input frames (the first chunk of a stream is 1 + 4 frames):
-1. encode with the streaming causal VAE (one latent frame per 4 frames, 2 for the first);
+Per chunk of 4 input frames (the first chunk of a stream is its first frame alone, so the
+first output leaves as soon as one frame has arrived):
+1. encode with the streaming causal VAE (one latent frame per 4 frames, or per first frame);
 2. noise it: x = s * eps + (1 - s) * z, s from the noise scale and the motion controller;
 3. denoise with 1-4 steps of the distilled flow model, attending to the stream's KV cache;
    in Stream Batch mode one forward advances every chunk in flight by one step (throughput
    one chunk per forward, output lag steps - 1 chunks); sequential mode denoises each chunk
    completely at once (lowest latency); a stream's first chunk is always sequential;
-4. decode the clean latent with the streaming VAE: 4 output frames (5 for the first chunk).
+4. decode the clean latent with the streaming VAE: 4 output frames (1 for the first chunk).
 
 Several streams of the same size in one ``submit`` share ONE DiT forward: the linear layers
 run batched over every stream's chunks, attention reads each stream's own cache in place.
@@ -38,7 +39,7 @@ from .vae_stream import StreamingVAE, VAEStreamState
 
 log = logging.getLogger("livediffusion.video")
 
-FIRST_CHUNK_FRAMES = 5
+FIRST_CHUNK_FRAMES = 1
 CHUNK_FRAMES = 4
 
 
@@ -257,7 +258,7 @@ class VideoEngine(Engine):
                 for item in batch]
 
     def _encode(self, stream: VideoStream, item: StreamInput) -> list[Chunk]:
-        """Convert, encode and admit one stream's input frames: one chunk (two at first)."""
+        """Convert, encode and admit one stream's input frames as one chunk."""
         expected = CHUNK_FRAMES if stream.started else FIRST_CHUNK_FRAMES
         if len(item.frames) != expected:
             raise EngineError(f"expected {expected} frames for this chunk, got "
@@ -270,12 +271,8 @@ class VideoEngine(Engine):
         scale = stream.motion.update(x, p.noise_scale) if p.motion_control else p.noise_scale
         with self._stage("encode"):
             latents = self.vae.encode(x.permute(1, 0, 2, 3)[None], stream.vae)  # 1,16,n,h,w
-        seqs = [f.seq for f in item.frames]
-        stamps = [f.ts for f in item.frames]
-        groups = [(seqs[:1], stamps[:1]), (seqs[1:], stamps[1:])] if not stream.started \
-            else [(seqs, stamps)]
-        return [self._admit(stream, latents[:, :, j:j + 1], scale, in_seqs, ts)
-                for j, (in_seqs, ts) in enumerate(groups)]
+        return [self._admit(stream, latents, scale, [f.seq for f in item.frames],
+                            [f.ts for f in item.frames])]
 
     def _admit(self, stream: VideoStream, z: torch.Tensor, scale: float, in_seqs: list[int],
                ts: list[int]) -> Chunk:
