@@ -621,3 +621,36 @@ def test_policy_validate_rejects(kwargs):
 ])
 def test_policy_validate_accepts_edges(kwargs):
     CachePolicy(**kwargs).validate()
+
+
+def test_deferred_refresh_decisions_equal_immediate_ones():
+    """With ``defer`` (the GPU path) the slot choice stays a device tensor until ``resolve``;
+    over a long run with refreshes, ring moves and wraps, and two denoising rows, it must book
+    and store exactly what the immediate path does."""
+    caches = [make_cache(blocks=3, rows=2, frames=5, sinks=2, refresh=0.4, rope_max=9)
+              for _ in range(2)]
+    caches[1].defer = True
+    assert caches[0].defer is False  # a CPU cache decides immediately by default
+    deferred_seen = 0
+    for c in range(40):
+        sign = -1.0 if c % 7 == 3 else 1.0   # now and then an opposite chunk: a refresh
+        k, v = chunk_kv(c, sign=sign, noise=0.8)
+        for cache in caches:
+            pos = cache.admit(c)
+            kr = rope(k, pos)
+            for row in (0, 1):
+                cache.prepare([row], [c])
+                for block in range(cache.blocks):
+                    slot = cache.slot_for(block, c, kr, v)
+                    deferred_seen += isinstance(slot, torch.Tensor)
+                    cache.store(block, row, slot, pos, kr, v)
+                cache.resolve()  # the causal forward resolves once per forward
+            cache.forget(c)
+        a, b = caches
+        assert [x.chunk for x in a.books] == [x.chunk for x in b.books]
+        assert [x.next_ring for x in a.books] == [x.next_ring for x in b.books]
+        assert torch.equal(a.positions, b.positions)
+        for block in range(3):
+            assert torch.equal(a.k[block], b.k[block]) and torch.equal(a.v[block], b.v[block])
+    assert deferred_seen > 0
+    assert any(x.chunk[:2] != [0, 1] for x in caches[0].books)  # some sink was refreshed

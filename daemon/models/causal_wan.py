@@ -55,6 +55,9 @@ class FrameCache(Protocol):
 
     def filled_slots(self, block: int, row: int) -> int: ...
 
+    def resolve(self) -> None:
+        """Book the slot decisions left on the device during a forward (one sync)."""
+
 
 @dataclass
 class ChunkCall:
@@ -243,6 +246,8 @@ class CausalWan:
                 x = block(x, None, proj, rope)
         finally:
             self.call = None
+        for cache in {id(c): c for c in call.caches}.values():
+            cache.resolve()
         return x
 
     def head(self, x: torch.Tensor, temb: torch.Tensor, latent_h: int, latent_w: int

@@ -21,6 +21,10 @@ Policy, per block, decided once per chunk (at its first step) and reused at its 
     stay inside the range the model was trained on, and no cached key keeps a stale phase.
     Each row is re-rotated when the first chunk admitted after the wrap reaches it (``prepare``),
     so Stream Batch and the sequential schedule stay identical across wraps.
+
+On GPUs the refresh decision stays on the device (``defer``): the chosen slot is a 0-d tensor,
+the store indexes with it, and ``resolve()`` reads every decision of a forward back in one
+synchronisation at its end, instead of one per block.  The bookkeeping is the same either way.
 """
 
 from __future__ import annotations
@@ -86,11 +90,17 @@ class KVCache:
     row_epoch: list[int] = field(default_factory=list)
     t_dim: int = 0
     inv_freq_t: torch.Tensor | None = None
+    #: keep refresh decisions on the device until resolve() (None: on CUDA devices)
+    defer: bool | None = None
+    #: (block, chunk) -> [chosen slot (0-d device tensor), ring slot, row, position]
+    pending: dict[tuple[int, int], list] = field(default_factory=dict)
 
     EMPTY = -10**9
 
     def __post_init__(self) -> None:
         self.policy.validate()
+        if self.defer is None:
+            self.defer = torch.device(self.device).type == "cuda"
         self.allocate()
 
     # --- storage ---------------------------------------------------------------------
@@ -114,6 +124,7 @@ class KVCache:
         self.shifts = []
         self.row_epoch = [0] * self.rows
         self.next_position = 0
+        self.pending.clear()
 
     def reset(self) -> None:
         """Forget every frame (explicit stream reset); storage is kept and zeroed."""
@@ -192,33 +203,52 @@ class KVCache:
                                        sin[None, :, None, :].to(k.device))
         self.positions[row] = new
 
-    def slot_for(self, block: int, chunk: int, k_new: torch.Tensor, v_new: torch.Tensor) -> int:
-        """The frame slot this chunk occupies in ``block`` (decided at its first call).
+    def slot_for(self, block: int, chunk: int, k_new: torch.Tensor, v_new: torch.Tensor
+                 ) -> int | torch.Tensor:
+        """The frame slot this chunk occupies in ``block`` (decided at its first call): an int,
+        or with ``defer`` a 0-d device tensor while a refresh decision is unresolved.
 
         ``k_new``/``v_new``: this chunk's keys/values at its first step, (tokens, heads, dim).
         """
+        waiting = self.pending.get((block, chunk))
+        if waiting is not None:
+            return waiting[0]
         targets = self.targets.get(chunk)
         if targets is not None and targets[block] >= 0:
             return targets[block]
+        if any(b == block for b, _ in self.pending):
+            self.resolve()  # another chunk's decision in this block comes first
         if targets is None:
             targets = self.targets[chunk] = [-1] * self.blocks
         p, book = self.policy, self.books[block]
         if -1 in book.chunk:
             slot = book.chunk.index(-1)
+        elif p.refresh_threshold > 0 and p.sinks > 0:
+            choice = self._refresh_choice(block, k_new, v_new, book.next_ring)
+            if self.defer:
+                self.pending[(block, chunk)] = [choice, book.next_ring, None, None]
+                return choice
+            slot = int(choice)
+            self._advance_ring(book, slot)
         else:
-            slot = self._refresh_sink(block, k_new, v_new) if p.refresh_threshold > 0 and \
-                p.sinks > 0 else -1
-            if slot < 0:
-                slot = book.next_ring
-                ring = p.frames - p.sinks
-                book.next_ring = p.sinks + (book.next_ring - p.sinks + 1) % ring if ring else \
-                    p.sinks
+            slot = book.next_ring
+            self._advance_ring(book, slot)
         book.chunk[slot] = chunk
         targets[block] = slot
         return slot
 
-    def _refresh_sink(self, block: int, k_new: torch.Tensor, v_new: torch.Tensor) -> int:
-        """The least similar sink if its similarity is below the threshold, else -1."""
+    def _advance_ring(self, book: _BlockBook, slot: int) -> None:
+        """The ring's victim moves on only when the ring (not a sink) took the chunk."""
+        if slot != book.next_ring:
+            return
+        p = self.policy
+        ring = p.frames - p.sinks
+        book.next_ring = p.sinks + (book.next_ring - p.sinks + 1) % ring if ring else p.sinks
+
+    def _refresh_choice(self, block: int, k_new: torch.Tensor, v_new: torch.Tensor,
+                        ring_slot: int) -> torch.Tensor:
+        """The least similar sink if its similarity is below the threshold, else the ring
+        slot; a 0-d long tensor on the cache's device (no host synchronisation)."""
         t = self.tokens
         k_sinks = self.k[block][0, :, :self.policy.sinks * t].unflatten(1, (-1, t))
         v_sinks = self.v[block][0, :, :self.policy.sinks * t].unflatten(1, (-1, t))
@@ -228,16 +258,41 @@ class KVCache:
         vn = v_new.float().mean(0).flatten()
         sim = 0.5 * (torch.cosine_similarity(km, kn[None], dim=-1) +
                      torch.cosine_similarity(vm, vn[None], dim=-1))
-        worst = int(sim.argmin())
-        return worst if float(sim[worst]) < self.policy.refresh_threshold else -1
+        low, worst = sim.min(0)
+        return torch.where(low < self.policy.refresh_threshold, worst,
+                           torch.full_like(worst, ring_slot))
 
-    def store(self, block: int, row: int, slot: int, position: int, k: torch.Tensor,
-              v: torch.Tensor) -> None:
+    def store(self, block: int, row: int, slot: int | torch.Tensor, position: int,
+              k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one chunk's keys/values (tokens, heads, dim) into a row's frame slot."""
         t = self.tokens
+        if isinstance(slot, torch.Tensor):  # an unresolved decision: index on the device
+            index = slot.view(1)
+            for cache, new in ((self.k, k), (self.v, v)):
+                frames = cache[block][row].unflatten(1, (self.policy.frames, t))
+                frames.index_copy_(1, index, new.transpose(0, 1).unsqueeze(1))
+            for key, entry in self.pending.items():
+                if key[0] == block and entry[0] is slot:
+                    entry[2], entry[3] = row, position
+            return
         self.k[block][row, :, slot * t:(slot + 1) * t].copy_(k.transpose(0, 1))
         self.v[block][row, :, slot * t:(slot + 1) * t].copy_(v.transpose(0, 1))
         self.positions[row, block, slot] = position
+
+    def resolve(self) -> None:
+        """Read back every deferred decision (one synchronisation) and book it."""
+        if not self.pending:
+            return
+        items = list(self.pending.items())
+        self.pending.clear()
+        slots = torch.stack([entry[0] for _, entry in items]).tolist()
+        for ((block, chunk), (_, ring, row, position)), slot in zip(items, slots):
+            book = self.books[block]
+            self._advance_ring(book, slot)
+            book.chunk[slot] = chunk
+            self.targets.setdefault(chunk, [-1] * self.blocks)[block] = slot
+            if row is not None:
+                self.positions[row, block, slot] = position
 
     def filled_slots(self, block: int, row: int) -> int:
         """Frame slots of a row holding keys (always a prefix)."""
