@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="video: torch device")
     p.add_argument("--no-channels-last", action="store_true",
                    help="video: keep the VAE in NCDHW layout on GPUs (for A/B measurements)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="video: run eagerly, without torch.compile (for A/B measurements)")
     p.add_argument("--decoders", default="vae,tiny",
                    help="video: decoders to measure, comma-separated (vae, tiny)")
     p.set_defaults(func=cmd_bench)

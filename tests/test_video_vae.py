@@ -64,3 +64,43 @@ def test_channels_last_layout_computes_the_same(vae):
     torch.testing.assert_close(fast.decode(z, fast.new_state()), y, atol=1e-5, rtol=1e-4)
     for p in vae.parameters():  # leave the shared module as the other tests expect it
         p.data = p.data.contiguous()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_steady_state_graph_equals_diffusers_forward(vae, channels_last):
+    """After a stream's first two calls the chunk runs through vae_steady's functions (the
+    graph the GPU compiles); it must equal diffusers' own forward on every output frame and
+    on the history it hands to the next chunk."""
+    steady = StreamingVAE(vae, channels_last=channels_last)
+    eager = StreamingVAE(vae, channels_last=channels_last)
+    eager.steady = False
+    assert steady.steady  # the Wan 2.1 layout is covered
+    calls = {"enc": 0, "dec": 0}
+    enc_fn, dec_fn = steady._encode_chunk, steady._decode_chunk
+
+    def count(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+
+    steady._encode_chunk, steady._decode_chunk = count("enc", enc_fn), count("dec", dec_fn)
+    torch.manual_seed(1)
+    clip = torch.rand(1, 3, 1 + 4 * 6, 32, 48) * 2 - 1
+    states = {id(sv): (sv.new_state(), sv.new_state()) for sv in (steady, eager)}
+    for start, n in [(0, 1)] + [(1 + 4 * i, 4) for i in range(6)]:
+        outs = []
+        for sv in (steady, eager):
+            enc, dec = states[id(sv)]
+            z = sv.encode(clip[:, :, start:start + n], enc)
+            outs.append((z, sv.decode(z, dec)))
+        (z_s, y_s), (z_e, y_e) = outs
+        torch.testing.assert_close(z_s, z_e, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(y_s, y_e, atol=1e-5, rtol=1e-4)
+    assert calls == {"enc": 5, "dec": 5}
+    (enc_s, dec_s), (enc_e, dec_e) = states[id(steady)], states[id(eager)]
+    for mine, theirs in ((enc_s.enc, enc_e.enc), (dec_s.dec, dec_e.dec)):
+        used = [t for t in theirs if t is not None]
+        assert len(mine) == len(used)
+        for a, b in zip(mine, used):
+            torch.testing.assert_close(a, b[:, :, -a.shape[2]:], atol=1e-5, rtol=1e-4)

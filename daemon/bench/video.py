@@ -48,7 +48,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def build_bench_engine(model: str, device: torch.device,
-                       channels_last: bool | None = None) -> VideoEngine:
+                       channels_last: bool | None = None,
+                       compile: bool | None = None) -> VideoEngine:
     preset = W.PRESETS[model]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -67,7 +68,7 @@ def build_bench_engine(model: str, device: torch.device,
     return VideoEngine(f"video-{model}", transformer, vae, text, device=str(device),
                        min_side=32 if model == "tiny" else 256,
                        description=f"Wan 2.1 {model}, RANDOM weights", tiny_decoder=tiny,
-                       channels_last=channels_last)
+                       channels_last=channels_last, compile=compile)
 
 
 def _clip(height: int, width: int):
@@ -100,13 +101,16 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
     clip = _clip(height, width)
     # warm-up on a throwaway stream: kernels, cuDNN plans and allocator pools for this shape
     params = {"steps": steps, "decoder": decoder}
+    # (with compilation: kernels for this frame size and batch are generated here)
+    warm_started = time.perf_counter()
     engine.open_stream(StreamConfig(sid + 1, spec, spec, INPUT_FPS, params))
     try:
         seq, _ = _run_chunk(engine, sid + 1, clip, spec, 0, FIRST_CHUNK_FRAMES)
-        for _ in range(steps + 1):
+        for _ in range(steps + 3):
             seq, _ = _run_chunk(engine, sid + 1, clip, spec, seq, CHUNK_FRAMES)
     finally:
         engine.close_stream(sid + 1)
+    warm_up = time.perf_counter() - warm_started
     engine.open_stream(StreamConfig(sid, spec, spec, INPUT_FPS, params))
     try:
         if cuda:
@@ -153,6 +157,7 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
             "other_ms": round(stages.get("total", 0.0) - known, 2),
             "dit_tflops": round(dit_flops * slots / (dit_ms / 1000) / 1e12, 1) if dit_ms else 0.0,
             "matmul_tflops": round(matmul, 1),
+            "warm_up_s": round(warm_up, 1),
         }
     finally:
         engine.close_stream(sid)
@@ -174,10 +179,13 @@ def run_video_bench(args: argparse.Namespace) -> int:
     print(f"video engine, Wan 2.1 {args.model} with RANDOM weights on {meta['gpu']} "
           f"({meta['date']}, commit {meta['commit']}); text encoder: a one-layer stand-in, "
           f"not on the per-chunk path; VAE layout "
-          f"{'NCDHW' if args.no_channels_last else 'auto'}")
+          f"{'NCDHW' if args.no_channels_last else 'auto'}; "
+          f"torch.compile {'off' if args.no_compile else 'auto (on for GPUs)'}")
     matmul = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     engine = build_bench_engine(args.model, device,
-                                channels_last=False if args.no_channels_last else None)
+                                channels_last=False if args.no_channels_last else None,
+                                compile=False if args.no_compile else None)
+    meta["compiled"] = engine.wan.compiled
     meta["vae_layout"] = "NCDHW" if engine.vae.memory_format == torch.contiguous_format \
         else "NDHWC"
     records = []
@@ -198,6 +206,7 @@ def run_video_bench(args: argparse.Namespace) -> int:
                           ("jitter_ms", "jitter", ".1f"), ("peak_gib", "peak GiB", ".2f"),
                           ("upload_ms", "upload", ".1f"), ("encode_ms", "encode", ".1f"),
                           ("dit_ms", "DiT", ".1f"), ("decode_ms", "decode", ".1f"),
-                          ("dit_tflops", "DiT TF/s", ".0f"), ("matmul_tflops", "mm TF/s", ".0f")])
+                          ("dit_tflops", "DiT TF/s", ".0f"), ("matmul_tflops", "mm TF/s", ".0f"),
+                          ("warm_up_s", "warm-up s", ".0f")])
     write_json(args.json, records, meta)
     return 0

@@ -1,9 +1,11 @@
 """Causal, chunk-by-chunk forward of diffusers' WanTransformer3DModel against a KV cache.
 
-diffusers' blocks are used as they are (norms, modulation, FFN, projections); only the
-attention processors are ours: self-attention rotates this chunk's queries/keys at its frame
-position, stores keys/values in the stream's cache and attends to the cache rows in place;
-cross-attention uses keys/values computed once per prompt.  The forward can run over a
+diffusers' modules and weights are used as they are (norms, modulation, FFN, projections); the
+block's forward is ours, in three dense regions around the two attention calls: self-attention
+rotates this chunk's queries/keys at its frame position, stores keys/values in the stream's
+cache and attends to the cache rows in place; cross-attention uses keys/values computed once
+per prompt.  The dense regions hold no Python state, so ``CausalWan.compile()`` can hand them
+to torch.compile (one graph reused by every block); the cache bookkeeping stays eager.  The forward can run over a
 contiguous range of blocks (a *stage*) so pipeline parallelism can split blocks over ranks.
 
 One call processes a batch of latent frames (B, 16, 1, h, w): each batch element is one chunk
@@ -13,6 +15,7 @@ at one denoising step, tagged with its cache row (= step), chunk id and frame po
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -92,73 +95,77 @@ def _groups(items: list) -> list[tuple[int, int]]:
     return out
 
 
-class _BlockProcessor:
-    """An attention processor bound to one block; reads the current call from its owner."""
-
-    def __init__(self, owner: CausalWan, block: int) -> None:
-        self.owner = owner
-        self.block = block
+def _modulation(block, proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """shift, scale, gate (self-attention) and shift, scale, gate (FFN), each (B, 1, dim)."""
+    return (block.scale_shift_table + proj.float()).chunk(6, dim=1)
 
 
-class _SelfAttention(_BlockProcessor):
-    """attn1 processor: RoPE, store into the cache, attend over the cache rows in place."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None):
-        call = self.owner.call
-        b, t, _ = hidden_states.shape
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        cos, sin = rotary_emb
-        q = rotate_pairs(q, cos, sin).transpose(1, 2)
-        k = rotate_pairs(k, cos, sin)
-        outs = []
-        for lo, hi in _groups(call.caches):
-            outs.append(self._attend(call, lo, hi, q[lo:hi], k, v, t))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
-        return attn.to_out[1](attn.to_out[0](out))
-
-    def _attend(self, call: ChunkCall, lo: int, hi: int, q, k, v, t: int) -> torch.Tensor:
-        cache = call.caches[lo]
-        lengths = []
-        for i in range(lo, hi):
-            slot = cache.slot_for(self.block, call.chunks[i], k[i], v[i])
-            cache.store(self.block, call.rows[i], slot, call.positions[i], k[i], v[i])
-            lengths.append(cache.filled_slots(self.block, call.rows[i]) * t)
-        rows = call.rows[lo:hi]
-        longest = max(lengths)
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            keys = cache.k[self.block][rows[0]:rows[0] + len(rows), :, :longest]
-            values = cache.v[self.block][rows[0]:rows[0] + len(rows), :, :longest]
-        else:  # rows out of order (not produced by the engine's schedules, kept for safety)
-            keys = cache.k[self.block][rows, :, :longest]
-            values = cache.v[self.block][rows, :, :longest]
-        mask = None
-        if min(lengths) < longest:
-            idx = torch.arange(longest, device=q.device)
-            mask = (idx[None, :] < torch.tensor(lengths, device=q.device)[:, None])[:, None, None]
-        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
-                                              attn_mask=mask)
+def _self_qkv(block, x: torch.Tensor, proj: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Region 1 of a block: modulated norm, q/k/v with RMS norms, RoPE.  Returns q (B, heads,
+    T, d) and k, v (B, T, heads, d)."""
+    shift, scale = _modulation(block, proj)[:2]
+    h = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    attn = block.attn1
+    q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+    k = attn.norm_k(attn.to_k(h)).unflatten(2, (attn.heads, -1))
+    v = attn.to_v(h).unflatten(2, (attn.heads, -1))
+    return rotate_pairs(q, cos, sin).transpose(1, 2), rotate_pairs(k, cos, sin), v
 
 
-class _CrossAttention(_BlockProcessor):
-    """attn2 processor: the prompt's keys/values come precomputed (once per prompt)."""
+def _self_out_cross_q(block, x: torch.Tensor, attn_out: torch.Tensor, proj: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Region 2: self-attention output projection and gated residual, then the cross-attention
+    queries.  Returns x and q (B, heads, T, d)."""
+    gate = _modulation(block, proj)[2]
+    attn = block.attn1
+    out = attn.to_out[1](attn.to_out[0](attn_out.transpose(1, 2).flatten(2, 3).type_as(x)))
+    x = (x.float() + out * gate).type_as(x)
+    h = block.norm2(x.float()).type_as(x)
+    cross = block.attn2
+    q = cross.norm_q(cross.to_q(h)).unflatten(2, (cross.heads, -1)).transpose(1, 2)
+    return x, q
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None):
-        call = self.owner.call
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        outs = []
-        for lo, hi in _groups(call.cross_kv):
-            k, v = call.cross_kv[lo][self.block]
-            n = hi - lo
-            outs.append(F.scaled_dot_product_attention(
-                q[lo:hi], k.expand(n, -1, -1, -1).to(q.dtype), v.expand(n, -1, -1, -1).to(q.dtype)))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
-        return attn.to_out[1](attn.to_out[0](out))
+
+def _cross_out_ffn(block, x: torch.Tensor, cross_out: torch.Tensor, proj: torch.Tensor
+                   ) -> torch.Tensor:
+    """Region 3: cross-attention output projection and residual, modulated norm, gated FFN."""
+    c_shift, c_scale, c_gate = _modulation(block, proj)[3:]
+    cross = block.attn2
+    x = x + cross.to_out[1](cross.to_out[0](cross_out.transpose(1, 2).flatten(2, 3)
+                                            .type_as(x)))
+    h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+    return (x.float() + block.ffn(h).float() * c_gate).type_as(x)
+
+
+def _attend_cache(block: int, call: ChunkCall, lo: int, hi: int, q: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
+    """Store elements lo..hi's keys/values in their stream's cache and attend over its rows
+    in place (the filled prefix of each row; a mask where rows differ in length)."""
+    cache = call.caches[lo]
+    lengths = []
+    for i in range(lo, hi):
+        slot = cache.slot_for(block, call.chunks[i], k[i], v[i])
+        cache.store(block, call.rows[i], slot, call.positions[i], k[i], v[i])
+        lengths.append(cache.filled_slots(block, call.rows[i]) * t)
+    rows = call.rows[lo:hi]
+    longest = max(lengths)
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        keys = cache.k[block][rows[0]:rows[0] + len(rows), :, :longest]
+        values = cache.v[block][rows[0]:rows[0] + len(rows), :, :longest]
+    else:  # rows out of order (not produced by the engine's schedules, kept for safety)
+        keys = cache.k[block][rows, :, :longest]
+        values = cache.v[block][rows, :, :longest]
+    mask = None
+    if min(lengths) < longest:
+        idx = torch.arange(longest, device=q.device)
+        mask = (idx[None, :] < torch.tensor(lengths, device=q.device)[:, None])[:, None, None]
+    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
+                                          attn_mask=mask)
+
+
+def _cat(outs: list[torch.Tensor]) -> torch.Tensor:
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
 class CausalWan:
@@ -173,10 +180,20 @@ class CausalWan:
         rope = transformer.rope
         self.t_dim, self.h_dim, self.w_dim = rope.t_dim, rope.h_dim, rope.w_dim
         self.inv_freq = [rope_inv_freq(d) for d in (self.t_dim, self.h_dim, self.w_dim)]
-        self.call: ChunkCall | None = None
-        for i, block in enumerate(transformer.blocks):
-            block.attn1.set_processor(_SelfAttention(self, i))
-            block.attn2.set_processor(_CrossAttention(self, i))
+        self._regions = (_self_qkv, _self_out_cross_q, _cross_out_ffn)
+        self.compiled = False
+        self._rope_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = \
+            OrderedDict()
+
+    def compile(self, mode: str | None = None) -> None:
+        """torch.compile the three dense regions of a block (everything but the cache
+        bookkeeping and the attention calls).  They are compiled once and reused by every
+        block (the blocks differ only in their weights); one graph per batch/token shape."""
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self._regions = tuple(torch.compile(f, fullgraph=True, dynamic=False, mode=mode)
+                              for f in (_self_qkv, _self_out_cross_q, _cross_out_ffn))
+        self.compiled = True
 
     @property
     def num_blocks(self) -> int:
@@ -196,21 +213,30 @@ class CausalWan:
     # --- pieces of the forward -------------------------------------------------------------
 
     def rope(self, positions: list[int], pph: int, ppw: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (B, T, 1, head_dim) for one latent frame per batch element."""
+        """cos/sin (B, T, 1, head_dim) for one latent frame per batch element.  The spatial
+        part is memoised per frame size; only the temporal angles are computed per call."""
         dev = self.device
-        ct, st = rope_cos_sin(torch.tensor(positions, device=dev), self.inv_freq[0])  # B, td
-        ch, sh = rope_cos_sin(torch.arange(pph, device=dev), self.inv_freq[1])       # H, hd
-        cw, sw = rope_cos_sin(torch.arange(ppw, device=dev), self.inv_freq[2])       # W, wd
-        b = len(positions)
+        spatial = self._rope_cache.get((pph, ppw))
+        if spatial is None:
+            ch, sh = rope_cos_sin(torch.arange(pph, device=dev), self.inv_freq[1])   # H, hd
+            cw, sw = rope_cos_sin(torch.arange(ppw, device=dev), self.inv_freq[2])   # W, wd
 
-        def grid(t, h, w):
-            return torch.cat([t[:, None, None, :].expand(b, pph, ppw, -1),
-                              h[None, :, None, :].expand(b, pph, ppw, -1),
-                              w[None, None, :, :].expand(b, pph, ppw, -1)], -1)
+            def grid(h, w):
+                return torch.cat([h[:, None, :].expand(pph, ppw, -1),
+                                  w[None, :, :].expand(pph, ppw, -1)], -1).reshape(pph * ppw, -1)
 
-        cos = grid(ct, ch, cw).reshape(b, pph * ppw, 1, -1)
-        sin = grid(st, sh, sw).reshape(b, pph * ppw, 1, -1)
-        return cos, sin
+            spatial = self._rope_cache[(pph, ppw)] = (grid(ch, cw), grid(sh, sw))
+            while len(self._rope_cache) > 8:
+                self._rope_cache.popitem(last=False)
+        ct, st = rope_cos_sin(torch.tensor(positions), self.inv_freq[0])  # B, td (on the CPU)
+        b, tokens = len(positions), pph * ppw
+
+        def full(t, hw):
+            t = t.to(dev, non_blocking=True)
+            return torch.cat([t[:, None, :].expand(b, tokens, -1),
+                              hw[None].expand(b, -1, -1)], -1).unsqueeze(2)
+
+        return full(ct, spatial[0]), full(st, spatial[1])
 
     @torch.no_grad()
     def cross_kv(self, prompt_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -240,12 +266,26 @@ class CausalWan:
     def blocks(self, x: torch.Tensor, proj: torch.Tensor, rope, call: ChunkCall,
                start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run blocks[start:end] (a pipeline stage) on tokens (B, T, dim)."""
-        self.call = call
-        try:
-            for block in self.model.blocks[start:end]:
-                x = block(x, None, proj, rope)
-        finally:
-            self.call = None
+        qkv, mid, post = self._regions
+        cos, sin = rope
+        t = x.shape[1]
+        cache_groups = _groups(call.caches)
+        prompt_groups = _groups(call.cross_kv)
+        end = self.num_blocks if end is None else end
+        for i in range(start, end):
+            block = self.model.blocks[i]
+            q, k, v = qkv(block, x, proj, cos, sin)
+            attn = _cat([_attend_cache(i, call, lo, hi, q[lo:hi], k, v, t)
+                         for lo, hi in cache_groups])
+            x, q = mid(block, x, attn, proj)
+            outs = []
+            for lo, hi in prompt_groups:
+                ck, cv = call.cross_kv[lo][i]
+                n = hi - lo
+                outs.append(F.scaled_dot_product_attention(
+                    q[lo:hi], ck.expand(n, -1, -1, -1).to(q.dtype),
+                    cv.expand(n, -1, -1, -1).to(q.dtype)))
+            x = post(block, x, _cat(outs), proj)
         for cache in {id(c): c for c in call.caches}.values():
             cache.resolve()
         return x

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -98,11 +99,20 @@ class VideoEngine(Engine):
 
     def __init__(self, name: str, transformer, vae, text_encoder, *, device: str = "cpu",
                  min_side: int = 256, max_side: int = 1280, description: str = "",
-                 tiny_decoder=None, channels_last: bool | None = None) -> None:
+                 tiny_decoder=None, channels_last: bool | None = None,
+                 compile: bool | None = None) -> None:
         self.name = name
         self.device = torch.device(device)
         self.wan = CausalWan(transformer)
         self.vae = StreamingVAE(vae, channels_last=channels_last)
+        if compile is None:  # on GPUs unless LIVEDIFFUSION_COMPILE=0
+            compile = self.device.type == "cuda" and \
+                os.environ.get("LIVEDIFFUSION_COMPILE", "1") != "0"
+        if compile:
+            # torch.compile of the DiT's dense block regions and the VAE's steady-state
+            # chunk: kernels are generated for each new frame size / batch on first use
+            self.wan.compile()
+            self.vae.compile()
         self.tokenizer, self.text_encoder = text_encoder
         self.tiny_decoder = tiny_decoder  # TAEHV-layout fast decoder, if its weights exist
         self.min_side, self.max_side = min_side, max_side

@@ -4,6 +4,11 @@ The VAE's causal convolutions keep the last frames of their inputs between calls
 keeps that cache on the module.  Here every stream owns its own cache lists and passes them
 to the encoder/decoder, so streams never see each other's history.
 
+A stream's first two encoder and decoder calls run diffusers' own forward (they change shape
+as the caches fill).  Every later call is the same fixed-shape graph, computed by
+``vae_steady`` from the same modules and caches; ``compile()`` hands that graph to
+torch.compile (the engine does on GPUs).
+
 Latents are normalised with the VAE's latents_mean/std on encode and de-normalised on decode
 (the DiT was trained on normalised latents; the public StreamDiffusionV2 release skips the
 normalisation on encode only, which we take for an oversight: revisit with real weights).
@@ -14,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from . import vae_steady
 
 
 def _conv_count(module) -> int:
@@ -56,6 +63,35 @@ class StreamingVAE:
             std = torch.ones(self.z_dim, device=dev, dtype=dt)
         self.mean = mean.view(1, -1, 1, 1, 1)
         self.std = std.view(1, -1, 1, 1, 1)
+        self.steady = vae_steady.supported(vae)  # False: diffusers' forward for every call
+        self._encode_chunk = self._decode_chunk = None
+        self.compiled = False
+        self._set_steady_functions(compile_mode=None, compiled=False)
+
+    def _set_steady_functions(self, compile_mode: str | None, compiled: bool) -> None:
+        vae = self.vae
+
+        def encode_chunk(x, caches):
+            return vae_steady.encode_chunk(vae, x, caches)
+
+        def decode_chunk(z, caches):
+            return vae_steady.decode_chunk(vae, z, caches)
+
+        if compiled:
+            import torch._dynamo
+            torch._dynamo.config.cache_size_limit = max(
+                torch._dynamo.config.cache_size_limit, 64)
+            encode_chunk = torch.compile(encode_chunk, fullgraph=True, dynamic=False,
+                                         mode=compile_mode)
+            decode_chunk = torch.compile(decode_chunk, fullgraph=True, dynamic=False,
+                                         mode=compile_mode)
+        self._encode_chunk, self._decode_chunk = encode_chunk, decode_chunk
+        self.compiled = compiled
+
+    def compile(self, mode: str | None = None) -> None:
+        """torch.compile the steady-state chunk functions (one graph per frame size)."""
+        if self.steady:
+            self._set_steady_functions(mode, compiled=True)
 
     @property
     def device(self) -> torch.device:
@@ -81,11 +117,17 @@ class StreamingVAE:
         outs = []
         start = 0
         if first:
-            outs.append(self.vae.encoder(x[:, :, :1], feat_cache=state.enc, feat_idx=[0]))
+            outs.append(self.vae.quant_conv(
+                self.vae.encoder(x[:, :, :1], feat_cache=state.enc, feat_idx=[0])))
             start = 1
         for i in range(start, n, 4):
-            outs.append(self.vae.encoder(x[:, :, i:i + 4], feat_cache=state.enc, feat_idx=[0]))
-        h = self.vae.quant_conv(torch.cat(outs, 2))
+            if self.steady and state.encoded + len(outs) >= 2:
+                h, state.enc = self._encode_chunk(x[:, :, i:i + 4], state.enc)
+                outs.append(h)
+                continue
+            outs.append(self.vae.quant_conv(
+                self.vae.encoder(x[:, :, i:i + 4], feat_cache=state.enc, feat_idx=[0])))
+        h = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
         mu = h[:, :self.z_dim]
         state.encoded += mu.shape[2]
         return (mu - self.mean) / self.std
@@ -93,11 +135,16 @@ class StreamingVAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
         """Normalised latents (B, z, N', h, w) -> frames (B, 3, N, H, W) in [-1, 1]."""
-        z = latents.to(self.device, self.dtype) * self.std + self.mean
-        x = self.vae.post_quant_conv(z.contiguous(memory_format=self.memory_format))
+        z = (latents.to(self.device, self.dtype) * self.std + self.mean).contiguous(
+            memory_format=self.memory_format)
         outs = []
-        for i in range(x.shape[2]):
-            outs.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=state.dec, feat_idx=[0],
-                                         first_chunk=state.decoded == 0))
+        for i in range(z.shape[2]):
+            if self.steady and state.decoded >= 2:
+                out, state.dec = self._decode_chunk(z[:, :, i:i + 1], state.dec)
+            else:
+                out = self.vae.decoder(self.vae.post_quant_conv(z[:, :, i:i + 1]),
+                                       feat_cache=state.dec, feat_idx=[0],
+                                       first_chunk=state.decoded == 0).clamp_(-1.0, 1.0)
+            outs.append(out)
             state.decoded += 1
-        return torch.cat(outs, 2).clamp_(-1.0, 1.0)
+        return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
