@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video: keep the VAE in NCDHW layout on GPUs (for A/B measurements)")
     p.add_argument("--no-compile", action="store_true",
                    help="video: run eagerly, without torch.compile (for A/B measurements)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="video: no CUDA graph of the DiT forward (for A/B measurements)")
     p.add_argument("--decoders", default="vae,tiny",
                    help="video: decoders to measure, comma-separated (vae, tiny)")
     p.set_defaults(func=cmd_bench)

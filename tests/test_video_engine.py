@@ -322,3 +322,31 @@ def test_motion_control_never_makes_the_noise_scale_negative():
     ctl = MotionController(reduce=0.9)
     moving = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 1.0, -1.0, 1.0)])
     assert ctl.update(moving, 0.5) > 0.1
+
+
+@pytest.mark.parametrize("steps,params", [(1, {}), (2, {"sink_refresh": 0.9}),
+                                          (3, {"cache_frames": 4, "sinks": 1, "rope_max": 6,
+                                               "sink_refresh": 0.5}),
+                                          (2, {"sink_refresh": 0.0})])
+def test_fixed_shape_forward_equals_the_general_one(steps, params):
+    """Once a stream's cache is full, GPUs run one fixed sequence of kernels (recorded as a
+    CUDA graph): slots as device tensors, the sink-refresh decision on the device.  Here the
+    same code runs directly and must give the general path's frames and cache books."""
+    general, fixed = build_video_engine("tiny"), build_video_engine("tiny")
+    fixed.wan.fixed_shape = True
+    runs = {}
+    for engine in (general, fixed):
+        engine.open_stream(StreamConfig(1, SPEC, SPEC, 30.0,
+                                        dict(params, steps=steps, seed=4)))
+        feed = Feeder(engine, 1, seed=9)
+        frames = [f for _ in range(16) for f in feed.chunk()]
+        runs[engine] = (frames, engine.streams[1].cache)
+    (a, ca), (b, cb) = runs[general], runs[fixed]
+    assert len(a) == len(b) > 40
+    for x, y in zip(a, b):
+        assert (x.pixels.int() - y.pixels.int()).abs().max() <= 1
+    assert [k.chunk for k in ca.books] == [k.chunk for k in cb.books]
+    assert torch.equal(ca.positions, cb.positions)
+    assert cb.graphs and not ca.graphs  # the fixed path ran (and the general one did not)
+    if params.get("sink_refresh", 0.2) > 0.5:
+        assert any(k.chunk[:2] != [0, 1] for k in ca.books)  # sinks were refreshed

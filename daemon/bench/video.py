@@ -49,7 +49,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 def build_bench_engine(model: str, device: torch.device,
                        channels_last: bool | None = None,
-                       compile: bool | None = None) -> VideoEngine:
+                       compile: bool | None = None,
+                       cuda_graphs: bool | None = None) -> VideoEngine:
     preset = W.PRESETS[model]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -68,7 +69,8 @@ def build_bench_engine(model: str, device: torch.device,
     return VideoEngine(f"video-{model}", transformer, vae, text, device=str(device),
                        min_side=32 if model == "tiny" else 256,
                        description=f"Wan 2.1 {model}, RANDOM weights", tiny_decoder=tiny,
-                       channels_last=channels_last, compile=compile)
+                       channels_last=channels_last, compile=compile,
+                       cuda_graphs=cuda_graphs)
 
 
 def _clip(height: int, width: int):
@@ -180,12 +182,15 @@ def run_video_bench(args: argparse.Namespace) -> int:
           f"({meta['date']}, commit {meta['commit']}); text encoder: a one-layer stand-in, "
           f"not on the per-chunk path; VAE layout "
           f"{'NCDHW' if args.no_channels_last else 'auto'}; "
-          f"torch.compile {'off' if args.no_compile else 'auto (on for GPUs)'}")
+          f"torch.compile {'off' if args.no_compile else 'auto (on for GPUs)'}; "
+          f"CUDA graphs {'off' if args.no_cuda_graphs else 'auto (on for GPUs)'}")
     matmul = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     engine = build_bench_engine(args.model, device,
                                 channels_last=False if args.no_channels_last else None,
-                                compile=False if args.no_compile else None)
+                                compile=False if args.no_compile else None,
+                                cuda_graphs=False if args.no_cuda_graphs else None)
     meta["compiled"] = engine.wan.compiled
+    meta["cuda_graphs"] = engine.wan.use_graphs
     meta["vae_layout"] = "NCDHW" if engine.vae.memory_format == torch.contiguous_format \
         else "NDHWC"
     records = []

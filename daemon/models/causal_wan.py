@@ -15,6 +15,7 @@ at one denoising step, tagged with its cache row (= step), chunk id and frame po
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
@@ -182,6 +183,12 @@ class CausalWan:
         self.inv_freq = [rope_inv_freq(d) for d in (self.t_dim, self.h_dim, self.w_dim)]
         self._regions = (_self_qkv, _self_out_cross_q, _cross_out_ffn)
         self.compiled = False
+        #: use the fixed-shape forward once a stream's cache is full (default: on CUDA, as
+        #: CUDA graphs); LIVEDIFFUSION_CUDA_GRAPHS=0 turns both off
+        cuda = self.device.type == "cuda" and os.environ.get("LIVEDIFFUSION_CUDA_GRAPHS",
+                                                             "1") != "0"
+        self.fixed_shape = cuda
+        self.use_graphs = cuda
         self._rope_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = \
             OrderedDict()
 
@@ -309,10 +316,124 @@ class CausalWan:
         _, _, frames, h, w = latents.shape
         if frames != 1:
             raise ValueError("the causal forward takes one latent frame per batch element.")
+        if self.fixed_shape:
+            out = self._forward_fixed(latents, timesteps, call, h, w)
+            if out is not None:
+                return out
         x, temb, proj = self.embed(latents, timesteps)
         rope = self.rope(call.positions, h // self.patch[1], w // self.patch[2])
         x = self.blocks(x, proj, rope, call)
         return self.head(x, temb, h, w)
+
+
+    # --- the fixed-shape forward: one CUDA graph per stream and batch shape --------------------
+
+    def _forward_fixed(self, latents: torch.Tensor, timesteps: torch.Tensor, call: ChunkCall,
+                       h: int, w: int) -> torch.Tensor | None:
+        """The forward of a stream whose cache is full: every slot index is a device tensor,
+        the sink-refresh decision is taken on the device, attention reads whole rows, so the
+        whole forward (embedding, every block, head) is one fixed sequence of kernels.  On
+        CUDA it is recorded once as a graph and replayed; elsewhere it runs directly (the
+        tests compare it with the general path).  None when the call is not of that kind."""
+        cache = call.caches[0]
+        if any(c is not cache for c in call.caches) or \
+                any(kv is not call.cross_kv[0] for kv in call.cross_kv) or \
+                not hasattr(cache, "static_plan"):
+            return None
+        plan = cache.static_plan(call.rows, call.chunks)
+        if plan is None:
+            return None
+        b, dev = len(call.rows), self.device
+        cos, sin = self.rope(call.positions, h // self.patch[1], w // self.patch[2])
+        key = (b, h, w, plan.refresh, plan.new, cache.policy.refresh_threshold)
+        st = cache.graphs.get(key)
+        slots = torch.tensor(plan.slots, device=dev)
+        ring = torch.tensor(plan.ring, device=dev)
+        if st is None:
+            st = cache.graphs[key] = _Fixed(
+                cache=cache, latents=latents.to(dev, self.dtype).clone(),
+                t=timesteps.to(dev).clone(), cos=cos.clone(), sin=sin.clone(), slots=slots,
+                ring=ring, rows=torch.arange(b, device=dev), refresh=plan.refresh,
+                cross=[(k.clone(), v.clone()) for k, v in call.cross_kv[0]],
+                cross_src=call.cross_kv[0],
+                out=torch.empty((b, latents.shape[1], 1, h, w), device=dev, dtype=self.dtype),
+                chosen=torch.zeros(self.num_blocks, dtype=torch.long, device=dev))
+        else:
+            st.latents.copy_(latents)
+            st.t.copy_(timesteps)
+            st.cos.copy_(cos)
+            st.sin.copy_(sin)
+            st.slots.copy_(slots)
+            st.ring.copy_(ring)
+            if st.cross_src is not call.cross_kv[0]:  # a new prompt
+                for (dk, dv), (k, v) in zip(st.cross, call.cross_kv[0]):
+                    dk.copy_(k)
+                    dv.copy_(v)
+                st.cross_src = call.cross_kv[0]
+        if not self.use_graphs:
+            self._fixed_body(st, h, w)
+        elif st.graph is None:
+            # the first run is real work and the warm-up the capture needs; the capture
+            # records the same kernels without running them
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._fixed_body(st, h, w)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._fixed_body(st, h, w)
+            st.graph = graph
+        else:
+            st.graph.replay()
+        chosen = st.chosen.tolist() if plan.refresh else None  # the forward's one sync
+        cache.static_commit(plan, call.chunks, call.positions, chosen)
+        return st.out.clone()
+
+    def _fixed_body(self, st: _Fixed, h: int, w: int) -> None:
+        x, temb, proj = self.embed(st.latents, st.t)
+        b, t = x.shape[:2]
+        cache = st.cache
+        frames = cache.policy.frames
+        qkv, mid, post = self._regions
+        chosen = []
+        for i, block in enumerate(self.model.blocks):
+            q, k, v = qkv(block, x, proj, st.cos, st.sin)
+            slots = st.slots[i]
+            if st.refresh:  # element 0 is a new chunk: a sink or the ring slot, on the device
+                first = cache._refresh_choice(i, k[0], v[0], st.ring[i])
+                slots = torch.cat([first.view(1), slots[1:]])
+                chosen.append(first)
+            for store, new in ((cache.k[i], k), (cache.v[i], v)):
+                store.unflatten(2, (frames, t))[st.rows, :, slots] = new.transpose(1, 2)
+            attn = F.scaled_dot_product_attention(q, cache.k[i][:b], cache.v[i][:b])
+            x, q = mid(block, x, attn, proj)
+            ck, cv = st.cross[i]
+            x = post(block, x, F.scaled_dot_product_attention(
+                q, ck.expand(b, -1, -1, -1), cv.expand(b, -1, -1, -1)), proj)
+        st.out.copy_(self.head(x, temb, h, w))
+        if chosen:
+            st.chosen.copy_(torch.stack(chosen))
+
+
+@dataclass(eq=False)
+class _Fixed:
+    """The static buffers of one fixed-shape forward (a CUDA graph reads and writes them)."""
+
+    cache: FrameCache
+    latents: torch.Tensor
+    t: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slots: torch.Tensor    # (blocks, B) frame slot of each element
+    ring: torch.Tensor     # (blocks,) the ring slot a new chunk takes unless it refreshes
+    rows: torch.Tensor     # (B,) = 0..B-1
+    refresh: bool
+    cross: list[tuple[torch.Tensor, torch.Tensor]]
+    cross_src: object
+    out: torch.Tensor
+    chosen: torch.Tensor   # (blocks,) slot chosen for element 0
+    graph: object = None
 
 
 def flops_per_chunk(transformer, tokens: int, cached_tokens: int, text_len: int = 512) -> float:

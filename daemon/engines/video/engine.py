@@ -100,7 +100,7 @@ class VideoEngine(Engine):
     def __init__(self, name: str, transformer, vae, text_encoder, *, device: str = "cpu",
                  min_side: int = 256, max_side: int = 1280, description: str = "",
                  tiny_decoder=None, channels_last: bool | None = None,
-                 compile: bool | None = None) -> None:
+                 compile: bool | None = None, cuda_graphs: bool | None = None) -> None:
         self.name = name
         self.device = torch.device(device)
         self.wan = CausalWan(transformer)
@@ -113,6 +113,9 @@ class VideoEngine(Engine):
             # chunk: kernels are generated for each new frame size / batch on first use
             self.wan.compile()
             self.vae.compile()
+        if cuda_graphs is not None:  # default: on CUDA (see CausalWan)
+            self.wan.fixed_shape = self.wan.use_graphs = cuda_graphs and \
+                self.device.type == "cuda"
         self.tokenizer, self.text_encoder = text_encoder
         self.tiny_decoder = tiny_decoder  # TAEHV-layout fast decoder, if its weights exist
         self.min_side, self.max_side = min_side, max_side

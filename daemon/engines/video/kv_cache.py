@@ -55,6 +55,17 @@ class CachePolicy:
 
 
 @dataclass
+class StaticPlan:
+    """Slots of a fixed-shape forward: per block, per element (element 0's is the ring slot
+    when it is a new chunk; with ``refresh`` the device may pick a sink instead)."""
+
+    slots: list[list[int]]
+    ring: list[int]
+    refresh: bool
+    new: bool
+
+
+@dataclass
 class _BlockBook:
     """Which chunk sits in each frame slot (row 0's view), and the ring's next victim."""
 
@@ -94,6 +105,8 @@ class KVCache:
     defer: bool | None = None
     #: (block, chunk) -> [chosen slot (0-d device tensor), ring slot, row, position]
     pending: dict[tuple[int, int], list] = field(default_factory=dict)
+    #: fixed-shape forwards (CUDA graphs) recorded against this cache's storage
+    graphs: dict = field(default_factory=dict)
 
     EMPTY = -10**9
 
@@ -106,6 +119,7 @@ class KVCache:
     # --- storage ---------------------------------------------------------------------
 
     def allocate(self) -> None:
+        self.graphs.clear()  # they point at the storage being replaced
         shape = (self.rows, self.heads, self.policy.frames * self.tokens, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                   for _ in range(self.blocks)]
@@ -146,6 +160,7 @@ class KVCache:
         (the nearest history there is), removed rows are dropped."""
         if rows == self.rows:
             return
+        self.graphs.clear()
         for i in range(self.blocks):
             self.k[i] = _resize_rows(self.k[i], rows)
             self.v[i] = _resize_rows(self.v[i], rows)
@@ -246,7 +261,7 @@ class KVCache:
         book.next_ring = p.sinks + (book.next_ring - p.sinks + 1) % ring if ring else p.sinks
 
     def _refresh_choice(self, block: int, k_new: torch.Tensor, v_new: torch.Tensor,
-                        ring_slot: int) -> torch.Tensor:
+                        ring_slot: int | torch.Tensor) -> torch.Tensor:
         """The least similar sink if its similarity is below the threshold, else the ring
         slot; a 0-d long tensor on the cache's device (no host synchronisation)."""
         t = self.tokens
@@ -259,8 +274,9 @@ class KVCache:
         sim = 0.5 * (torch.cosine_similarity(km, kn[None], dim=-1) +
                      torch.cosine_similarity(vm, vn[None], dim=-1))
         low, worst = sim.min(0)
-        return torch.where(low < self.policy.refresh_threshold, worst,
-                           torch.full_like(worst, ring_slot))
+        ring = ring_slot if isinstance(ring_slot, torch.Tensor) else \
+            torch.full_like(worst, ring_slot)
+        return torch.where(low < self.policy.refresh_threshold, worst, ring)
 
     def store(self, block: int, row: int, slot: int | torch.Tensor, position: int,
               k: torch.Tensor, v: torch.Tensor) -> None:
@@ -292,6 +308,44 @@ class KVCache:
             book.chunk[slot] = chunk
             self.targets.setdefault(chunk, [-1] * self.blocks)[block] = slot
             if row is not None:
+                self.positions[row, block, slot] = position
+
+    # --- the fixed-shape forward (one CUDA graph per stream and batch shape) -------------------
+
+    def static_plan(self, rows: list[int], chunks: list[int]) -> StaticPlan | None:
+        """The slots of a forward whose shape never changes: rows 0..B-1 all full, at most one
+        new chunk and it is element 0 (Stream Batch's steady state, or a sequential step).
+        None when the forward is not of that kind (the cache is still filling, say)."""
+        b = len(rows)
+        if rows != list(range(b)) or self.pending:
+            return None
+        if not bool((self.positions[:b] != self.EMPTY).all()):
+            return None
+        new = [e for e, c in enumerate(chunks)
+               if c not in self.targets or min(self.targets[c]) < 0]
+        if new not in ([], [0]):
+            return None
+        ring = [book.next_ring for book in self.books]
+        slots = [[ring[block] if e in new else self.targets[c][block]
+                  for e, c in enumerate(chunks)] for block in range(self.blocks)]
+        p = self.policy
+        return StaticPlan(slots, ring, refresh=bool(new) and p.refresh_threshold > 0 and
+                          p.sinks > 0, new=bool(new))
+
+    def static_commit(self, plan: StaticPlan, chunks: list[int], positions: list[int],
+                      chosen: list[int] | None) -> None:
+        """Book a fixed-shape forward: the new chunk's slots (``chosen`` per block when the
+        refresh decision was taken on the device) and every stored position."""
+        for block in range(self.blocks):
+            slots = plan.slots[block]
+            if plan.new:
+                slot = chosen[block] if plan.refresh else slots[0]
+                slots = [slot] + slots[1:]
+                book = self.books[block]
+                self._advance_ring(book, slot)
+                book.chunk[slot] = chunks[0]
+                self.targets.setdefault(chunks[0], [-1] * self.blocks)[block] = slot
+            for row, (slot, position) in enumerate(zip(slots, positions)):
                 self.positions[row, block, slot] = position
 
     def filled_slots(self, block: int, row: int) -> int:
