@@ -281,11 +281,14 @@ class VideoEngine(Engine):
                                   for f in item.frames])          # N, H, W, 3 in [0, 1]
             x = pixels.permute(0, 3, 1, 2) * 2.0 - 1.0              # N, 3, H, W in [-1, 1]
         p = stream.params
-        scale = stream.motion.update(x, p.noise_scale) if p.motion_control else p.noise_scale
+        with self._stage("motion"):
+            scale = stream.motion.update(x, p.noise_scale) if p.motion_control else \
+                p.noise_scale
         with self._stage("encode"):
             latents = self.vae.encode(x.permute(1, 0, 2, 3)[None], stream.vae)  # 1,16,n,h,w
-        return [self._admit(stream, latents, scale, [f.seq for f in item.frames],
-                            [f.ts for f in item.frames])]
+        with self._stage("noise"):
+            return [self._admit(stream, latents, scale, [f.seq for f in item.frames],
+                                [f.ts for f in item.frames])]
 
     def _admit(self, stream: VideoStream, z: torch.Tensor, scale: float, in_seqs: list[int],
                ts: list[int]) -> Chunk:
@@ -301,11 +304,12 @@ class VideoEngine(Engine):
         """One DiT forward over chunks of one or more streams (each stream's chunks at
         distinct steps); advances each by one step and returns those that became clean."""
         streams, chunks = [], []
-        for stream, items in work:
-            ordered = sorted(items, key=lambda c: c.step)
-            stream.cache.prepare([c.step for c in ordered], [c.id for c in ordered])
-            streams += [stream] * len(ordered)
-            chunks += ordered
+        with self._stage("prepare"):
+            for stream, items in work:
+                ordered = sorted(items, key=lambda c: c.step)
+                stream.cache.prepare([c.step for c in ordered], [c.id for c in ordered])
+                streams += [stream] * len(ordered)
+                chunks += ordered
         x = torch.cat([c.x for c in chunks], 0)
         t = torch.tensor([c.schedule[c.step] for c in chunks], device=x.device)
         positions = [s.cache.chunk_position[c.id] for s, c in zip(streams, chunks)]
@@ -314,6 +318,11 @@ class VideoEngine(Engine):
                          cross_kv=[s.cross_kv for s in streams])
         with self._stage("dit"):
             flow = self.wan.forward(x, t, call).to(x.dtype)
+        with self._stage("step"):
+            return self._step(streams, chunks, flow)
+
+    @staticmethod
+    def _step(streams: list[VideoStream], chunks: list[Chunk], flow: torch.Tensor) -> _Done:
         done = _Done()
         for i, (stream, c) in enumerate(zip(streams, chunks)):
             x0 = c.x - sigma(c.schedule[c.step]) * flow[i:i + 1]
@@ -362,9 +371,10 @@ class VideoEngine(Engine):
             if frames.shape[1] != len(chunk.in_seqs):
                 raise EngineError(f"decoded {frames.shape[1]} frames for a chunk of "
                                   f"{len(chunk.in_seqs)}.")
-            rgb = ((frames + 1.0) * 0.5).permute(1, 2, 3, 0).float()  # N, H, W, 3
-            for i, seq in enumerate(chunk.in_seqs):
-                out.append(OutputFrame(from_canonical(rgb[i], spec), seq, chunk.ts[i]))
+            with self._stage("output"):
+                rgb = ((frames + 1.0) * 0.5).permute(1, 2, 3, 0).float()  # N, H, W, 3
+                for i, seq in enumerate(chunk.in_seqs):
+                    out.append(OutputFrame(from_canonical(rgb[i], spec), seq, chunk.ts[i]))
         return out
 
     # --- helpers ---------------------------------------------------------------------------------

@@ -64,34 +64,25 @@ class StreamingVAE:
         self.mean = mean.view(1, -1, 1, 1, 1)
         self.std = std.view(1, -1, 1, 1, 1)
         self.steady = vae_steady.supported(vae)  # False: diffusers' forward for every call
-        self._encode_chunk = self._decode_chunk = None
-        self.compiled = False
-        self._set_steady_functions(compile_mode=None, compiled=False)
+        self.regions = vae_steady.Regions()
 
-    def _set_steady_functions(self, compile_mode: str | None, compiled: bool) -> None:
-        vae = self.vae
+    @property
+    def compiled(self) -> bool:
+        return self.regions.compiled
 
-        def encode_chunk(x, caches):
-            return vae_steady.encode_chunk(vae, x, caches)
-
-        def decode_chunk(z, caches):
-            return vae_steady.decode_chunk(vae, z, caches)
-
-        if compiled:
+    def compile(self, mode: str | None = None) -> None:
+        """torch.compile the steady-state regions (one graph per region and frame size)."""
+        if self.steady:
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(
                 torch._dynamo.config.cache_size_limit, 64)
-            encode_chunk = torch.compile(encode_chunk, fullgraph=True, dynamic=False,
-                                         mode=compile_mode)
-            decode_chunk = torch.compile(decode_chunk, fullgraph=True, dynamic=False,
-                                         mode=compile_mode)
-        self._encode_chunk, self._decode_chunk = encode_chunk, decode_chunk
-        self.compiled = compiled
+            self.regions = vae_steady.Regions(mode, compiled=True)
 
-    def compile(self, mode: str | None = None) -> None:
-        """torch.compile the steady-state chunk functions (one graph per frame size)."""
-        if self.steady:
-            self._set_steady_functions(mode, compiled=True)
+    def _encode_chunk(self, x: torch.Tensor, caches: list) -> torch.Tensor:
+        return vae_steady.encode_chunk(self.regions, self.vae, x, caches)
+
+    def _decode_chunk(self, z: torch.Tensor, caches: list) -> torch.Tensor:
+        return vae_steady.decode_chunk(self.regions, self.vae, z, caches)
 
     @property
     def device(self) -> torch.device:
@@ -122,8 +113,7 @@ class StreamingVAE:
             start = 1
         for i in range(start, n, 4):
             if self.steady and state.encoded + len(outs) >= 2:
-                h, state.enc = self._encode_chunk(x[:, :, i:i + 4], state.enc)
-                outs.append(h)
+                outs.append(self._encode_chunk(x[:, :, i:i + 4], state.enc))
                 continue
             outs.append(self.vae.quant_conv(
                 self.vae.encoder(x[:, :, i:i + 4], feat_cache=state.enc, feat_idx=[0])))
@@ -140,7 +130,7 @@ class StreamingVAE:
         outs = []
         for i in range(z.shape[2]):
             if self.steady and state.decoded >= 2:
-                out, state.dec = self._decode_chunk(z[:, :, i:i + 1], state.dec)
+                out = self._decode_chunk(z[:, :, i:i + 1], state.dec)
             else:
                 out = self.vae.decoder(self.vae.post_quant_conv(z[:, :, i:i + 1]),
                                        feat_cache=state.dec, feat_idx=[0],
