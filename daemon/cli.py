@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video: run eagerly, without torch.compile (for A/B measurements)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="video: no CUDA graph of the DiT forward (for A/B measurements)")
+    p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "default"],
+                   help="video: attention kernels: cuDNN first (auto on GPUs) or PyTorch's "
+                        "default order (for A/B measurements)")
     p.add_argument("--decoders", default="vae,tiny",
                    help="video: decoders to measure, comma-separated (vae, tiny)")
     p.set_defaults(func=cmd_bench)

@@ -50,7 +50,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
 def build_bench_engine(model: str, device: torch.device,
                        channels_last: bool | None = None,
                        compile: bool | None = None,
-                       cuda_graphs: bool | None = None) -> VideoEngine:
+                       cuda_graphs: bool | None = None,
+                       attention: str | None = None) -> VideoEngine:
     preset = W.PRESETS[model]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -70,7 +71,7 @@ def build_bench_engine(model: str, device: torch.device,
                        min_side=32 if model == "tiny" else 256,
                        description=f"Wan 2.1 {model}, RANDOM weights", tiny_decoder=tiny,
                        channels_last=channels_last, compile=compile,
-                       cuda_graphs=cuda_graphs)
+                       cuda_graphs=cuda_graphs, attention=attention)
 
 
 def _clip(height: int, width: int):
@@ -174,6 +175,10 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
         engine.close_stream(sid)
 
 
+def engine_attention(args: argparse.Namespace) -> str:
+    return "cuDNN first on GPUs" if args.attention == "auto" else args.attention
+
+
 def run_video_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -192,12 +197,15 @@ def run_video_bench(args: argparse.Namespace) -> int:
           f"not on the per-chunk path; VAE layout "
           f"{'NCDHW' if args.no_channels_last else 'auto'}; "
           f"torch.compile {'off' if args.no_compile else 'auto (on for GPUs)'}; "
-          f"CUDA graphs {'off' if args.no_cuda_graphs else 'auto (on for GPUs)'}")
+          f"CUDA graphs {'off' if args.no_cuda_graphs else 'auto (on for GPUs)'}; "
+          f"attention kernels {engine_attention(args)}")
     matmul = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     engine = build_bench_engine(args.model, device,
                                 channels_last=False if args.no_channels_last else None,
                                 compile=False if args.no_compile else None,
-                                cuda_graphs=False if args.no_cuda_graphs else None)
+                                cuda_graphs=False if args.no_cuda_graphs else None,
+                                attention=None if args.attention == "auto" else args.attention)
+    meta["attention"] = engine.wan.attention
     meta["compiled"] = engine.wan.compiled
     meta["cuda_graphs"] = engine.wan.use_graphs
     meta["vae_layout"] = "NCDHW" if engine.vae.memory_format == torch.contiguous_format \

@@ -14,6 +14,7 @@ at one denoising step, tagged with its cache row (= step), chunk id and frame po
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import OrderedDict
@@ -170,7 +171,7 @@ def _cat(outs: list[torch.Tensor]) -> torch.Tensor:
 
 
 class CausalWan:
-    """Wraps a WanTransformer3DModel for streaming; installs our attention processors."""
+    """Wraps a WanTransformer3DModel for streaming (its modules and weights, our forward)."""
 
     def __init__(self, transformer) -> None:
         self.model = transformer
@@ -189,8 +190,21 @@ class CausalWan:
                                                              "1") != "0"
         self.fixed_shape = cuda
         self.use_graphs = cuda
+        #: attention kernels, best first: "cudnn" (measured 1.7x faster than flash for these
+        #: shapes on an H200) or "default" (PyTorch's own order)
+        self.attention = "cudnn" if self.device.type == "cuda" else "default"
         self._rope_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = \
             OrderedDict()
+
+    def _attention_kernels(self):
+        """A context choosing the SDPA backends in our order (PyTorch falls back down the
+        list when a backend cannot take the call)."""
+        if self.attention == "default":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        return sdpa_kernel(order, set_priority=True)
 
     def compile(self, mode: str | None = None) -> None:
         """torch.compile the three dense regions of a block (everything but the cache
@@ -273,6 +287,10 @@ class CausalWan:
     def blocks(self, x: torch.Tensor, proj: torch.Tensor, rope, call: ChunkCall,
                start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run blocks[start:end] (a pipeline stage) on tokens (B, T, dim)."""
+        with self._attention_kernels():
+            return self._blocks(x, proj, rope, call, start, end)
+
+    def _blocks(self, x, proj, rope, call, start, end):
         qkv, mid, post = self._regions
         cos, sin = rope
         t = x.shape[1]
@@ -391,6 +409,10 @@ class CausalWan:
         return st.out.clone()
 
     def _fixed_body(self, st: _Fixed, h: int, w: int) -> None:
+        with self._attention_kernels():
+            self._fixed_body_inner(st, h, w)
+
+    def _fixed_body_inner(self, st: _Fixed, h: int, w: int) -> None:
         x, temb, proj = self.embed(st.latents, st.t)
         b, t = x.shape[:2]
         cache = st.cache

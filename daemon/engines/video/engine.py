@@ -100,7 +100,8 @@ class VideoEngine(Engine):
     def __init__(self, name: str, transformer, vae, text_encoder, *, device: str = "cpu",
                  min_side: int = 256, max_side: int = 1280, description: str = "",
                  tiny_decoder=None, channels_last: bool | None = None,
-                 compile: bool | None = None, cuda_graphs: bool | None = None) -> None:
+                 compile: bool | None = None, cuda_graphs: bool | None = None,
+                 attention: str | None = None) -> None:
         self.name = name
         self.device = torch.device(device)
         self.wan = CausalWan(transformer)
@@ -113,6 +114,8 @@ class VideoEngine(Engine):
             # chunk: kernels are generated for each new frame size / batch on first use
             self.wan.compile()
             self.vae.compile()
+        if attention is not None:  # default: cuDNN first on CUDA (see CausalWan)
+            self.wan.attention = attention
         if cuda_graphs is not None:  # default: on CUDA (see CausalWan)
             self.wan.fixed_shape = self.wan.use_graphs = cuda_graphs and \
                 self.device.type == "cuda"
