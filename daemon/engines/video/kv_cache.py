@@ -267,10 +267,11 @@ class KVCache:
         t = self.tokens
         k_sinks = self.k[block][0, :, :self.policy.sinks * t].unflatten(1, (-1, t))
         v_sinks = self.v[block][0, :, :self.policy.sinks * t].unflatten(1, (-1, t))
-        km = k_sinks.float().mean(2).transpose(0, 1).flatten(1)   # sinks, heads*dim
-        vm = v_sinks.float().mean(2).transpose(0, 1).flatten(1)
-        kn = k_new.float().mean(0).flatten()
-        vn = v_new.float().mean(0).flatten()
+        f32 = torch.float32  # accumulate in float32 without a float32 copy of the sinks
+        km = k_sinks.mean(2, dtype=f32).transpose(0, 1).flatten(1)   # sinks, heads*dim
+        vm = v_sinks.mean(2, dtype=f32).transpose(0, 1).flatten(1)
+        kn = k_new.mean(0, dtype=f32).flatten()
+        vn = v_new.mean(0, dtype=f32).flatten()
         sim = 0.5 * (torch.cosine_similarity(km, kn[None], dim=-1) +
                      torch.cosine_similarity(vm, vn[None], dim=-1))
         low, worst = sim.min(0)
