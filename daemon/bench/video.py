@@ -120,6 +120,7 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
     finally:
         engine.close_stream(sid + 1)
     warm_up = time.perf_counter() - warm_started
+    live_at_open = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     engine.open_stream(StreamConfig(sid, spec, spec, INPUT_FPS, params))
     try:
         if cuda:
@@ -172,6 +173,7 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
             "other_ms": round(stages.get("total", 0.0) - known, 2),
             **{f"{k}_ms": round(stages.get(k, 0.0), 2) for k in minor},
             "fill_max_ms": round(1000 * max(fill), 1),
+            "live_gib_before_stream": round(live_at_open, 2),
             "dit_tflops": round(dit_flops * slots / (dit_ms / 1000) / 1e12, 1) if dit_ms else 0.0,
             "matmul_tflops": round(matmul, 1),
             "warm_up_s": round(warm_up, 1),
@@ -242,6 +244,7 @@ def run_video_bench(args: argparse.Namespace) -> int:
                           ("noise_ms", "noise", ".1f"), ("prepare_ms", "prepare", ".1f"),
                           ("step_ms", "step", ".1f"), ("output_ms", "output", ".1f"),
                           ("download_ms", "download", ".1f"), ("other_ms", "other", ".1f"),
-                          ("fill_max_ms", "fill max", ".0f")])
+                          ("fill_max_ms", "fill max", ".0f"),
+                          ("live_gib_before_stream", "GiB live before", ".2f")])
     write_json(args.json, records, meta)
     return 0
