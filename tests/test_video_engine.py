@@ -350,3 +350,25 @@ def test_fixed_shape_forward_equals_the_general_one(steps, params):
     assert cb.graphs and not ca.graphs  # the fixed path ran (and the general one did not)
     if params.get("sink_refresh", 0.2) > 0.5:
         assert any(k.chunk[:2] != [0, 1] for k in ca.books)  # sinks were refreshed
+
+
+def test_a_closed_stream_frees_its_fixed_shape_buffers_without_the_cycle_collector():
+    import gc
+    import weakref
+
+    engine = build_video_engine("tiny")
+    engine.wan.fixed_shape = True
+    engine.open_stream(StreamConfig(1, SPEC, SPEC, 30.0, {"steps": 2}))
+    feed = Feeder(engine, 1)
+    for _ in range(12):
+        feed.chunk()
+    graphs = engine.streams[1].cache.graphs
+    assert graphs
+    buffers = [weakref.ref(st.out) for st in graphs.values()]
+    del graphs
+    gc.disable()
+    try:
+        engine.close_stream(1)
+        assert all(ref() is None for ref in buffers)  # freed by reference counting alone
+    finally:
+        gc.enable()

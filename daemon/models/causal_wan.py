@@ -369,7 +369,7 @@ class CausalWan:
         ring = torch.tensor(plan.ring, device=dev)
         if st is None:
             st = cache.graphs[key] = _Fixed(
-                cache=cache, latents=latents.to(dev, self.dtype).clone(),
+                latents=latents.to(dev, self.dtype).clone(),
                 t=timesteps.to(dev).clone(), cos=cos.clone(), sin=sin.clone(), slots=slots,
                 ring=ring, rows=torch.arange(b, device=dev), refresh=plan.refresh,
                 cross=[(k.clone(), v.clone()) for k, v in call.cross_kv[0]],
@@ -389,18 +389,18 @@ class CausalWan:
                     dv.copy_(v)
                 st.cross_src = call.cross_kv[0]
         if not self.use_graphs:
-            self._fixed_body(st, h, w)
+            self._fixed_body(st, cache, h, w)
         elif st.graph is None:
             # the first run is real work and the warm-up the capture needs; the capture
             # records the same kernels without running them
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._fixed_body(st, h, w)
+                self._fixed_body(st, cache, h, w)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._fixed_body(st, h, w)
+                self._fixed_body(st, cache, h, w)
             st.graph = graph
         else:
             st.graph.replay()
@@ -408,14 +408,13 @@ class CausalWan:
         cache.static_commit(plan, call.chunks, call.positions, chosen)
         return st.out.clone()
 
-    def _fixed_body(self, st: _Fixed, h: int, w: int) -> None:
+    def _fixed_body(self, st: _Fixed, cache: FrameCache, h: int, w: int) -> None:
         with self._attention_kernels():
-            self._fixed_body_inner(st, h, w)
+            self._fixed_body_inner(st, cache, h, w)
 
-    def _fixed_body_inner(self, st: _Fixed, h: int, w: int) -> None:
+    def _fixed_body_inner(self, st: _Fixed, cache: FrameCache, h: int, w: int) -> None:
         x, temb, proj = self.embed(st.latents, st.t)
         b, t = x.shape[:2]
-        cache = st.cache
         frames = cache.policy.frames
         qkv, mid, post = self._regions
         chosen = []
@@ -440,9 +439,11 @@ class CausalWan:
 
 @dataclass(eq=False)
 class _Fixed:
-    """The static buffers of one fixed-shape forward (a CUDA graph reads and writes them)."""
+    """The static buffers of one fixed-shape forward (a CUDA graph reads and writes them).
+    Kept in the stream's cache (``cache.graphs``) and holding no reference back to it, so
+    closing a stream frees its graph and buffers at once, without waiting for the cyclic
+    garbage collector."""
 
-    cache: FrameCache
     latents: torch.Tensor
     t: torch.Tensor
     cos: torch.Tensor
