@@ -365,7 +365,7 @@ class Client:
 
     def __init__(self, endpoint: str = P.DEFAULT_ENDPOINT, *, name: str = "python",
                  transport: str = "auto", keys: dict[str, bytes] | None = None,
-                 reconnect: bool = True) -> None:
+                 reconnect: bool = True, busy_timeout: float = 120.0) -> None:
         if transport not in ("auto", "shm", "inline"):
             raise ValueError("transport must be 'auto', 'shm' or 'inline'.")
         self.endpoint = endpoint
@@ -380,10 +380,16 @@ class Client:
         self.capabilities: dict[str, Any] = {}
         self.heartbeat_interval = P.HEARTBEAT_INTERVAL_S
         self.heartbeat_timeout = P.HEARTBEAT_TIMEOUT_S
+        #: how long a daemon whose connection is still up may stay silent (one long engine
+        #: step, such as compiling kernels for a new frame size) before it counts as hung;
+        #: a daemon that exits closes the connection and is noticed at once
+        self.busy_timeout = busy_timeout
         self.last_error: DaemonError | None = None
         self.reconnects = 0
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._link_up = False
         self._ids = itertools.count(1)
         self._hello_id = 0
         self._replies: dict[int, dict[str, Any]] = {}
@@ -416,8 +422,7 @@ class Client:
         return self
 
     def _new_socket(self) -> None:
-        if self._sock is not None:
-            self._sock.close(0)
+        self._close_socket(0)
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
@@ -430,6 +435,9 @@ class Client:
             sock.curve_serverkey = self.keys["server_public"]
             sock.curve_publickey = self.keys["public"]
             sock.curve_secretkey = self.keys["secret"]
+        # connection events: a daemon that exits is noticed at once, a busy one is waited for
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._link_up = False
         sock.connect(self.endpoint)
         self._sock = sock
         self.state = "connecting"
@@ -494,15 +502,54 @@ class Client:
                     break
             for stream in list(self._streams.values()):
                 stream._take_pending()
+        if self._link_events():
+            return handled
         now = time.monotonic()
         if self.state == "connected" and now - self._last_sent_hb >= self.heartbeat_interval:
             self._last_sent_hb = now
             self._send({"type": "heartbeat"})
-        if self.state != "disconnected" and now - self._last_heard > self.heartbeat_timeout:
+        limit = self.busy_timeout if self._link_up and self.state == "connected" else \
+            self.heartbeat_timeout
+        if self.state != "disconnected" and now - self._last_heard > max(limit,
+                                                                         self.heartbeat_timeout):
             self._lost(f"no answer for {now - self._last_heard:.1f} s")
         elif self.state == "connecting" and now - self._hello_sent > 1.0:
             self._send_hello()
         return handled
+
+    @property
+    def daemon_busy(self) -> bool:
+        """Connected, the connection up, but the daemon silent for longer than a heartbeat
+        timeout: it is inside a long engine step (kernel compilation for a new size, say)."""
+        return self.state == "connected" and self._link_up and \
+            time.monotonic() - self._last_heard > self.heartbeat_timeout
+
+    def _link_events(self) -> bool:
+        """Read connection events; True when the connection dropped and we reconnected."""
+        from zmq.utils.monitor import recv_monitor_message
+        while self._monitor is not None and self._monitor.poll(0):
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                break
+            if event == zmq.EVENT_CONNECTED:
+                self._link_up = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._link_up = False
+                if self.state == "connected":
+                    self._lost("the daemon closed the connection")
+                    return True
+        return False
+
+    def _close_socket(self, linger: int) -> None:
+        if self._sock is not None:
+            if self._monitor is not None:
+                self._sock.disable_monitor()
+                self._monitor.close(0)
+                self._monitor = None
+            self._sock.close(linger)
+            self._sock = None
+        self._link_up = False
 
     def _dispatch(self, parts: list[zmq.Frame]) -> None:
         try:
@@ -643,11 +690,9 @@ class Client:
         """Close every stream, say goodbye, release the socket."""
         for stream in list(self._streams.values()):
             stream.close(timeout=0.5)
-        if self._sock is not None:
-            if self.state == "connected":
-                self._send({"type": "bye"})
-            self._sock.close(linger=100)
-            self._sock = None
+        if self._sock is not None and self.state == "connected":
+            self._send({"type": "bye"})
+        self._close_socket(100)
         self.state = "disconnected"
 
     def __enter__(self) -> Client:

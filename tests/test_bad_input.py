@@ -301,6 +301,29 @@ class SlowEngine(PassthroughEngine):
         return super().submit(batch)
 
 
+def test_a_client_waits_out_a_long_engine_step_instead_of_reconnecting(monkeypatch):
+    """While the daemon's loop is inside a step longer than the heartbeat timeout (kernel
+    compilation for a new size takes tens of seconds on a GPU) it cannot answer; the client
+    sees the connection still up, reports the daemon busy, and keeps its session."""
+    monkeypatch.setitem(REGISTRY, "slow", (lambda device: SlowEngine(device), "test"))
+    daemon = Daemon(port=0, engines=("slow",)).start()
+    try:
+        with Client(daemon.endpoint) as c:
+            stream = c.open_stream("slow", 64, 48, engine="slow")
+            session = c.session
+            stream.send(np.full((48, 64, 3), 13, np.uint8))
+            busy_seen = False
+            deadline = time.monotonic() + 10
+            while stream.latest() is None and time.monotonic() < deadline:
+                c.poll(0.05)
+                busy_seen |= c.daemon_busy
+            assert stream.latest() is not None, "the frame of the long step never came back"
+            assert busy_seen and c.reconnects == 0 and c.session == session
+            assert not c.daemon_busy
+    finally:
+        daemon.stop()
+
+
 def test_a_long_engine_step_does_not_count_as_client_silence(monkeypatch):
     monkeypatch.setitem(REGISTRY, "slow", (lambda device: SlowEngine(device), "test"))
     daemon = Daemon(port=0, engines=("slow",)).start()
