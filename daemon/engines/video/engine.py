@@ -114,6 +114,10 @@ class VideoEngine(Engine):
             # chunk: kernels are generated for each new frame size / batch on first use
             self.wan.compile()
             self.vae.compile()
+            # a stream's convolution shapes never change, so cuDNN's per-shape algorithm
+            # search pays off (measured on an H200 at 480x832: VAE encode 29.5 -> 23.4 ms,
+            # decode 43.8 -> 38.8 ms, compiled, channels-last)
+            torch.backends.cudnn.benchmark = True
         if attention is not None:  # default: cuDNN first on CUDA (see CausalWan)
             self.wan.attention = attention
         if cuda_graphs is not None:  # default: on CUDA (see CausalWan)
