@@ -372,3 +372,20 @@ def test_a_closed_stream_frees_its_fixed_shape_buffers_without_the_cycle_collect
         assert all(ref() is None for ref in buffers)  # freed by reference counting alone
     finally:
         gc.enable()
+
+
+def test_prompts_encode_the_same_with_the_text_encoder_offloaded():
+    """On GPUs umT5 lives in host memory and visits the GPU per new prompt; the embedding
+    (and so the cross-attention keys/values) must not change."""
+    from livediffusion.daemon.models.offload import Offloaded
+
+    plain, offloaded = build_video_engine("tiny"), build_video_engine("tiny")
+    offloaded.text_home = Offloaded(offloaded.text_encoder, "cpu")
+    for engine in (plain, offloaded):
+        engine.open_stream(StreamConfig(1, SPEC, SPEC, 30.0, {"steps": 1}))
+        engine.update_params(1, {"prompt": "a lighthouse at night, oil painting"})
+    a, b = plain.streams[1].cross_kv, offloaded.streams[1].cross_kv
+    for (ka, va), (kb, vb) in zip(a, b):
+        torch.testing.assert_close(ka, kb)
+        torch.testing.assert_close(va, vb)
+    assert offloaded.text_home.visits >= 2  # the default prompt, then the new one

@@ -31,6 +31,7 @@ import torch
 
 from ...frames import as_tensor, from_canonical, to_canonical
 from ...models.causal_wan import CausalWan, ChunkCall
+from ...models.offload import Offloaded
 from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
                     StreamOutput)
 from . import params as P
@@ -101,7 +102,7 @@ class VideoEngine(Engine):
                  min_side: int = 256, max_side: int = 1280, description: str = "",
                  tiny_decoder=None, channels_last: bool | None = None,
                  compile: bool | None = None, cuda_graphs: bool | None = None,
-                 attention: str | None = None) -> None:
+                 attention: str | None = None, text_offload: bool | None = None) -> None:
         self.name = name
         self.device = torch.device(device)
         self.wan = CausalWan(transformer)
@@ -124,6 +125,10 @@ class VideoEngine(Engine):
             self.wan.fixed_shape = self.wan.use_graphs = cuda_graphs and \
                 self.device.type == "cuda"
         self.tokenizer, self.text_encoder = text_encoder
+        if text_offload is None:
+            text_offload = self.device.type == "cuda"
+        #: the umT5 encoder lives in host memory and visits the GPU per new prompt
+        self.text_home = Offloaded(self.text_encoder, self.device) if text_offload else None
         self.tiny_decoder = tiny_decoder  # TAEHV-layout fast decoder, if its weights exist
         self.min_side, self.max_side = min_side, max_side
         self.description = description
@@ -412,14 +417,27 @@ class VideoEngine(Engine):
         total = sum(w for _, w in pairs)
         return sum(self._prompt_embedding(text) * (w / total) for text, w in pairs)
 
+    def _encode_text(self, text: str) -> torch.Tensor:
+        from ...models.wan import encode_prompt
+        if self.text_home is None:
+            return encode_prompt(self.tokenizer, self.text_encoder, text,
+                                 next(self.text_encoder.parameters()).device)
+        with self.text_home.visit() as device:
+            try:
+                return encode_prompt(self.tokenizer, self.text_encoder, text, device)
+            except torch.OutOfMemoryError:
+                if device.type == "cpu":
+                    raise
+        # the weights fitted but the activations did not: once more on the CPU
+        log.warning("no GPU memory to encode the prompt; encoding it on the CPU (slow)")
+        return encode_prompt(self.tokenizer, self.text_encoder, text, "cpu")
+
     def _prompt_embedding(self, text: str) -> torch.Tensor:
         cached = self._prompt_cache.get(text)
         if cached is not None:
             self._prompt_cache.move_to_end(text)
             return cached
-        from ...models.wan import encode_prompt
-        emb = encode_prompt(self.tokenizer, self.text_encoder, text,
-                            next(self.text_encoder.parameters()).device)
+        emb = self._encode_text(text).cpu()  # cached in host memory
         self._prompt_cache[text] = emb
         while len(self._prompt_cache) > 64:
             self._prompt_cache.popitem(last=False)

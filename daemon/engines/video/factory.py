@@ -50,7 +50,7 @@ def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda") -> Vide
     generator = gen_dir / registry.MODELS[f"sdv2-{size}"].allow[0]
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     weights = loaders.load_diffusers_dir(wan_dir, dtype=dtype, device=device,
-                                         generator=generator, preset=size)
+                                         generator=generator, preset=size, text_device="cpu")
     tiny_dir = registry.local_path("taew2_1")
     if tiny_dir is not None:
         from ...models.tiny_decoder import load_tiny_decoder
