@@ -19,12 +19,16 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def provenance() -> dict[str, Any]:
     """Date, machine and commit, printed beside every result."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    commit = commit or os.environ.get("LIVEDIFFUSION_COMMIT", "")  # copies without .git
+    # a copy of the tree (a remote GPU machine, say) may carry stale git metadata: the
+    # variable, when set, names the commit that was copied
+    commit = os.environ.get("LIVEDIFFUSION_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True, timeout=5,
+                                    cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}"
                        .strip(),
