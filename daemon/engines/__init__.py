@@ -20,6 +20,18 @@ def _video_tiny(device: str) -> Engine:
     return build_video_engine("tiny", device=device)
 
 
+def _image_tiny(device: str) -> Engine:
+    from .image.factory import build_image_engine
+    return build_image_engine("tiny", device=device)
+
+
+def _image(model: str) -> Callable[[str], Engine]:
+    def factory(device: str) -> Engine:
+        from .image.factory import build_real_image_engine
+        return build_real_image_engine(model, device=device)
+    return factory
+
+
 def _video(size: str) -> Callable[[str], Engine]:
     def factory(device: str) -> Engine:
         from .video.factory import build_real_video_engine
@@ -28,7 +40,7 @@ def _video(size: str) -> Callable[[str], Engine]:
 
 
 def _weights_present(*names: str) -> Callable[[], bool]:
-    """Real video engines need their weights and a CUDA GPU to be loaded by default."""
+    """Real engines need their weights and a CUDA GPU to be loaded by default."""
     def check() -> bool:
         import torch
         from ..models.registry import local_path
@@ -40,6 +52,9 @@ REGISTRY["passthrough"] = (_passthrough, "frames back unchanged (or inverted), f
 REGISTRY["video-tiny"] = (_video_tiny, "video engine, tiny random-weight Wan (abstract output)")
 REGISTRY["video"] = (_video("1.3b"), "video engine, Wan 2.1 1.3B + StreamDiffusionV2 generator")
 REGISTRY["video-14b"] = (_video("14b"), "video engine, Wan 2.1 14B + StreamDiffusionV2 generator")
+REGISTRY["image-tiny"] = (_image_tiny, "image engine, tiny random-weight SD UNet (abstract output)")
+REGISTRY["image"] = (_image("sd-turbo"), "image engine, sd-turbo 1 step + TAESD")
+REGISTRY["image-sdxl-turbo"] = (_image("sdxl-turbo"), "image engine, sdxl-turbo + TAESDXL")
 
 #: engines loaded when the daemon is started without --engines: those that need no download,
 #: plus those whose weights are present
@@ -48,6 +63,9 @@ AVAILABLE: dict[str, Callable[[], bool]] = {
     "video-tiny": lambda: True,
     "video": _weights_present("wan-1.3b", "sdv2-1.3b"),
     "video-14b": _weights_present("wan-14b", "sdv2-14b"),
+    "image-tiny": lambda: True,
+    "image": _weights_present("sd-turbo"),
+    "image-sdxl-turbo": _weights_present("sdxl-turbo"),
 }
 
 

@@ -29,6 +29,12 @@ MODELS: dict[str, ModelEntry] = {m.name: m for m in [
     ModelEntry("taew2_1", "madebyollin/taehv",
                "TAEHV tiny decoder for Wan 2.1 latents (the video engine's fast decoder)",
                ("taew2_1.pth",)),
+    ModelEntry("sd-turbo", "stabilityai/sd-turbo",
+               "SD-Turbo (SD 2.1 UNet, 1 step), diffusers layout: the image engine's default"),
+    ModelEntry("sdxl-turbo", "stabilityai/sdxl-turbo",
+               "SDXL-Turbo, diffusers layout (the image engine, larger)"),
+    ModelEntry("taesd", "madebyollin/taesd", "TAESD tiny VAE for SD 1.x/2.x latents"),
+    ModelEntry("taesdxl", "madebyollin/taesdxl", "TAESDXL tiny VAE for SDXL latents"),
 ]}
 
 

@@ -1,0 +1,1 @@
+"""The image engine: StreamDiffusion-style img2img on SD-family UNets."""

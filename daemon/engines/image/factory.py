@@ -1,0 +1,35 @@
+"""Build an ImageEngine from a preset: random weights (tiny, benchmarks) or real checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from ...models import sd
+from .engine import ImageEngine
+
+#: real models: (registry name of the pipeline, registry name of the tiny VAE)
+REAL = {"sd-turbo": ("sd-turbo", "taesd"), "sdxl-turbo": ("sdxl-turbo", "taesdxl")}
+
+
+def build_image_engine(preset: str = "tiny", *, device: str = "cpu", vae: str = "tiny",
+                       dtype: torch.dtype | None = None) -> ImageEngine:
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
+    models = sd.build(preset, dtype=dtype, device=device, vae=vae)
+    return ImageEngine(f"image-{preset}", models, device=device,
+                       min_side=32 if preset == "tiny" else 256,
+                       description=f"{preset} architecture with RANDOM weights")
+
+
+def build_real_image_engine(model: str = "sd-turbo", *, device: str = "cuda") -> ImageEngine:
+    """The image engine on downloaded weights (diffusers layout) with the TAESD-layout tiny
+    VAE when it has been pulled, else the model's own VAE."""
+    from ...models import registry
+
+    pipe_name, tiny_name = REAL[model]
+    root = registry.require(pipe_name)
+    tiny = registry.local_path(tiny_name)
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    models = sd.load_dir(root, dtype=dtype, device=device, tiny_vae=tiny)
+    return ImageEngine("image" if model == "sd-turbo" else f"image-{model}", models,
+                       device=device, description=f"{model} ({models.source})")
