@@ -60,7 +60,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return run_transport_bench(args)
     if args.suite == "video":
         from .bench.video import run_video_bench
+        args.model = args.model or "1.3b"
+        if args.model not in ("1.3b", "14b", "tiny"):
+            raise CliError(f"video models: 1.3b, 14b, tiny; not {args.model!r}.")
+        args.steps = args.steps or "1,2,3,4"
         return run_video_bench(args)
+    if args.suite == "image":
+        from .bench.image import run_image_bench
+        return run_image_bench(args)
     raise CliError(f"unknown benchmark {args.suite!r}.")
 
 
@@ -147,19 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks that print a table (and JSON on request)",
-                       description="transport: client-daemon round trips; video: the video "
-                                   "engine at real sizes with random weights.")
-    p.add_argument("suite", choices=["transport", "video"], help="which benchmark")
+                       description="transport: client-daemon round trips; video / image: "
+                                   "the engines at real sizes with random weights.")
+    p.add_argument("suite", choices=["transport", "video", "image"], help="which benchmark")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--iterations", type=int, default=200,
                    help="round trips per case (transport) or chunks per case (video)")
-    p.add_argument("--model", default="1.3b", choices=["1.3b", "14b", "tiny"],
-                   help="video: architecture size (random weights)")
+    p.add_argument("--model", default=None,
+                   help="video: 1.3b (default), 14b or tiny; image: sd-turbo (default), "
+                        "sd15-lcm, sdxl-turbo or tiny (random weights)")
     p.add_argument("--height", type=int, action="append",
                    help="video: frame height, repeatable with --width (default 480 and 512)")
     p.add_argument("--width", type=int, action="append",
                    help="video: frame width (default 832 and 512)")
-    p.add_argument("--steps", default="1,2,3,4", help="video: denoising steps, comma-separated")
+    p.add_argument("--steps", default=None,
+                   help="denoising steps, comma-separated (video default 1,2,3,4; image 1)")
+    p.add_argument("--cfg", default=None,
+                   help="image: guidance modes, comma-separated (none, self, full, initialize; "
+                        "default self)")
+    p.add_argument("--vae", default="tiny", choices=["tiny", "full"],
+                   help="image: TAESD-layout tiny VAE (default) or the full VAE")
+    p.add_argument("--streams", type=int, default=1,
+                   help="image: streams batched into each UNet call (default 1)")
     p.add_argument("--device", default="auto", help="video: torch device")
     p.add_argument("--no-channels-last", action="store_true",
                    help="video: keep the VAE in NCDHW layout on GPUs (for A/B measurements)")

@@ -177,3 +177,18 @@ def test_bench_video_runs_the_tiny_architecture(tmp_path):
                                                               (2, "tiny")]
     for r in records:
         assert r["fps"] > 0 and r["ttff_s"] > 0 and r["dit_ms"] > 0 and r["encode_ms"] > 0
+
+
+def test_bench_image_runs_the_tiny_architecture(tmp_path):
+    path = tmp_path / "i.json"
+    result = run("bench", "image", "--model", "tiny", "--steps", "1,2", "--cfg", "self,full",
+                 "--iterations", "3", "--json", str(path), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stdout
+    records = json.loads(path.read_text())["records"]
+    assert [(r["steps"], r["cfg"]) for r in records] == [(1, "self"), (1, "full"), (2, "self"),
+                                                          (2, "full")]
+    for r in records:
+        assert r["fps"] > 0 and r["latency_p50_ms"] > 0 and r["unet_ms"] > 0
+    bad = run("bench", "image", "--model", "sd99", timeout=120)
+    assert bad.returncode == 2 and "image models" in bad.stderr and "Traceback" not in bad.stderr
