@@ -327,3 +327,51 @@ def test_real_presets_have_the_published_sizes():
         sizes[name] = sum(p.numel() for p in unet.parameters()) / 1e6
     assert 860 < sizes["sd-turbo"] < 870 and 855 < sizes["sd15"] < 865
     assert 2560 < sizes["sdxl-turbo"] < 2575
+
+
+def test_the_sdxl_conditioning_path_runs_on_the_tiny_xl_preset():
+    """Two text encoders (penultimate layers concatenated, pooled output of the second) and
+    the size ids, as sdxl-turbo needs them."""
+    e = build_image_engine("tiny-xl")
+    assert e.models.xl
+    cond = encode_prompt(e.models, "a cat", "cpu")
+    assert cond["emb"].shape == (1, 77, 64) and cond["pooled"].shape == (1, 32)
+    open_stream(e, 1, steps=2, cfg="full", guidance=1.5)
+    out = run(e, 1, clip(3))
+    assert len(out) == 3 and out[-1].pixels.shape == (48, 64, 3)
+    assert torch.isfinite(out[-1].pixels.float()).all()
+    ids = e.streams[1].cond["time_ids"]
+    assert ids.tolist() == [[48.0, 64.0, 0.0, 0.0, 48.0, 64.0]]
+
+
+def test_real_engine_loads_a_pulled_pipeline_and_fuses_lcm_lora(engine, tmp_path, monkeypatch):
+    """build_real_image_engine on snapshots laid out as the Hub's (tiny weights here): the
+    diffusers pipeline folders, TAESD, and LCM-LoRA in the kohya layout fused at load."""
+    from safetensors.torch import save_file
+
+    from livediffusion.daemon.engines.image.factory import build_real_image_engine
+    from livediffusion.daemon.models import registry
+
+    models = engine.models
+    pipe, taesd, lora_dir = tmp_path / "sd15", tmp_path / "taesd", tmp_path / "lcm"
+    models.unet.save_pretrained(pipe / "unet")
+    models.text[0][1].save_pretrained(pipe / "text_encoder")
+    models.text[0][0].save_pretrained(pipe / "tokenizer")
+    models.vae.save_pretrained(taesd)
+    target = "down_blocks.0.attentions.0.proj_in"
+    weight = dict(models.unet.named_modules())[target].weight
+    down, up = torch.randn(2, weight.shape[1]), torch.randn(weight.shape[0], 2)
+    lora_dir.mkdir()
+    key = "lora_unet_" + target.replace(".", "_")
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+               f"{key}.alpha": torch.tensor(2.0)}, str(lora_dir / "pytorch_lora_weights.safetensors"))
+    places = {"sd15": pipe, "taesd": taesd, "lcm-lora-sdv1-5": lora_dir}
+    monkeypatch.setattr(registry, "require", lambda name: places[name])
+    monkeypatch.setattr(registry, "local_path", lambda name: places.get(name))
+    real = build_real_image_engine("sd15-lcm", device="cpu")
+    assert real.name == "image-sd15-lcm" and "lcm-lora-sdv1-5" in real.models.source
+    fused = dict(real.unet.named_modules())[target].weight
+    torch.testing.assert_close(fused, weight + up @ down)
+    big = FrameSpec(256, 256)  # the real engines take sides from 256
+    open_stream(real, 1, big, steps=2)
+    assert len(run(real, 1, clip(2, big), big)) == 2

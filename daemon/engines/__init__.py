@@ -55,6 +55,7 @@ REGISTRY["video-14b"] = (_video("14b"), "video engine, Wan 2.1 14B + StreamDiffu
 REGISTRY["image-tiny"] = (_image_tiny, "image engine, tiny random-weight SD UNet (abstract output)")
 REGISTRY["image"] = (_image("sd-turbo"), "image engine, sd-turbo 1 step + TAESD")
 REGISTRY["image-sdxl-turbo"] = (_image("sdxl-turbo"), "image engine, sdxl-turbo + TAESDXL")
+REGISTRY["image-sd15-lcm"] = (_image("sd15-lcm"), "image engine, SD 1.5 + LCM-LoRA, 2-4 steps")
 
 #: engines loaded when the daemon is started without --engines: those that need no download,
 #: plus those whose weights are present
@@ -66,6 +67,7 @@ AVAILABLE: dict[str, Callable[[], bool]] = {
     "image-tiny": lambda: True,
     "image": _weights_present("sd-turbo"),
     "image-sdxl-turbo": _weights_present("sdxl-turbo"),
+    "image-sd15-lcm": _weights_present("sd15", "lcm-lora-sdv1-5"),
 }
 
 

@@ -15,6 +15,20 @@ class ModelEntry:
     allow: tuple[str, ...] | None = None  # file patterns to fetch (None: the whole repo)
 
 
+def _sd_files(xl: bool = False) -> tuple[str, ...]:
+    """The files of a diffusers-layout SD pipeline the image engine reads (the repositories
+    also hold single-file checkpoints and fp16/ema variants it does not need)."""
+    files = ["model_index.json", "scheduler/scheduler_config.json",
+             "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    for enc, tok in (("text_encoder", "tokenizer"),) + ((("text_encoder_2", "tokenizer_2"),)
+                                                       if xl else ()):
+        files += [f"{enc}/config.json", f"{enc}/model.safetensors",
+                  f"{tok}/merges.txt", f"{tok}/special_tokens_map.json",
+                  f"{tok}/tokenizer_config.json", f"{tok}/vocab.json"]
+    return tuple(files)
+
+
 MODELS: dict[str, ModelEntry] = {m.name: m for m in [
     ModelEntry("wan-1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                "Wan 2.1 T2V 1.3B, diffusers layout (DiT, VAE, umT5-XXL encoder, tokenizer)"),
@@ -30,11 +44,20 @@ MODELS: dict[str, ModelEntry] = {m.name: m for m in [
                "TAEHV tiny decoder for Wan 2.1 latents (the video engine's fast decoder)",
                ("taew2_1.pth",)),
     ModelEntry("sd-turbo", "stabilityai/sd-turbo",
-               "SD-Turbo (SD 2.1 UNet, 1 step), diffusers layout: the image engine's default"),
+               "SD-Turbo (SD 2.1 UNet, 1 step), diffusers layout: the image engine's default",
+               _sd_files()),
     ModelEntry("sdxl-turbo", "stabilityai/sdxl-turbo",
-               "SDXL-Turbo, diffusers layout (the image engine, larger)"),
-    ModelEntry("taesd", "madebyollin/taesd", "TAESD tiny VAE for SD 1.x/2.x latents"),
-    ModelEntry("taesdxl", "madebyollin/taesdxl", "TAESDXL tiny VAE for SDXL latents"),
+               "SDXL-Turbo, diffusers layout (the image engine, larger)", _sd_files(xl=True)),
+    ModelEntry("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+               "Stable Diffusion 1.5, diffusers layout (with lcm-lora-sdv1-5: 2-4 steps)",
+               _sd_files()),
+    ModelEntry("lcm-lora-sdv1-5", "latent-consistency/lcm-lora-sdv1-5",
+               "LCM-LoRA for SD 1.5 (fused into the UNet at load)",
+               ("pytorch_lora_weights.safetensors",)),
+    ModelEntry("taesd", "madebyollin/taesd", "TAESD tiny VAE for SD 1.x/2.x latents",
+               ("config.json", "diffusion_pytorch_model.safetensors")),
+    ModelEntry("taesdxl", "madebyollin/taesdxl", "TAESDXL tiny VAE for SDXL latents",
+               ("config.json", "diffusion_pytorch_model.safetensors")),
 ]}
 
 

@@ -92,6 +92,25 @@ PRESETS: dict[str, SDPreset] = {
         full_vae=dict(_FULL_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                       norm_num_groups=4),
         default_steps=2),
+    # SDXL's conditioning (two encoders, pooled text and size ids) at the tiny size
+    "tiny-xl": SDPreset(
+        "tiny-xl",
+        dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+             block_out_channels=(32, 64), norm_num_groups=8,
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+             cross_attention_dim=64, attention_head_dim=8, use_linear_projection=True,
+             addition_embed_type="text_time", addition_time_embed_dim=8,
+             projection_class_embeddings_input_dim=8 * 6 + 32),
+        tuple(dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                   num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu",
+                   projection_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+              for _ in range(2)),
+        vae_scaling=0.13025,
+        tiny_vae=dict(encoder_block_out_channels=(8, 8, 8, 8),
+                      decoder_block_out_channels=(8, 8, 8, 8),
+                      num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)),
+        default_steps=1, xl=True),
 }
 
 

@@ -7,8 +7,10 @@ import torch
 from ...models import sd
 from .engine import ImageEngine
 
-#: real models: (registry name of the pipeline, registry name of the tiny VAE)
-REAL = {"sd-turbo": ("sd-turbo", "taesd"), "sdxl-turbo": ("sdxl-turbo", "taesdxl")}
+#: real models: (registry name of the pipeline, of the tiny VAE, of a LoRA fused at load)
+REAL = {"sd-turbo": ("sd-turbo", "taesd", None),
+        "sdxl-turbo": ("sdxl-turbo", "taesdxl", None),
+        "sd15-lcm": ("sd15", "taesd", "lcm-lora-sdv1-5")}
 
 
 def build_image_engine(preset: str = "tiny", *, device: str = "cpu", vae: str = "tiny",
@@ -17,7 +19,7 @@ def build_image_engine(preset: str = "tiny", *, device: str = "cpu", vae: str = 
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
     models = sd.build(preset, dtype=dtype, device=device, vae=vae)
     return ImageEngine(f"image-{preset}", models, device=device,
-                       min_side=32 if preset == "tiny" else 256,
+                       min_side=32 if preset.startswith("tiny") else 256,
                        description=f"{preset} architecture with RANDOM weights")
 
 
@@ -26,10 +28,15 @@ def build_real_image_engine(model: str = "sd-turbo", *, device: str = "cuda") ->
     VAE when it has been pulled, else the model's own VAE."""
     from ...models import registry
 
-    pipe_name, tiny_name = REAL[model]
+    pipe_name, tiny_name, lora_name = REAL[model]
     root = registry.require(pipe_name)
+    lora = registry.require(lora_name) if lora_name else None
     tiny = registry.local_path(tiny_name)
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     models = sd.load_dir(root, dtype=dtype, device=device, tiny_vae=tiny)
+    if lora is not None:
+        from ...models.lora import fuse_lora, load_lora_file
+        fuse_lora(models.unet, load_lora_file(lora / registry.MODELS[lora_name].allow[0]))
+        models.source += f" + {lora_name}"
     return ImageEngine("image" if model == "sd-turbo" else f"image-{model}", models,
                        device=device, description=f"{model} ({models.source})")
