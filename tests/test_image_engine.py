@@ -375,3 +375,38 @@ def test_real_engine_loads_a_pulled_pipeline_and_fuses_lcm_lora(engine, tmp_path
     big = FrameSpec(256, 256)  # the real engines take sides from 256
     open_stream(real, 1, big, steps=2)
     assert len(run(real, 1, clip(2, big), big)) == 2
+
+
+def test_static_buffer_unet_calls_equal_direct_ones():
+    """On GPUs the UNet call is recorded as a CUDA graph per batch shape: inputs are copied
+    into static buffers and the output copied out.  The same buffer logic runs here without
+    recording and must give the direct results, across shapes and repeated shapes."""
+    direct, static = build_image_engine("tiny"), build_image_engine("tiny")
+    static.unet_call.static = True
+    assert not static.unet_call.enabled  # no CUDA here: nothing is recorded
+    specs = [SPEC, SPEC, FrameSpec(40, 72)]
+    outs = {}
+    for e in (direct, static):
+        for sid, spec in enumerate(specs, 1):
+            open_stream(e, sid, spec, steps=sid, cfg="full", guidance=1.3)
+        got = []
+        for i in range(4):
+            batch = [StreamInput(sid, [InputFrame(i + 1, clip(1, spec, seed=i)[0], spec, i)])
+                     for sid, spec in enumerate(specs, 1)]
+            got += [f.pixels for o in e.submit(batch) for f in o.frames]
+        outs[e] = got
+    assert len(static.unet_call.entries) == 2  # one per batch shape (two sizes)
+    for a, b in zip(outs[direct], outs[static]):
+        assert torch.equal(a, b)
+
+
+def test_graphed_call_keeps_a_bounded_number_of_shapes():
+    from livediffusion.daemon.engines.graphs import GraphedCall
+
+    call = GraphedCall(lambda x: x * 2, enabled=False, static=True, max_graphs=3)
+    for n in range(1, 7):
+        torch.testing.assert_close(call(torch.ones(n)), torch.full((n,), 2.0))
+    assert len(call.entries) == 3
+    first = call(torch.arange(6.0))
+    first.add_(100)  # the caller owns its copy; the static output is untouched
+    torch.testing.assert_close(call(torch.arange(6.0)), torch.arange(6.0) * 2)

@@ -16,6 +16,7 @@ re-derives only what depends on it (``update_params``).
 
 from __future__ import annotations
 
+import os
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 from ...frames import as_tensor, from_canonical, to_canonical
 from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
                     StreamOutput)
+from ..graphs import GraphedCall
 from . import lcm
 from . import params as P
 
@@ -64,6 +66,11 @@ class ImageEngine(Engine):
         self.description = description
         self.streams: dict[int, ImageStream] = {}
         self._text_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        #: the UNet call replayed as a CUDA graph per batch shape on GPUs
+        #: (LIVEDIFFUSION_CUDA_GRAPHS=0 turns it off)
+        cuda = self.device.type == "cuda" and \
+            os.environ.get("LIVEDIFFUSION_CUDA_GRAPHS", "1") != "0"
+        self.unet_call = GraphedCall(self._unet_raw, enabled=cuda, name="the UNet")
 
     # --- interface ---------------------------------------------------------------------------
 
@@ -202,14 +209,18 @@ class ImageEngine(Engine):
         return [from_canonical(rgb[i], s.config.output) for i, s in enumerate(streams)]
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, conds: list) -> torch.Tensor:
-        emb = torch.cat([c["emb"].expand(n, -1, -1) for c, n in conds], 0)
-        extra = {}
+        emb = torch.cat([c["emb"].expand(n, -1, -1) for c, n in conds], 0).to(self.dtype)
+        inputs = [x.to(self.dtype), t, emb]
         if self.models.xl:
-            extra["added_cond_kwargs"] = {
-                "text_embeds": torch.cat([c["pooled"].expand(n, -1) for c, n in conds], 0),
-                "time_ids": torch.cat([c["time_ids"].expand(n, -1) for c, n in conds], 0)}
-        return self.unet(x.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype),
-                         **extra).sample
+            inputs += [torch.cat([c["pooled"].expand(n, -1) for c, n in conds], 0),
+                       torch.cat([c["time_ids"].expand(n, -1) for c, n in conds], 0)]
+        return self.unet_call(*inputs)
+
+    def _unet_raw(self, x, t, emb, pooled=None, time_ids=None) -> torch.Tensor:
+        extra = {}
+        if pooled is not None:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        return self.unet(x, t, encoder_hidden_states=emb, **extra).sample
 
     # --- pieces ------------------------------------------------------------------------------
 
