@@ -410,3 +410,36 @@ def test_graphed_call_keeps_a_bounded_number_of_shapes():
     first = call(torch.arange(6.0))
     first.add_(100)  # the caller owns its copy; the static output is untouched
     torch.testing.assert_close(call(torch.arange(6.0)), torch.arange(6.0) * 2)
+
+
+def test_image_stream_over_the_real_transport():
+    from helpers import wait_until
+
+    from livediffusion.daemon.server import Daemon
+    from livediffusion.shared import Client
+
+    daemon = Daemon(port=0, engines=("image-tiny",)).start()
+    try:
+        with Client(daemon.endpoint) as c:
+            stream = c.open_stream("img", 64, 48, engine="image-tiny", keep=8, timeout=30,
+                                   params={"steps": 2, "cfg": "self", "guidance": 1.2})
+            assert stream.params["steps"] == 2 and stream.params["cfg"] == "self"
+            frames = clip(6, seed=8)
+            for px in frames[:3]:
+                assert stream.send(px)
+                assert wait_until(lambda: (c.poll(0.02), stream.latest())[1] is not None
+                                  and stream.latest().in_seq >= 1, 20)
+            effective = stream.update(prompt="a new prompt", strength=0.8, steps=3, wait=10)
+            assert effective["steps"] == 3 and effective["t_index_list_effective"] == [10, 23, 36]
+            for px in frames[3:]:
+                stream.send(px)
+            assert wait_until(lambda: (c.poll(0.02), stream.latest())[1] is not None
+                              and stream.latest().in_seq == 6, 20)
+            last = stream.latest()
+            assert last.pixels.shape == (48, 64, 3) and last.pixels.std() > 1
+            stats = c.stats()["img"]["daemon"]
+            # newest frames win: a frame sent while the engine worked may be overtaken, but
+            # every frame the daemon took is answered
+            assert 4 <= stats["frames_in"] <= 6 and stats["frames_out"] == stats["frames_in"]
+    finally:
+        daemon.stop()
