@@ -73,6 +73,14 @@ class StreamOutput:
     frames: list[OutputFrame]
 
 
+def check_size(engine: str, spec: FrameSpec, lo: int, hi: int, multiple: int) -> None:
+    """Refuse a frame size the engine cannot take, with a sentence that says what it can."""
+    for side, value in (("width", spec.width), ("height", spec.height)):
+        if value % multiple or not lo <= value <= hi:
+            raise ParamError(f"{engine} needs a {side} that is a multiple of {multiple} from "
+                             f"{lo} to {hi}, not {value}.")
+
+
 class Engine(ABC):
     """A streaming generator serving many streams; one instance per daemon per engine kind."""
 

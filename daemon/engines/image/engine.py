@@ -25,8 +25,8 @@ from typing import Any, Mapping
 import torch
 
 from ...frames import as_tensor, from_canonical, to_canonical
-from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
-                    StreamOutput)
+from ..base import (Engine, EngineError, OutputFrame, StreamConfig, StreamInput, StreamOutput,
+                    check_size)
 from ..graphs import GraphedCall
 from . import lcm
 from . import params as P
@@ -85,10 +85,7 @@ class ImageEngine(Engine):
 
     def open_stream(self, config: StreamConfig) -> dict[str, Any]:
         w, h = config.input.width, config.input.height
-        for side, value in (("width", w), ("height", h)):
-            if value % 8 or not self.min_side <= value <= self.max_side:
-                raise ParamError(f"{self.name} needs a {side} that is a multiple of 8 from "
-                                 f"{self.min_side} to {self.max_side}, not {value}.")
+        check_size(self.name, config.input, self.min_side, self.max_side, 8)
         params, _ = P.apply(P.ImageParams(), config.params)
         stream = ImageStream(config, params, h // 8, w // 8, self._schedule(params),
                              torch.empty(0), *self._conditioning(params, h, w))

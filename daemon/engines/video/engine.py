@@ -33,7 +33,7 @@ from ...frames import as_tensor, from_canonical, to_canonical
 from ...models.causal_wan import CausalWan, ChunkCall
 from ...models.offload import Offloaded
 from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
-                    StreamOutput)
+                    StreamOutput, check_size)
 from . import params as P
 from .kv_cache import CachePolicy, KVCache
 from .noise import MotionController, chunk_noise, sigma, timesteps
@@ -166,10 +166,7 @@ class VideoEngine(Engine):
 
     def open_stream(self, config: StreamConfig) -> dict[str, Any]:
         w, h = config.input.width, config.input.height
-        for side, value in (("width", w), ("height", h)):
-            if value % 16 or not self.min_side <= value <= self.max_side:
-                raise ParamError(f"{self.name} needs a {side} that is a multiple of 16 from "
-                                 f"{self.min_side} to {self.max_side}, not {value}.")
+        check_size(self.name, config.input, self.min_side, self.max_side, 16)
         params, _ = P.apply(P.VideoParams(), config.params)
         self._check_decoder(params)
         stream = VideoStream(config, params, h // 8, w // 8, self.vae.new_state(),
