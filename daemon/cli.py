@@ -15,6 +15,10 @@ class CliError(Exception):
     """A user-facing failure: printed as one sentence, exit status 2."""
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [_size(part) for part in text.split(",") if part.strip()]
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = text.lower().split("x")
@@ -42,7 +46,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         daemon = Daemon(args.host, args.port, engines=engines,
                         device=_resolve_device(args.device), ipc_path=args.ipc,
                         heartbeat_timeout=args.heartbeat_timeout, max_streams=args.max_streams,
-                        keys_dir=args.keys)
+                        keys_dir=args.keys, warm_up=tuple(args.warm_up or ()))
     except ValueError as exc:
         raise CliError(str(exc)) from None
     daemon.serve_forever()
@@ -133,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_S,
                    help="drop clients silent this many seconds (default 3)")
     p.add_argument("--max-streams", type=int, default=32)
+    p.add_argument("--warm-up", type=_sizes, metavar="WxH[,WxH]",
+                   help="run each engine at these frame sizes before serving, so the first "
+                        "stream does not wait for GPU kernel compilation (tens of seconds "
+                        "per new size)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("demo", help="play a clip through a real daemon and write a video",

@@ -81,7 +81,8 @@ class Daemon:
     def __init__(self, host: str = "127.0.0.1", port: int = P.DEFAULT_PORT, *,
                  engines: tuple[str, ...] | None = None, device: str = "cpu",
                  ipc_path: str | None = None, heartbeat_timeout: float = P.HEARTBEAT_TIMEOUT_S,
-                 max_streams: int = MAX_STREAMS, keys_dir: str | Path | None = None) -> None:
+                 max_streams: int = MAX_STREAMS, keys_dir: str | Path | None = None,
+                 warm_up: tuple[tuple[int, int], ...] = ()) -> None:
         if not is_loopback(host) and keys_dir is None:
             raise ValueError(f"binding to {host} exposes the daemon beyond this machine; "
                              f"pass a keys directory (livediffusion keys init DIR) to require "
@@ -99,6 +100,7 @@ class Daemon:
         if unknown:
             raise ValueError(f"unknown engine {unknown[0]!r}; available: {', '.join(REGISTRY)}.")
         self._engine_names = names
+        self._warm_up = tuple(warm_up)
         self.engines: dict[str, Engine] = {}
         self.sessions: dict[bytes, Session] = {}
         self.streams: dict[int, ServerStream] = {}
@@ -158,6 +160,13 @@ class Daemon:
                 log.error("engine %s could not be loaded and is left out: %s", name, exc)
         if not self.engines:
             raise RuntimeError("no engine could be loaded.")
+        for width, height in self._warm_up:  # before serving: nobody waits on compilation
+            for name, engine in self.engines.items():
+                try:
+                    seconds = engine.warm_up(FrameSpec(width, height))
+                    log.info("warmed up %s at %dx%d in %.1f s", name, width, height, seconds)
+                except Exception as exc:  # noqa: BLE001 - a size an engine cannot take
+                    log.warning("no warm-up of %s at %dx%d: %s", name, width, height, exc)
 
     def _serve(self) -> None:
         for name in stale_segments():

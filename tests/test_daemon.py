@@ -145,3 +145,34 @@ def test_ipc_endpoint_serves_too(tmp_path):
             assert np.array_equal(round_trip(c.open_stream("ipc", 64, 48), frame).pixels, frame)
     finally:
         d.stop()
+
+
+def test_warm_up_runs_every_engine_before_serving(monkeypatch, caplog):
+    """--warm-up WxH: each engine runs a throwaway stream of that size to a steady state
+    before the daemon serves (on GPUs this is where kernels compile); a size an engine cannot
+    take is one log line, not a failure."""
+    import logging
+
+    from livediffusion.daemon.engines.video.engine import VideoEngine
+    from livediffusion.daemon.server import Daemon
+
+    seen = []
+    real = VideoEngine.submit
+
+    def counting(self, batch):
+        seen.append([item.stream_id for item in batch])
+        return real(self, batch)
+
+    monkeypatch.setattr(VideoEngine, "submit", counting)
+    with caplog.at_level(logging.INFO, logger="livediffusion.daemon"):
+        daemon = Daemon(port=0, engines=("video-tiny", "passthrough"),
+                        warm_up=((64, 48), (30, 30))).start(timeout=120)
+    try:
+        assert seen and all(ids == [-1] for ids in seen)  # the throwaway stream only
+        assert len(seen) == 1 + 6 + 2 + 2                   # first frame, cache, steady
+        assert daemon.worker is not None and not daemon.engines["video-tiny"].streams
+        text = caplog.text
+        assert "warmed up video-tiny at 64x48" in text and "warmed up passthrough" in text
+        assert "no warm-up of video-tiny at 30x30" in text and "multiple of 16" in text
+    finally:
+        daemon.stop()

@@ -120,5 +120,32 @@ class Engine(ABC):
         """How many streams one ``submit`` may carry."""
         return 16
 
+    def warm_up_steps(self, params: Mapping[str, Any]) -> int:
+        """Steps a throwaway stream needs to reach the steady state (every kernel compiled)."""
+        return 3
+
+    def warm_up(self, spec: FrameSpec, params: Mapping[str, Any] | None = None) -> float:
+        """Run a throwaway stream of this size until it is steady, so the first real stream
+        does not wait for kernel compilation or autotuning; returns the seconds it took."""
+        import time
+
+        params = dict(params or {})
+        started = time.perf_counter()
+        stream_id = -1
+        self.open_stream(StreamConfig(stream_id, spec, spec, 30.0, params))
+        try:
+            rng = np.random.default_rng(0)
+            seq = 0
+            for _ in range(self.warm_up_steps(params)):
+                frames = []
+                for _ in range(self.frames_per_step(stream_id)):
+                    seq += 1
+                    pixels = rng.integers(0, 256, spec.shape, dtype=np.uint8)
+                    frames.append(InputFrame(seq, pixels, spec, seq))
+                self.submit([StreamInput(stream_id, frames)])
+        finally:
+            self.close_stream(stream_id)
+        return time.perf_counter() - started
+
     def shutdown(self) -> None:
         """Release device memory when the daemon stops."""

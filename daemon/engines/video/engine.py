@@ -164,6 +164,10 @@ class VideoEngine(Engine):
     def max_batch(self) -> int:
         return 4
 
+    def warm_up_steps(self, params: Mapping[str, Any]) -> int:
+        p, _ = P.apply(P.VideoParams(), params)
+        return 1 + p.cache_frames + p.steps + 2  # first frame, fill the cache, steady chunks
+
     def open_stream(self, config: StreamConfig) -> dict[str, Any]:
         w, h = config.input.width, config.input.height
         check_size(self.name, config.input, self.min_side, self.max_side, 16)
