@@ -261,13 +261,12 @@ class VideoEngine(Engine):
         batched: list[VideoStream] = []
         for item in batch:
             stream = self.streams[item.stream_id]
-            new = self._encode(stream, item)
+            chunk = self._encode(stream, item)
             finished[item.stream_id] = []
             if not stream.started or not stream.params.stream_batch:
-                for chunk in new:
-                    finished[item.stream_id].extend(self._sequential(stream, chunk))
+                finished[item.stream_id].extend(self._sequential(stream, chunk))
             else:
-                stream.in_flight.extend(new)
+                stream.in_flight.append(chunk)
                 batched.append(stream)
             stream.started = True
         groups: dict[tuple[int, int], list[VideoStream]] = {}
@@ -283,7 +282,7 @@ class VideoEngine(Engine):
                                                           finished[item.stream_id]))
                 for item in batch]
 
-    def _encode(self, stream: VideoStream, item: StreamInput) -> list[Chunk]:
+    def _encode(self, stream: VideoStream, item: StreamInput) -> Chunk:
         """Convert, encode and admit one stream's input frames as one chunk."""
         expected = CHUNK_FRAMES if stream.started else FIRST_CHUNK_FRAMES
         if len(item.frames) != expected:
@@ -300,8 +299,8 @@ class VideoEngine(Engine):
         with self._stage("encode"):
             latents = self.vae.encode(x.permute(1, 0, 2, 3)[None], stream.vae)  # 1,16,n,h,w
         with self._stage("noise"):
-            return [self._admit(stream, latents, scale, [f.seq for f in item.frames],
-                                [f.ts for f in item.frames])]
+            return self._admit(stream, latents, scale, [f.seq for f in item.frames],
+                               [f.ts for f in item.frames])
 
     def _admit(self, stream: VideoStream, z: torch.Tensor, scale: float, in_seqs: list[int],
                ts: list[int]) -> Chunk:
