@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -42,6 +43,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip()) if args.engines \
         else None
+    if args.image_unet:
+        if not os.path.isfile(args.image_unet):
+            raise CliError(f"no such file: {args.image_unet}.")
+        os.environ["LIVEDIFFUSION_IMAGE_UNET"] = os.path.abspath(args.image_unet)
     try:
         daemon = Daemon(args.host, args.port, engines=engines,
                         device=_resolve_device(args.device), ipc_path=args.ipc,
@@ -137,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_S,
                    help="drop clients silent this many seconds (default 3)")
     p.add_argument("--max-streams", type=int, default=32)
+    p.add_argument("--image-unet", metavar="FILE",
+                   help="single-file checkpoint (original SD layout) of a model fine-tuned from "
+                        "the image engine's base model: its UNet replaces the base one")
     p.add_argument("--warm-up", type=_sizes, metavar="WxH[,WxH]",
                    help="run each engine at these frame sizes before serving, so the first "
                         "stream does not wait for GPU kernel compilation (tens of seconds "

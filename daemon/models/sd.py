@@ -159,11 +159,31 @@ def build(preset_name: str, *, dtype: torch.dtype = torch.float32, device: str =
                     scheduler_config(), xl=preset.xl)
 
 
+def load_unet_file(path: str | Path, config_dir: str | Path, *,
+                   dtype: torch.dtype = torch.float16, device: str = "cpu"):
+    """A UNet from a single-file checkpoint in the original (LDM) layout -- a fine-tuned SD
+    model as artists download them -- converted by diffusers, with the architecture taken
+    from a diffusers-layout directory of its base model (``config_dir/unet/config.json``),
+    so nothing is fetched.  Loaded with safetensors, or torch.load(weights_only=True)."""
+    from diffusers import UNet2DConditionModel
+
+    path, config_dir = Path(path), Path(config_dir)
+    if not (config_dir / "unet" / "config.json").exists():
+        raise FileNotFoundError(f"{config_dir} has no unet/config.json: the single file's "
+                                f"base model must be pulled in the diffusers layout.")
+    unet = UNet2DConditionModel.from_single_file(str(path), config=str(config_dir),
+                                                 subfolder="unet", local_files_only=True,
+                                                 torch_dtype=dtype)
+    return unet.to(device).eval().requires_grad_(False)
+
+
 def load_dir(directory: str | Path, *, dtype: torch.dtype = torch.float16, device: str = "cpu",
-             tiny_vae: str | Path | None = None) -> SDModels:
+             tiny_vae: str | Path | None = None, unet_file: str | Path | None = None
+             ) -> SDModels:
     """A diffusers-layout pipeline directory (``unet/``, ``vae/``, ``text_encoder/``,
     ``tokenizer/``, for SDXL also ``text_encoder_2/`` and ``tokenizer_2/``, ``scheduler/``);
-    ``tiny_vae``: a TAESD-layout directory used instead of the full VAE."""
+    ``tiny_vae``: a TAESD-layout directory used instead of the full VAE; ``unet_file``: a
+    single-file checkpoint whose UNet replaces the directory's (``load_unet_file``)."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -171,7 +191,8 @@ def load_dir(directory: str | Path, *, dtype: torch.dtype = torch.float16, devic
     for sub in ("unet", "text_encoder", "tokenizer"):
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"{root} is not a diffusers-layout SD directory (no {sub}/).")
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
+    unet = load_unet_file(unet_file, root, dtype=dtype) if unet_file is not None else \
+        UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
     xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
     if tiny_vae is not None:
         codec = AutoencoderTiny.from_pretrained(tiny_vae, torch_dtype=dtype)

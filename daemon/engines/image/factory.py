@@ -23,9 +23,15 @@ def build_image_engine(preset: str = "tiny", *, device: str = "cpu", vae: str = 
                        description=f"{preset} architecture with RANDOM weights")
 
 
-def build_real_image_engine(model: str = "sd-turbo", *, device: str = "cuda") -> ImageEngine:
+def build_real_image_engine(model: str = "sd-turbo", *, device: str = "cuda",
+                            unet_file: str | None = None) -> ImageEngine:
     """The image engine on downloaded weights (diffusers layout) with the TAESD-layout tiny
-    VAE when it has been pulled, else the model's own VAE."""
+    VAE when it has been pulled, else the model's own VAE.  ``unet_file`` (default: the
+    LIVEDIFFUSION_IMAGE_UNET variable, which ``livediffusion daemon --image-unet`` sets): a
+    single-file checkpoint of a model fine-tuned from this one, whose UNet is used instead."""
+    import os
+
+    unet_file = unet_file or os.environ.get("LIVEDIFFUSION_IMAGE_UNET") or None
     from ...models import registry
 
     pipe_name, tiny_name, lora_name = REAL[model]
@@ -33,7 +39,9 @@ def build_real_image_engine(model: str = "sd-turbo", *, device: str = "cuda") ->
     lora = registry.require(lora_name) if lora_name else None
     tiny = registry.local_path(tiny_name)
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    models = sd.load_dir(root, dtype=dtype, device=device, tiny_vae=tiny)
+    models = sd.load_dir(root, dtype=dtype, device=device, tiny_vae=tiny, unet_file=unet_file)
+    if unet_file:
+        models.source += f", UNet from {os.path.basename(unet_file)}"
     if lora is not None:
         from ...models.lora import fuse_lora, load_lora_file
         fuse_lora(models.unet, load_lora_file(lora / registry.MODELS[lora_name].allow[0]))
