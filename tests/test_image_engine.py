@@ -443,3 +443,37 @@ def test_image_stream_over_the_real_transport():
             assert 4 <= stats["frames_in"] <= 6 and stats["frames_out"] == stats["frames_in"]
     finally:
         daemon.stop()
+
+
+def test_an_out_of_memory_step_leaves_every_stream_usable(engine):
+    """A failed UNet call (out of memory) raises to the worker, which reports it; the next
+    frame of the same streams is a normal one (no half-advanced Stream Batch buffers)."""
+    open_stream(engine, 1, steps=3, cfg="self", guidance=1.3)
+    open_stream(engine, 2, steps=2)
+    real = engine.unet_call
+    try:
+        frames = clip(5, seed=2)
+        for i in range(2):
+            engine.submit([StreamInput(sid, [InputFrame(i + 1, frames[i], SPEC, i)])
+                           for sid in (1, 2)])
+        before = {sid: engine.streams[sid].buf_x.clone() for sid in (1, 2)}
+
+        def oom(*args):
+            raise torch.OutOfMemoryError("simulated")
+
+        engine.unet_call = oom
+        with pytest.raises(torch.OutOfMemoryError):
+            engine.submit([StreamInput(sid, [InputFrame(3, frames[2], SPEC, 2)])
+                           for sid in (1, 2)])
+        for sid in (1, 2):
+            assert torch.equal(engine.streams[sid].buf_x, before[sid])  # nothing advanced
+        engine.unet_call = real
+        out = engine.submit([StreamInput(sid, [InputFrame(4, frames[3], SPEC, 3)])
+                             for sid in (1, 2)])
+        for o in out:
+            px = o.frames[0].pixels.float()
+            assert torch.isfinite(px).all() and px.std() > 1
+    finally:
+        engine.unet_call = real
+        engine.close_stream(1)
+        engine.close_stream(2)
