@@ -63,6 +63,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_webcam(args: argparse.Namespace) -> int:
+    import threading
+
+    from livediffusion.plugins.virtualcam.bridge import (WebcamBridge, WebcamSettings,
+                                                         open_source)
+    from livediffusion.shared import Client
+
+    from .demo import _params
+
+    try:
+        params = _params(args.param)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.prompt:
+        params["prompt"] = args.prompt
+    settings = WebcamSettings(args.size[0], args.size[1], args.fps, args.engine,
+                              args.process_size, params, args.backend, args.camera_device)
+    try:
+        source = open_source(args.source)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        client = Client(args.endpoint, name="webcam").connect(timeout=10)
+    except ConnectionError as exc:
+        raise CliError(str(exc)) from None
+    bridge = WebcamBridge(client, source, settings)
+    try:
+        try:
+            bridge.start()
+        except (RuntimeError, DaemonError) as exc:
+            raise CliError(str(exc)) from None
+        print(f"virtual camera {settings.width}x{settings.height} at {settings.fps:g} FPS from "
+              f"{args.source}, engine {bridge.engine} at {bridge.process[0]}x"
+              f"{bridge.process[1]}; type a new prompt and press Enter, Ctrl-C to stop")
+
+        def read_prompts() -> None:
+            for line in sys.stdin:
+                if line.strip():
+                    bridge.prompts.put(line.strip())
+
+        threading.Thread(target=read_prompts, daemon=True).start()
+        try:
+            bridge.run(args.seconds)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        bridge.close()
+        client.close()
+        source.release()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "transport":
         from .bench.transport import run_transport_bench
@@ -168,6 +220,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-realtime", action="store_true",
                    help="send frames as fast as the engine takes them instead of at --fps")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("webcam", help="restyle a camera or video file into a virtual camera",
+                       description="Read a camera (webcam:N) or a video file, stream it "
+                                   "through a running daemon, and publish the result as a "
+                                   "virtual camera (pyvirtualcam) that Zoom, Meet and OBS can "
+                                   "pick. Type a new prompt in the terminal to change it live.")
+    p.add_argument("source", nargs="?", default="webcam:0",
+                   help="webcam:N or a video file (default webcam:0)")
+    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--engine", default="auto", help="engine (default: the best the daemon has)")
+    p.add_argument("--size", type=_size, default=(1280, 720),
+                   help="virtual camera WxH (default 1280x720)")
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--process-size", type=_size, default=None,
+                   help="WxH the engine works at (default: the largest it takes, same aspect)")
+    p.add_argument("--prompt", default="", help="initial prompt")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine parameter, repeatable")
+    p.add_argument("--backend", default=None,
+                   help="pyvirtualcam backend (obs, unitycapture, v4l2loopback)")
+    p.add_argument("--camera-device", default=None, help="virtual camera device name/path")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.set_defaults(func=cmd_webcam)
 
     p = sub.add_parser("bench", help="benchmarks that print a table (and JSON on request)",
                        description="transport: client-daemon round trips; video / image: "

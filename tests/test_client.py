@@ -160,5 +160,6 @@ def test_every_package_folder_is_in_the_distribution():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())
                  ["tool"]["setuptools"]["packages"])
     found = {"livediffusion." + ".".join(p.parent.relative_to(root).parts)
-             for top in ("daemon", "shared") for p in (root / top).rglob("__init__.py")}
+             for top in ("daemon", "shared", "plugins")
+             for p in (root / top).rglob("__init__.py")}
     assert found == listed

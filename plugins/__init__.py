@@ -1,0 +1,1 @@
+"""Thin clients for the artists' tools, over livediffusion.shared."""
