@@ -115,6 +115,38 @@ def cmd_webcam(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spout(args: argparse.Namespace) -> int:
+    from livediffusion.plugins.spout.bridge import (SpoutBridge, SpoutSettings,
+                                                    spout_unavailable_reason)
+    from livediffusion.shared import Client
+
+    reason = spout_unavailable_reason()
+    if reason:
+        raise CliError(reason)
+    from .demo import _params
+
+    try:
+        params = _params(args.param)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        client = Client(args.endpoint, name="spout").connect(timeout=10)
+    except ConnectionError as exc:
+        raise CliError(str(exc)) from None
+    bridge = SpoutBridge(client, SpoutSettings(args.receive_from, args.send_as, args.engine,
+                                               params, args.invert))
+    print(f"reading Spout sender {args.receive_from!r}, publishing {args.send_as!r} "
+          f"(engine {args.engine}); Ctrl-C to stop")
+    try:
+        bridge.run(args.seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        bridge.close()
+        client.close()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "transport":
         from .bench.transport import run_transport_bench
@@ -243,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera-device", default=None, help="virtual camera device name/path")
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.set_defaults(func=cmd_webcam)
+
+    p = sub.add_parser("spout", help="Spout sender in, daemon, Spout sender out (Windows)",
+                       description="Read frames from a named Spout sender, stream them through "
+                                   "a running daemon and publish the result as a Spout sender "
+                                   "(Resolume, Unity, TouchDesigner, OBS's Spout plugin).")
+    p.add_argument("--from", dest="receive_from", required=True, metavar="SENDER",
+                   help="name of the Spout sender to read")
+    p.add_argument("--as", dest="send_as", default="livediffusion", metavar="NAME",
+                   help="name of the Spout sender to publish (default livediffusion)")
+    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--engine", default="passthrough")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--invert", action="store_true", help="flip frames vertically")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.set_defaults(func=cmd_spout)
 
     p = sub.add_parser("bench", help="benchmarks that print a table (and JSON on request)",
                        description="transport: client-daemon round trips; video / image: "
