@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from typing import Callable, Sequence
 
@@ -144,6 +145,19 @@ def cmd_spout(args: argparse.Namespace) -> int:
     finally:
         bridge.close()
         client.close()
+    return 0
+
+
+def cmd_touchdesigner(args: argparse.Namespace) -> int:
+    from livediffusion.plugins.touchdesigner.install import install
+
+    try:
+        target = install(args.target, args.platform, pip=not args.no_pip)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise CliError(f"could not fill {args.target}: {exc}") from None
+    print(f"filled {target}; in TouchDesigner: Edit > Preferences > Python 64-bit Module Path "
+          f"= {target}, restart TD, then run build_component.py from "
+          f"{target / 'livediffusion' / 'plugins' / 'touchdesigner'} once (see its README).")
     return 0
 
 
@@ -290,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert", action="store_true", help="flip frames vertically")
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.set_defaults(func=cmd_spout)
+
+    p = sub.add_parser("touchdesigner", help="prepare the TouchDesigner component",
+                       description="install: fill a folder TouchDesigner's Python reads with "
+                                   "pyzmq and msgpack (for TD's platform and Python 3.11) and "
+                                   "the component's code.")
+    p.add_argument("action", choices=["install"])
+    p.add_argument("target", nargs="?", default=os.path.join("~", "livediffusion-td"),
+                   help="folder to fill (default ~/livediffusion-td)")
+    p.add_argument("--platform", choices=["windows", "mac"], default=None,
+                   help="TouchDesigner's platform (default: this machine's, Windows off macOS)")
+    p.add_argument("--no-pip", action="store_true",
+                   help="copy the component's code only (pyzmq and msgpack already there)")
+    p.set_defaults(func=cmd_touchdesigner)
 
     p = sub.add_parser("bench", help="benchmarks that print a table (and JSON on request)",
                        description="transport: client-daemon round trips; video / image: "

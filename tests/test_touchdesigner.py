@@ -146,3 +146,79 @@ def test_parameter_pages_and_prompt_lists():
     assert set(PAGES) == {"Daemon", "Generation", "Stream", "Status"}
     assert parse_prompts("a:1; b : 0.5 ;c") == [["a", 1.0], ["b", 0.5], ["c", 1.0]]
     assert parse_prompts("") == []
+
+
+class FakePar:
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+    def eval(self):
+        return self.value
+
+
+class FakeComp:
+    """The few things the shims touch: path, customPars, op(name), par.<Name> = value."""
+
+    def __init__(self, values, top):
+        self.path = f"/project1/livediffusion{id(self)}"
+        self.customPars = [FakePar(k, v) for k, v in values.items()]
+        self.top, self.script = top, FakeScriptTOP()
+        self.script.cooked = 0
+        self.script.cook = lambda force=False: setattr(self.script, "cooked",
+                                                       self.script.cooked + 1)
+        self.par = type("Pars", (), {})()
+
+    def op(self, name):
+        return {"resolution1": self.top, "script1": self.script}[name]
+
+
+def test_the_one_line_shims_drive_the_component(daemon):
+    import ast
+    from pathlib import Path
+
+    from livediffusion.plugins.touchdesigner import livediffusion_td as ld
+
+    comp = FakeComp({"Endpoint": daemon.endpoint, "Engine": "passthrough"}, FakeTOP(32, 32))
+    try:
+        for _ in range(60):
+            ld.on_frame_start(comp)
+            ld.on_cook(comp, comp.script)
+            time.sleep(1 / 60)
+        assert comp.script.cooked == 60 and comp.script.copied[-1].dtype == np.uint8
+        assert comp.par.State == "streaming passthrough 32x32" and comp.par.Fpsout > 0
+        ld.on_value_change(comp, FakePar("Seed", 5))
+        ld.on_pulse(comp, FakePar("Reset", None))
+    finally:
+        ld._BRIDGES.pop(comp.path).disconnect()
+    # every shim function is one statement calling this module
+    folder = Path(ld.__file__).parent / "callbacks"
+    for path in folder.glob("*.py"):
+        for fn in [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)]:
+            assert len(fn.body) == 1, (path.name, fn.name)
+            call = fn.body[0].value
+            assert call.func.value.id == "ld" and hasattr(ld, call.func.attr)
+
+
+def test_the_td_folder_is_self_contained(tmp_path):
+    """What `livediffusion touchdesigner install` copies runs with only pyzmq, msgpack and
+    numpy: no torch, no daemon (TD's Python has none of them)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "livediffusion.daemon", "touchdesigner",
+                             "install", str(tmp_path / "td"), "--no-pip"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Python 64-bit Module Path" in result.stdout
+    folder = tmp_path / "td" / "livediffusion"
+    assert (folder / "plugins" / "touchdesigner" / "build_component.py").exists()
+    assert (folder / "plugins" / "touchdesigner" / "callbacks" / "frame_execute.py").exists()
+    probe = ("import sys; sys.modules['torch'] = None; "
+             "from livediffusion.plugins.touchdesigner import livediffusion_td as ld; "
+             "import livediffusion.shared.client as c; "
+             "print(ld.__file__, c.__file__)")
+    run = subprocess.run([sys.executable, "-I", "-c",
+                          f"import sys; sys.path.insert(0, {str(tmp_path / 'td')!r}); " + probe],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert str(tmp_path / "td") in run.stdout.split()[0]

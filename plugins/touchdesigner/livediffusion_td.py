@@ -242,3 +242,31 @@ def bridge_for(comp_path: str, values: dict[str, Any] | None = None) -> TDBridge
     if bridge is None:
         bridge = _BRIDGES[comp_path] = TDBridge(values)
     return bridge
+
+
+# --- what the one-line DAT shims call (TD objects come in as arguments, duck-typed) --------
+
+def _bridge(comp) -> TDBridge:
+    return bridge_for(comp.path, {p.name: p.eval() for p in comp.customPars})
+
+
+def on_frame_start(comp) -> None:
+    """Execute DAT onFrameStart: send the input, force the Script TOP to cook, update the
+    status readouts."""
+    bridge = _bridge(comp)
+    bridge.frame_start(comp.op("resolution1"))
+    comp.op("script1").cook(force=True)
+    for name, value in bridge.status().items():
+        setattr(comp.par, name, value)
+
+
+def on_cook(comp, script_op) -> None:
+    _bridge(comp).cook(script_op)
+
+
+def on_value_change(comp, par) -> None:
+    _bridge(comp).par_change(par.name, par.eval())
+
+
+def on_pulse(comp, par) -> None:
+    _bridge(comp).pulse(par.name)
