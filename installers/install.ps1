@@ -1,10 +1,12 @@
 # Set up livediffusion on Windows: a virtual environment with the daemon and its tools.
-#   powershell -ExecutionPolicy Bypass -File installers\install.ps1 [-Venv DIR] [-Cuda cu128] [-Extras daemon,obs,virtualcam,spout]
+#   powershell -ExecutionPolicy Bypass -File installers\install.ps1 [-Venv DIR] [-Cuda cu128] [-Extras daemon,obs,virtualcam,spout] [-TouchDesigner DIR]
+# -TouchDesigner DIR also fills DIR for TouchDesigner's Python (pyzmq, msgpack, the component).
 # PyPI's Windows torch wheels are CPU-only: -Cuda picks the matching build from PyTorch's index.
 param(
     [string]$Venv = "$PSScriptRoot\..\.venv",
     [string]$Cuda = "cu128",
-    [string]$Extras = "daemon,virtualcam,spout"
+    [string]$Extras = "daemon,virtualcam,spout",
+    [string]$TouchDesigner = ""
 )
 $ErrorActionPreference = "Stop"
 $root = Resolve-Path "$PSScriptRoot\.."
@@ -19,4 +21,7 @@ if ($Cuda -eq "cpu") {
 }
 & "$Venv\Scripts\python.exe" -m pip install -e "$root[$Extras]"
 & "$Venv\Scripts\livediffusion.exe" doctor
+if ($TouchDesigner -ne "") {
+    & "$Venv\Scripts\livediffusion.exe" touchdesigner install $TouchDesigner --platform windows
+}
 Write-Host "livediffusion is installed in $Venv. Try: $Venv\Scripts\livediffusion.exe demo"
