@@ -64,31 +64,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def cmd_webcam(args: argparse.Namespace) -> int:
-    import threading
-
-    from livediffusion.plugins.virtualcam.bridge import (WebcamBridge, WebcamSettings,
-                                                         open_source)
-    from livediffusion.shared import Client
-
+def _engine_params(args: argparse.Namespace) -> dict:
+    """--param KEY=VALUE pairs (and --prompt where the command has it) as engine params."""
     from .demo import _params
 
     try:
         params = _params(args.param)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    if args.prompt:
+    if getattr(args, "prompt", ""):
         params["prompt"] = args.prompt
+    return params
+
+
+def _connect(endpoint: str, name: str):
+    from livediffusion.shared import Client
+
+    try:
+        return Client(endpoint, name=name).connect(timeout=10)
+    except ConnectionError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_webcam(args: argparse.Namespace) -> int:
+    import threading
+
+    from livediffusion.plugins.virtualcam.bridge import (WebcamBridge, WebcamSettings,
+                                                         open_source)
+
     settings = WebcamSettings(args.size[0], args.size[1], args.fps, args.engine,
-                              args.process_size, params, args.backend, args.camera_device)
+                              args.process_size, _engine_params(args), args.backend,
+                              args.camera_device)
     try:
         source = open_source(args.source)
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
-    try:
-        client = Client(args.endpoint, name="webcam").connect(timeout=10)
-    except ConnectionError as exc:
-        raise CliError(str(exc)) from None
+    client = _connect(args.endpoint, "webcam")
     bridge = WebcamBridge(client, source, settings)
     try:
         try:
@@ -119,21 +130,12 @@ def cmd_webcam(args: argparse.Namespace) -> int:
 def cmd_spout(args: argparse.Namespace) -> int:
     from livediffusion.plugins.spout.bridge import (SpoutBridge, SpoutSettings,
                                                     spout_unavailable_reason)
-    from livediffusion.shared import Client
 
     reason = spout_unavailable_reason()
     if reason:
         raise CliError(reason)
-    from .demo import _params
-
-    try:
-        params = _params(args.param)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    try:
-        client = Client(args.endpoint, name="spout").connect(timeout=10)
-    except ConnectionError as exc:
-        raise CliError(str(exc)) from None
+    params = _engine_params(args)
+    client = _connect(args.endpoint, "spout")
     bridge = SpoutBridge(client, SpoutSettings(args.receive_from, args.send_as, args.engine,
                                                params, args.invert))
     print(f"reading Spout sender {args.receive_from!r}, publishing {args.send_as!r} "
