@@ -86,6 +86,25 @@ def _connect(endpoint: str, name: str):
         raise CliError(str(exc)) from None
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    from .demo import _params
+
+    try:
+        changes = _params(args.changes)
+    except ValueError as exc:
+        raise CliError(str(exc).replace("--param", "each change")) from None
+    client = _connect(args.endpoint, "params")
+    try:
+        effective = client.control(args.stream, changes, timeout=args.timeout)
+    except (DaemonError, TimeoutError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        client.close()
+    for key in sorted(changes):
+        print(f"{key} = {effective.get(key)!r}")
+    return 0
+
+
 def cmd_webcam(args: argparse.Namespace) -> int:
     import threading
 
@@ -268,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-realtime", action="store_true",
                    help="send frames as fast as the engine takes them instead of at --fps")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("params", help="change a running stream's parameters by its name",
+                       description="Change the parameters of an open stream, whichever tool "
+                                   "opened it (e.g. the 'webcam' stream of livediffusion "
+                                   "webcam): livediffusion params webcam prompt='a forest'.")
+    p.add_argument("stream", help="the stream's name")
+    p.add_argument("changes", nargs="+", metavar="KEY=VALUE")
+    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("webcam", help="restyle a camera or video file into a virtual camera",
                        description="Read a camera (webcam:N) or a video file, stream it "

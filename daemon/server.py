@@ -412,6 +412,16 @@ class Daemon:
         stream = self._owned_stream(session, msg)
         self.scheduler.post(Params((session.identity, rid), stream.id, dict(msg["params"])))
 
+    def _on_control(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        """Parameters for a stream named by any session (a controller beside the tool that
+        owns the stream); the answer goes to the asker."""
+        sid = self._names.get(msg["name"])
+        stream = self.streams.get(sid) if sid is not None else None
+        if stream is None or stream.state != "open":
+            raise ProtocolError(ErrorCode.UNKNOWN_STREAM,
+                                f"no open stream is named {msg['name']!r}.")
+        self.scheduler.post(Params((session.identity, rid), stream.id, dict(msg["params"])))
+
     def _on_frame(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         stream = self._owned_stream(session, msg)
         if stream.state != "open":

@@ -686,6 +686,17 @@ class Client:
             out[stream.name] = entry
         return out
 
+    def control(self, name: str, params: dict[str, Any] | None = None, *,
+                timeout: float = 2.0, **kwargs: Any) -> dict[str, Any]:
+        """Change the parameters of the stream called ``name``, whichever client opened it
+        (a prompt box beside a webcam bridge, say).  Blocks for the daemon's answer and
+        returns the effective parameters; raises DaemonError if refused."""
+        if self.state == "disconnected":
+            self.connect(timeout)
+        reply = self._request({"type": "control", "name": name,
+                               "params": {**(params or {}), **kwargs}}, timeout)
+        return reply.get("params", {})
+
     def close(self) -> None:
         """Close every stream, say goodbye, release the socket."""
         for stream in list(self._streams.values()):

@@ -107,6 +107,8 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "transport": (_STR, False),
     },
     "params": {"stream": (_INT, True), "params": (_MAP, True)},
+    # change the parameters of any open stream by its name (another tool's stream, say)
+    "control": {"name": (_STR, True), "params": (_MAP, True)},
     "frame": {
         "stream": (_INT, True),
         "seq": (_INT, True),

@@ -86,6 +86,7 @@ VALID_CLIENT_MESSAGES = {
                 params={"strength": 0.4}, output={"width": 32, "height": 24}, slots=3,
                 transport="inline"),
     "params": msg("params", stream=1, params={"prompt": "a cat"}),
+    "control": msg("control", name="webcam", params={"prompt": "a cat"}),
     "frame": msg("frame", stream=1, seq=2, slot=0, ts=123456, stride=192),
     "stats": msg("stats", stream=1),
     "heartbeat": msg("heartbeat"),

@@ -163,3 +163,34 @@ def test_no_virtual_camera_device_gets_one_sentence_per_system():
         with pytest.raises(RuntimeError, match="v4l2loopback"):
             _pyvirtualcam_camera(width=64, height=48, fps=30, backend="v4l2loopback",
                                  device="/dev/video-livediffusion-absent")
+
+
+def test_another_tool_changes_the_webcam_prompt_through_the_protocol(daemon):
+    import subprocess
+    import sys
+
+    from livediffusion.shared import DaemonError
+
+    FakeBackend.instances.clear()
+    with Client(daemon.endpoint) as client:
+        settings = WebcamSettings(64, 48, fps=60, engine="video-tiny")
+        bridge = WebcamBridge(client, FakeSource(64, 48), settings, camera_factory=camera)
+        bridge.start()
+        try:
+            bridge.run(seconds=0.3, report_every=0)
+            with Client(daemon.endpoint, name="prompt-box") as other:
+                got = other.control("webcam", prompt="a city at dawn", seed=3)
+                assert got["prompt"] == "a city at dawn" and got["seed"] == 3
+                with pytest.raises(DaemonError, match="no open stream is named 'nobody'"):
+                    other.control("nobody", prompt="x")
+            engine = daemon.engines["video-tiny"]
+            assert engine.streams[bridge.stream.id].params.prompt == "a city at dawn"
+            cmd = subprocess.run([sys.executable, "-m", "livediffusion.daemon", "params",
+                                  "webcam", "prompt=a harbour", "--endpoint", daemon.endpoint],
+                                 capture_output=True, text=True, timeout=60)
+            assert cmd.returncode == 0, cmd.stderr
+            assert "prompt = 'a harbour'" in cmd.stdout
+            bridge.run(seconds=0.3, report_every=0)   # the webcam keeps running
+            assert engine.streams[bridge.stream.id].params.prompt == "a harbour"
+        finally:
+            bridge.close()
