@@ -147,18 +147,21 @@ def cmd_webcam(args: argparse.Namespace) -> int:
 
 
 def cmd_spout(args: argparse.Namespace) -> int:
-    from livediffusion.plugins.spout.bridge import (SpoutBridge, SpoutSettings,
-                                                    spout_unavailable_reason)
+    from livediffusion.plugins.spout.bridge import (SpoutBridge, SpoutSettings, SyphonBridge,
+                                                    spout_unavailable_reason,
+                                                    syphon_unavailable_reason)
 
-    reason = spout_unavailable_reason()
+    syphon = args.command == "syphon"
+    reason = (syphon_unavailable_reason if syphon else spout_unavailable_reason)()
     if reason:
         raise CliError(reason)
     params = _engine_params(args)
-    client = _connect(args.endpoint, "spout")
-    bridge = SpoutBridge(client, SpoutSettings(args.receive_from, args.send_as, args.engine,
-                                               params, args.invert))
-    print(f"reading Spout sender {args.receive_from!r}, publishing {args.send_as!r} "
-          f"(engine {args.engine}); Ctrl-C to stop")
+    client = _connect(args.endpoint, args.command)
+    settings = SpoutSettings(args.receive_from, args.send_as, args.engine, params, args.invert,
+                             stream_name=args.command)
+    bridge = (SyphonBridge if syphon else SpoutBridge)(client, settings)
+    print(f"reading {args.command} source {args.receive_from!r}, publishing "
+          f"{args.send_as!r} (engine {args.engine}); Ctrl-C to stop")
     try:
         bridge.run(args.seconds)
     except KeyboardInterrupt:
@@ -321,20 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.set_defaults(func=cmd_webcam)
 
-    p = sub.add_parser("spout", help="Spout sender in, daemon, Spout sender out (Windows)",
-                       description="Read frames from a named Spout sender, stream them through "
-                                   "a running daemon and publish the result as a Spout sender "
-                                   "(Resolume, Unity, TouchDesigner, OBS's Spout plugin).")
-    p.add_argument("--from", dest="receive_from", required=True, metavar="SENDER",
-                   help="name of the Spout sender to read")
-    p.add_argument("--as", dest="send_as", default="livediffusion", metavar="NAME",
-                   help="name of the Spout sender to publish (default livediffusion)")
-    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
-    p.add_argument("--engine", default="passthrough")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--invert", action="store_true", help="flip frames vertically")
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
-    p.set_defaults(func=cmd_spout)
+    for command, what in (("spout", "a Spout sender in, daemon, a Spout sender out (Windows)"),
+                          ("syphon", "a Syphon server in, daemon, a Syphon server out (macOS)")):
+        p = sub.add_parser(command, help=what,
+                           description=f"{what[0].upper()}{what[1:]}: Resolume, Unity, "
+                                       f"TouchDesigner, MadMapper, OBS can use the daemon.")
+        p.add_argument("--from", dest="receive_from", required=True, metavar="SOURCE",
+                       help="name of the sender / server to read")
+        p.add_argument("--as", dest="send_as", default="livediffusion", metavar="NAME",
+                       help="name to publish under (default livediffusion)")
+        p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
+        p.add_argument("--engine", default="passthrough")
+        p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--invert", action="store_true", help="flip frames vertically")
+        p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+        p.set_defaults(func=cmd_spout, command=command)
 
     p = sub.add_parser("touchdesigner", help="prepare the TouchDesigner component",
                        description="install: fill a folder TouchDesigner's Python reads with "

@@ -103,7 +103,7 @@ def test_frames_go_through_the_daemon_and_out_as_a_sender(daemon, invert):
 
 def test_other_systems_get_one_sentence():
     assert "Windows" in spout_unavailable_reason("linux")
-    assert "Syphon" in spout_unavailable_reason("darwin")
+    assert "livediffusion syphon" in spout_unavailable_reason("darwin")
 
 
 def test_the_command_says_why_spout_cannot_run_here():
@@ -116,3 +116,88 @@ def test_the_command_says_why_spout_cannot_run_here():
                              "cam"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Windows" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class FakeSyphon:
+    """syphon-python's calls used by the bridge: a server named 'cam' in the directory whose
+    frames are RGBA images, and our server collecting what we publish."""
+
+    def __init__(self, width: int, height: int) -> None:
+        image = np.zeros((height, width, 4), np.uint8)
+        image[...] = (10, 20, 200, 255)
+        image[: height // 8] = 255
+        self.image = image
+        self.published: list[np.ndarray] = []
+        self.stopped = []
+        fake = self
+
+        class Desc:
+            name, app_name = "cam", "VJ tool"
+
+        class SyphonServerDirectory:
+            servers = [Desc()]
+
+        class SyphonMetalClient:
+            def __init__(self, desc):
+                assert desc.name == "cam"
+
+            has_new_frame = True
+
+            @property
+            def new_frame_image(self):
+                return ("texture", fake.image)
+
+            def stop(self):
+                fake.stopped.append("client")
+
+        class SyphonMetalServer:
+            def __init__(self, name):
+                fake.server_name = name
+                self.device = "metal-device"
+
+            def publish_frame_texture(self, texture):
+                fake.published.append(texture["pixels"].copy())
+
+            def stop(self):
+                fake.stopped.append("server")
+
+        def copy_mtl_texture_to_image(texture):
+            assert texture[0] == "texture"
+            return texture[1].copy()
+
+        def create_mtl_texture(device, w, h):
+            assert device == "metal-device"
+            return {"size": (w, h), "pixels": None}
+
+        def copy_image_to_mtl_texture(image, texture):
+            assert image.shape[:2][::-1] == texture["size"] and image.dtype == np.uint8
+            texture["pixels"] = image
+
+        import types
+        self.SyphonServerDirectory = SyphonServerDirectory
+        self.SyphonMetalClient = SyphonMetalClient
+        self.SyphonMetalServer = SyphonMetalServer
+        self.utils = types.SimpleNamespace(
+            numpy=types.SimpleNamespace(copy_mtl_texture_to_image=copy_mtl_texture_to_image,
+                                        copy_image_to_mtl_texture=copy_image_to_mtl_texture),
+            raw=types.SimpleNamespace(create_mtl_texture=create_mtl_texture))
+
+
+def test_syphon_frames_go_through_the_daemon_and_out_as_a_server(daemon):
+    from livediffusion.plugins.spout.bridge import SyphonBridge, syphon_unavailable_reason
+
+    fake = FakeSyphon(80, 48)
+    with Client(daemon.endpoint) as client:
+        bridge = SyphonBridge(client, SpoutSettings("cam", "ld-out", params={"mode": "invert"},
+                                                    stream_name="syphon"), syphon=fake)
+        try:
+            bridge.run(seconds=1.0)
+        finally:
+            bridge.close()
+    assert fake.server_name == "ld-out" and sorted(fake.stopped) == ["client", "server"]
+    assert bridge.size == (80, 48) and bridge.counters["published"] > 5
+    out = fake.published[-1]
+    assert out.shape == (48, 80, 4)
+    assert np.abs(out[30, 40].astype(int) - (245, 235, 55, 255)).max() <= 1
+    assert out[:4, :, :3].mean() < 5
+    assert "macOS" in syphon_unavailable_reason("win32")
