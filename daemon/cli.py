@@ -119,7 +119,18 @@ def cmd_webcam(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
     client = _connect(args.endpoint, "webcam")
-    bridge = WebcamBridge(client, source, settings)
+    factory = None
+    if args.rawvideo is not None:
+        from livediffusion.plugins.virtualcam.rawvideo import RawVideoSink
+
+        def factory(**kw):
+            sink = RawVideoSink(kw["width"], kw["height"], kw["fps"], port=args.rawvideo)
+            obs = sink.obs_media_source_settings()
+            print(f"raw video on {obs['input']}: in OBS add a Media Source, untick Local File, "
+                  f"Input {obs['input']}, Input Format rawvideo, FFmpeg options "
+                  f"'{obs['ffmpeg_options']}'")
+            return sink
+    bridge = WebcamBridge(client, source, settings, camera_factory=factory)
     try:
         try:
             bridge.start()
@@ -321,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None,
                    help="pyvirtualcam backend (obs, unitycapture, v4l2loopback)")
     p.add_argument("--camera-device", default=None, help="virtual camera device name/path")
+    p.add_argument("--rawvideo", type=int, default=None, metavar="PORT",
+                   help="instead of a virtual camera, serve rgb24 raw video on "
+                        "tcp://127.0.0.1:PORT (OBS Media Source, ffmpeg; no driver needed)")
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.set_defaults(func=cmd_webcam)
 

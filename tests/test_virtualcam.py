@@ -194,3 +194,50 @@ def test_another_tool_changes_the_webcam_prompt_through_the_protocol(daemon):
             assert engine.streams[bridge.stream.id].params.prompt == "a harbour"
         finally:
             bridge.close()
+
+
+def test_raw_video_over_loopback_tcp_for_obs_media_sources(daemon):
+    """The plugin-free path into OBS: the same bridge, frames served as rgb24 raw video."""
+    import socket
+
+    from livediffusion.plugins.virtualcam.rawvideo import RawVideoSink
+
+    sinks = []
+
+    def raw(**kw):
+        sinks.append(RawVideoSink(kw["width"], kw["height"], kw["fps"]))
+        return sinks[-1]
+
+    with Client(daemon.endpoint) as client:
+        settings = WebcamSettings(64, 48, fps=60, engine="passthrough",
+                                  params={"mode": "invert"})
+        bridge = WebcamBridge(client, FakeSource(64, 48), settings, camera_factory=raw)
+        bridge.start()
+        sink = sinks[0]
+        settings_obs = sink.obs_media_source_settings()
+        assert settings_obs["input"] == f"tcp://127.0.0.1:{sink.port}"
+        assert "video_size=64x48 pixel_format=rgb24" in settings_obs["ffmpeg_options"]
+        reader = socket.create_connection(("127.0.0.1", sink.port))
+        try:
+            bridge.run(seconds=0.8, report_every=0)
+            reader.settimeout(0.3)
+            frame_bytes = 64 * 48 * 3
+            data = b""
+            try:
+                while True:
+                    chunk = reader.recv(1 << 20)
+                    if not chunk:
+                        break
+                    data += chunk
+            except socket.timeout:
+                pass
+            count = len(data) // frame_bytes
+            assert count > 20                            # ~60 FPS for 0.8 s, every frame whole
+            last = np.frombuffer(data[(count - 1) * frame_bytes:count * frame_bytes],
+                                 np.uint8).reshape(48, 64, 3)
+            assert np.abs(last[30, 30].astype(int) - (245, 235, 55)).max() <= 2
+            assert last[:3].mean() < 10                    # white band on top, inverted
+        finally:
+            reader.close()
+            bridge.close()
+        assert not sink.readers
