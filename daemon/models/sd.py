@@ -57,6 +57,14 @@ _FULL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
                  down_block_types=("DownEncoderBlock2D",) * 4,
                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
 
+#: the tiny presets' text tower (byte-level tokenizer ids) and TAESD-layout VAE
+_CLIP_TINY = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu",
+                  projection_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+_TAESD_TINY = dict(encoder_block_out_channels=(8, 8, 8, 8),
+                   decoder_block_out_channels=(8, 8, 8, 8),
+                   num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+
 PRESETS: dict[str, SDPreset] = {
     "sd-turbo": SDPreset(
         "sd-turbo", dict(_SD_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
@@ -83,12 +91,7 @@ PRESETS: dict[str, SDPreset] = {
              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
              cross_attention_dim=32, attention_head_dim=8, use_linear_projection=True),
-        (dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-              num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu",
-              projection_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1),),
-        tiny_vae=dict(encoder_block_out_channels=(8, 8, 8, 8),
-                      decoder_block_out_channels=(8, 8, 8, 8),
-                      num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)),
+        (_CLIP_TINY,), tiny_vae=_TAESD_TINY,
         full_vae=dict(_FULL_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                       norm_num_groups=4),
         default_steps=2),
@@ -102,14 +105,7 @@ PRESETS: dict[str, SDPreset] = {
              cross_attention_dim=64, attention_head_dim=8, use_linear_projection=True,
              addition_embed_type="text_time", addition_time_embed_dim=8,
              projection_class_embeddings_input_dim=8 * 6 + 32),
-        tuple(dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                   num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu",
-                   projection_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1)
-              for _ in range(2)),
-        vae_scaling=0.13025,
-        tiny_vae=dict(encoder_block_out_channels=(8, 8, 8, 8),
-                      decoder_block_out_channels=(8, 8, 8, 8),
-                      num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)),
+        (_CLIP_TINY, _CLIP_TINY), vae_scaling=0.13025, tiny_vae=_TAESD_TINY,
         default_steps=1, xl=True),
 }
 
