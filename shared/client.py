@@ -360,6 +360,11 @@ class Stream:
         self._pending.clear()
 
 
+#: engines a tool picks when asked for "auto", best first (real weights before toy ones)
+PREFERRED_ENGINES = ("video", "image", "video-14b", "image-sdxl-turbo", "image-sd15-lcm",
+                     "video-tiny", "image-tiny", "passthrough")
+
+
 class Client:
     """A connection to one daemon.  Use from one thread; see the module docstring."""
 
@@ -685,6 +690,14 @@ class Client:
                 entry["daemon"] = reply["streams"][str(stream.id)]
             out[stream.name] = entry
         return out
+
+    def choose_engine(self, wanted: str = "auto") -> str:
+        """``wanted`` itself, or for "auto" the best engine the daemon offers
+        (``PREFERRED_ENGINES`` first, else its first one; "" when it offers none)."""
+        if wanted != "auto":
+            return wanted
+        engines = self.capabilities.get("engines", {})
+        return next((e for e in PREFERRED_ENGINES if e in engines), next(iter(engines), ""))
 
     def control(self, name: str, params: dict[str, Any] | None = None, *,
                 timeout: float = 2.0, **kwargs: Any) -> dict[str, Any]:

@@ -61,7 +61,6 @@ ENGINE_PARAMS = {"Prompt": ("prompt",), "Negativeprompt": ("negative_prompt",),
                  "Prompts": ("prompts",), "Seed": ("seed",),
                  "Strength": ("strength", "noise_scale"), "Steps": ("steps",),
                  "Guidance": ("guidance",)}
-PREFERRED_ENGINES = ("video", "image", "video-tiny", "image-tiny", "passthrough")
 
 
 def parse_prompts(text: str) -> list[list[Any]]:
@@ -140,10 +139,7 @@ class TDBridge:
             return
         if self.stream is not None:
             self.stream.close(timeout=0)
-        engines = self.client.capabilities.get("engines", {})
-        wanted = self.values["Engine"]
-        self.engine = wanted if wanted != "auto" else next(
-            (e for e in PREFERRED_ENGINES if e in engines), next(iter(engines), ""))
+        self.engine = self.client.choose_engine(self.values["Engine"])
         self.stream = self.client.open_stream(
             "touchdesigner", width, height, format="rgba", dtype="float32", origin="bottom",
             output={"format": "rgba", "dtype": "uint8", "origin": "bottom"},

@@ -22,11 +22,6 @@ from livediffusion.shared import Client
 
 log = logging.getLogger("livediffusion.webcam")
 
-#: engines in the order the bridge prefers them when asked for "auto"
-PREFERRED = ("video", "image", "video-14b", "image-sdxl-turbo", "video-tiny", "image-tiny",
-             "passthrough")
-
-
 @dataclass
 class WebcamSettings:
     width: int = 1280
@@ -122,10 +117,9 @@ class WebcamBridge:
     def start(self, timeout: float = 60.0) -> WebcamBridge:
         s = self.settings
         engines = self.client.capabilities.get("engines", {})
-        self.engine = s.engine if s.engine != "auto" else next(
-            (e for e in PREFERRED if e in engines), next(iter(engines), "passthrough"))
+        self.engine = self.client.choose_engine(s.engine)
         if self.engine not in engines:
-            raise RuntimeError(f"the daemon has no engine {self.engine!r}; it has "
+            raise RuntimeError(f"the daemon has no engine {s.engine!r}; it has "
                                f"{', '.join(engines) or 'none'}.")
         self.process = s.process or fit(s.width, s.height,
                                         engines[self.engine].get("sizes", {}))
