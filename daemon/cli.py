@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from livediffusion.shared.client import DaemonError
@@ -72,8 +73,11 @@ def _engine_params(args: argparse.Namespace) -> dict:
         params = _params(args.param)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    if getattr(args, "prompt", ""):
-        params["prompt"] = args.prompt
+    prompt = getattr(args, "initial_prompt", None)  # commands with _add_stream_args
+    if prompt is None:
+        prompt = getattr(args, "prompt", "")
+    if prompt:
+        params["prompt"] = prompt
     return params
 
 
@@ -113,7 +117,8 @@ def cmd_webcam(args: argparse.Namespace) -> int:
 
     settings = WebcamSettings(args.size[0], args.size[1], args.fps, args.engine,
                               args.process_size, _engine_params(args), args.backend,
-                              args.camera_device)
+                              args.camera_device,
+                              stream_name=getattr(args, "stream_name", "webcam"))
     try:
         source = open_source(args.source)
     except RuntimeError as exc:
@@ -154,6 +159,99 @@ def cmd_webcam(args: argparse.Namespace) -> int:
         bridge.close()
         client.close()
         source.release()
+    return 0
+
+
+def cmd_obs(args: argparse.Namespace) -> int:
+    from livediffusion.plugins.obs import build as obs_build
+    from livediffusion.plugins.obs import websocket as ows
+
+    try:
+        if args.action == "install":
+            build_dir = Path(args.build_dir).expanduser()
+            obs_build.build(build_dir, tests=False)
+            dest = obs_build.install(build_dir, args.dest)
+            print(f"installed the livediffusion filter into {dest}; restart OBS, then add it "
+                  f"with right click on a source > Filters > + > livediffusion (or "
+                  f"livediffusion obs setup --source NAME).")
+            return 0
+        password = args.obs_password or os.environ.get("OBS_WEBSOCKET_PASSWORD", "")
+        if args.action == "prompt":
+            if not args.prompt:
+                raise CliError('obs prompt needs the prompt: livediffusion obs prompt "a forest".')
+            return _obs_prompt(args, ows, password)
+        if args.action == "setup" and (args.source is None) == (args.media_source is None):
+            raise CliError("obs setup needs either --source NAME (add the filter to that OBS "
+                           "source) or --media-source webcam:N|FILE (plugin-free path).")
+        cl = ows.connect(args.obs_host, args.obs_port, password)
+        if args.action == "status":
+            filters = ows.list_filters(cl, args.source)
+            for f in filters:
+                state = "on" if f.enabled else "off"
+                print(f"{f.source} / {f.filter} ({state}, stream {f.stream_name}): "
+                      f"{f.status or 'no status yet'}")
+            if not filters:
+                print("no livediffusion filter in OBS.")
+            return 0
+        params = _engine_params(args)
+        if args.source is not None:
+            name = args.filter_name or ows.DEFAULT_FILTER_NAME
+            settings = ows.filter_settings(endpoint=args.endpoint, engine=args.engine,
+                                           prompt=None, params=params)
+            done = ows.add_filter(cl, args.source, settings, name)
+            print(f"{done} filter {name!r} on {args.source!r} (engine {args.engine}, daemon "
+                  f"{args.endpoint}); its daemon stream is "
+                  f"{ows.FilterInfo(args.source, name, True, {}).stream_name!r}.")
+            return 0
+        from livediffusion.plugins.virtualcam.rawvideo import media_source_settings
+        width, height = args.size
+        done = ows.add_media_source(cl, media_source_settings(args.rawvideo_port, width,
+                                                              height, args.fps),
+                                    args.media_name, args.scene)
+        print(f"{done} Media Source {args.media_name!r} reading "
+              f"tcp://127.0.0.1:{args.rawvideo_port} ({width}x{height} at {args.fps:g} FPS).")
+        if args.no_run:
+            print(f"start the stream with: livediffusion webcam {args.media_source} --rawvideo "
+                  f"{args.rawvideo_port} --size {width}x{height} --fps {args.fps:g}")
+            return 0
+        args.source, args.rawvideo = args.media_source, args.rawvideo_port
+        args.backend = args.camera_device = None
+        args.stream_name = "obs-media"
+        return cmd_webcam(args)
+    except (ows.ObsError, obs_build.BuildError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _obs_prompt(args: argparse.Namespace, ows, password: str) -> int:
+    """The prompt of the filters in OBS (through obs-websocket); when OBS is not reachable
+    or has no filter, of the daemon streams named by --stream (the Media Source path)."""
+    changes = {"prompt": args.prompt}
+    changed = []
+    try:
+        cl = ows.connect(args.obs_host, args.obs_port, password)
+        changed = ows.set_filter_settings(cl, changes, args.source, args.filter_name)
+    except ows.ObsError as exc:
+        if not args.stream:
+            raise
+        print(f"({exc})")
+    for f in changed:
+        print(f"prompt of {f.source} / {f.filter} set")
+    if changed and not args.stream:
+        return 0
+    streams = args.stream or ["obs-media"]
+    client = _connect(args.endpoint, "obs-prompt")
+    try:
+        for name in streams:
+            try:
+                client.control(name, changes)
+                print(f"prompt of daemon stream {name!r} set")
+            except DaemonError as exc:
+                if args.stream:
+                    raise CliError(f"stream {name!r}: {exc}") from None
+                raise CliError("no livediffusion filter in OBS and no 'obs-media' stream in "
+                               "the daemon: run livediffusion obs setup first.") from None
+    finally:
+        client.close()
     return 0
 
 
@@ -250,6 +348,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stream_args(p: argparse.ArgumentParser, output: str) -> None:
+    """Options shared by the commands that stream a camera or file through the daemon."""
+    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--engine", default="auto", help="engine (default: the best the daemon has)")
+    p.add_argument("--size", type=_size, default=(1280, 720),
+                   help=f"{output} WxH (default 1280x720)")
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--process-size", type=_size, default=None,
+                   help="WxH the engine works at (default: the largest it takes, same aspect)")
+    p.add_argument("--prompt", dest="initial_prompt", default="", help="initial prompt")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine parameter, repeatable")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="livediffusion",
@@ -319,24 +432,50 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pick. Type a new prompt in the terminal to change it live.")
     p.add_argument("source", nargs="?", default="webcam:0",
                    help="webcam:N or a video file (default webcam:0)")
-    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
-    p.add_argument("--engine", default="auto", help="engine (default: the best the daemon has)")
-    p.add_argument("--size", type=_size, default=(1280, 720),
-                   help="virtual camera WxH (default 1280x720)")
-    p.add_argument("--fps", type=float, default=30.0)
-    p.add_argument("--process-size", type=_size, default=None,
-                   help="WxH the engine works at (default: the largest it takes, same aspect)")
-    p.add_argument("--prompt", default="", help="initial prompt")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="engine parameter, repeatable")
+    _add_stream_args(p, "virtual camera")
     p.add_argument("--backend", default=None,
                    help="pyvirtualcam backend (obs, unitycapture, v4l2loopback)")
     p.add_argument("--camera-device", default=None, help="virtual camera device name/path")
     p.add_argument("--rawvideo", type=int, default=None, metavar="PORT",
                    help="instead of a virtual camera, serve rgb24 raw video on "
                         "tcp://127.0.0.1:PORT (OBS Media Source, ffmpeg; no driver needed)")
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.set_defaults(func=cmd_webcam)
+
+    p = sub.add_parser("obs", help="OBS Studio: install the filter plugin, set it up, prompt",
+                       description="install: build the livediffusion filter (CMake) into OBS's "
+                                   "plugin folder. setup: through obs-websocket, add the "
+                                   "filter to a source (--source), or create a Media Source "
+                                   "fed with raw video by this command (--media-source, no "
+                                   "plugin needed). prompt: change the prompt of running "
+                                   "filters. status: each filter's state, FPS, latency.")
+    p.add_argument("action", choices=["install", "setup", "prompt", "status"])
+    p.add_argument("prompt", nargs="?", default=None, help="the new prompt (obs prompt)")
+    p.add_argument("--obs-host", default="127.0.0.1")
+    p.add_argument("--obs-port", type=int, default=4455)
+    p.add_argument("--obs-password", default=None,
+                   help="obs-websocket password (default: $OBS_WEBSOCKET_PASSWORD)")
+    p.add_argument("--source", default=None, help="OBS source to put the filter on")
+    p.add_argument("--filter-name", default=None,
+                   help="filter name (setup default: livediffusion; prompt default: all)")
+    p.add_argument("--media-source", default=None, metavar="webcam:N|FILE",
+                   help="plugin-free path: create a Media Source and feed it from this "
+                        "camera or video file through the daemon")
+    p.add_argument("--media-name", default="livediffusion", help="Media Source name")
+    p.add_argument("--scene", default=None, help="scene for the Media Source (default: "
+                                                 "the current one)")
+    p.add_argument("--rawvideo-port", type=int, default=5581,
+                   help="loopback port of the raw video (default 5581)")
+    p.add_argument("--no-run", action="store_true",
+                   help="only create the Media Source; feed it later with livediffusion webcam")
+    p.add_argument("--stream", action="append", default=[], metavar="NAME",
+                   help="obs prompt: also (or, without OBS, only) set the prompt of this "
+                        "daemon stream (the Media Source path's is obs-media)")
+    p.add_argument("--build-dir", default=os.path.join("~", ".cache", "livediffusion",
+                                                       "obs-build"))
+    p.add_argument("--dest", default=None, help="install: plugin folder (default: OBS's "
+                                                "per-user plugin folder)")
+    _add_stream_args(p, "Media Source")
+    p.set_defaults(func=cmd_obs, engine="auto")
 
     for command, what in (("spout", "a Spout sender in, daemon, a Spout sender out (Windows)"),
                           ("syphon", "a Syphon server in, daemon, a Syphon server out (macOS)")):

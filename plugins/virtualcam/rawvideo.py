@@ -16,6 +16,16 @@ import time
 import numpy as np
 
 
+def media_source_settings(port: int, width: int, height: int, fps: float) -> dict:
+    """The settings of an OBS Media Source (ffmpeg_source) reading rgb24 raw video of this
+    size from tcp://127.0.0.1:PORT (OBS reconnects by itself when the sender restarts)."""
+    return {"is_local_file": False, "input": f"tcp://127.0.0.1:{port}",
+            "input_format": "rawvideo", "buffering_mb": 0,
+            "ffmpeg_options": f"video_size={width}x{height} pixel_format=rgb24 "
+                              f"framerate={fps:g}",
+            "reconnect_delay_sec": 1, "restart_on_activate": True}
+
+
 class RawVideoSink:
     def __init__(self, width: int, height: int, fps: float = 30.0, port: int = 0,
                  host: str = "127.0.0.1", send_timeout: float = 0.2) -> None:
@@ -30,11 +40,7 @@ class RawVideoSink:
 
     def obs_media_source_settings(self) -> dict:
         """The settings of an OBS Media Source (ffmpeg_source) that reads this sink."""
-        return {"is_local_file": False, "input": f"tcp://127.0.0.1:{self.port}",
-                "input_format": "rawvideo", "buffering_mb": 0,
-                "ffmpeg_options": f"video_size={self.width}x{self.height} "
-                                  f"pixel_format=rgb24 framerate={self.fps:g}",
-                "reconnect_delay_sec": 1, "restart_on_activate": True}
+        return media_source_settings(self.port, self.width, self.height, self.fps)
 
     def _accept(self) -> None:
         while True:

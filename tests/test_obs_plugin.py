@@ -1,0 +1,332 @@
+"""The OBS plugin's C code (plugins/obs/src) against the Python implementation and a real
+daemon, through its test driver ld_selftest: msgpack bytes both ways, frame rings both ways,
+and the C client core streaming through a daemon over shared memory and inline, with a
+parameter change, a daemon that starts late and a daemon that restarts. Built with CMake
+once per session (conftest.obs_build); .ci/run installs what the build needs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from livediffusion.daemon.server import Daemon, free_port
+from livediffusion.plugins.obs.build import selftest_path
+from livediffusion.shared.client import PREFERRED_ENGINES
+from livediffusion.shared.protocol import FrameSpec
+from livediffusion.shared.ring import FrameRing
+
+from helpers import Raw
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX build only")
+
+
+@pytest.fixture(scope="module")
+def selftest(obs_build) -> Path:
+    return selftest_path(obs_build[0])
+
+
+def run(selftest: Path, *args: str, stdin: bytes | None = None, env=None,
+        timeout: float = 60) -> str:
+    result = subprocess.run([str(selftest), *args], input=stdin, capture_output=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
+    return result.stdout.decode()
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# --- msgpack ---------------------------------------------------------------------------------
+
+def test_encoder_writes_the_bytes_msgpack_python_writes(selftest):
+    lines = dict(line.split(" ", 1) for line in run(selftest, "encode").splitlines())
+    expected = {
+        "hello": {"v": 1, "type": "hello", "id": 1, "client": "obs"},
+        "heartbeat": {"v": 1, "type": "heartbeat"},
+        "frame": {"v": 1, "type": "frame", "stream": 1, "seq": 7, "slot": 1, "ts": 123456789},
+        "params": {"v": 1, "type": "params", "id": 3, "stream": 300, "params": {
+            "prompt": "a watercolour forest, \u00e9t\u00e9 \u2014 long enough to need str8",
+            "seed": 4294967296, "strength": 0.35, "enabled": True,
+            "offsets": [-1, -32, -33, -128, -129, -32768, -32769, -2147483649]}},
+        "numbers": {"v": 1, "type": "numbers",
+                    "u": [0, 127, 128, 255, 256, 65535, 65536, 4294967295, 2**64 - 1]},
+        "sizes": {"v": 1, "type": "sizes", "s": "x" * 299, "a": [None] * 16,
+                  "m": {f"k{i:02d}": i for i in range(16)}},
+    }
+    assert set(lines) == set(expected)
+    for name, msg in expected.items():
+        assert bytes.fromhex(lines[name]) == pack(msg), name
+    # and the specification's own example bytes (docs/protocol.md section 2.4)
+    doc = DOCS.read_text()
+    for name in ("hello", "heartbeat", "frame"):
+        spaced = " ".join(lines[name][i:i + 2] for i in range(0, len(lines[name]), 2))
+        assert spaced in doc, name
+
+
+def canon(v) -> bytes:
+    """The same canonical text ld_selftest prints for a decoded value."""
+    if v is None:
+        return b"null"
+    if v is True or v is False:
+        return b"true" if v else b"false"
+    if isinstance(v, int):
+        return str(v).encode()
+    if isinstance(v, float):
+        return ("%.17g" % v).encode()
+    if isinstance(v, str):
+        out = bytearray(b'"')
+        for ch in v.encode():
+            if ch in b'"\\':
+                out += b"\\" + bytes([ch])
+            elif ch < 0x20:
+                out += b"\\u%04x" % ch
+            else:
+                out.append(ch)
+        return bytes(out + b'"')
+    if isinstance(v, bytes):
+        return b"bin:" + v.hex().encode()
+    if isinstance(v, msgpack.ExtType):
+        return b"ext:" + v.data.hex().encode()
+    if isinstance(v, (list, tuple)):
+        return b"[" + b",".join(canon(x) for x in v) + b"]"
+    if isinstance(v, dict):
+        return b"{" + b",".join(canon(k) + b":" + canon(x) for k, x in v.items()) + b"}"
+    raise TypeError(type(v))
+
+
+def daemon_messages(daemon) -> list[bytes]:
+    """Real daemon messages: welcome (capabilities), opened, params_ok, stats, error."""
+    raw = Raw(daemon.endpoint)
+    got = []
+    try:
+        def recv_bytes():
+            assert raw.sock.poll(3000)
+            return raw.sock.recv_multipart()[0]
+        raw.send({"type": "hello", "id": 1, "client": "decode-test"})
+        got.append(recv_bytes())
+        raw.send({"type": "open", "id": 2, "name": "d", "width": 64, "height": 48,
+                  "format": "bgra", "engine": "passthrough", "params": {"mode": "invert"}})
+        got.append(recv_bytes())
+        sid = msgpack.unpackb(got[-1])["stream"]
+        raw.send({"type": "params", "id": 3, "stream": sid, "params": {"mode": "identity"}})
+        got.append(recv_bytes())
+        raw.send({"type": "stats", "id": 4})
+        got.append(recv_bytes())
+        raw.send({"type": "params", "id": 5, "stream": sid, "params": {"mode": "sepia"}})
+        got.append(recv_bytes())
+    finally:
+        raw.close()
+    types = [msgpack.unpackb(m)["type"] for m in got]
+    assert types == ["welcome", "opened", "params_ok", "stats", "error"], types
+    return got
+
+
+def test_decoder_reads_what_msgpack_python_writes(selftest, daemon):
+    values = [
+        {"small": [0, 1, 127, -1, -32], "ints": [128, 255, 256, 65535, 65536, 2**32 - 1, 2**32,
+                                                 2**64 - 1, -33, -128, -129, -32768, -32769,
+                                                 -2**31, -2**31 - 1, -2**63]},
+        {"floats": [0.0, -1.5, 1e300, 0.1, 2.5e-308], "bools": [True, False], "nil": None},
+        {"text": "caf\u00e9 \u2603 \U0001F600 \"quoted\" back\\slash\nnewline\ttab",
+         "long": "y" * 70000, "medium": "z" * 300, "empty": ""},
+        {"bin": b"\x00\x01\xff" * 100, "big bin": bytes(70000), "ext": msgpack.ExtType(5, b"ab")},
+        {"array16": list(range(20)), "array32": [None] * 70000,
+         "map16": {f"k{i}": i for i in range(20)}, "map32": {f"m{i}": i for i in range(70000)}},
+        {"nested": [[[[{"deep": [1, {"x": [2, 3]}]}]]]], "int key map": {1: "one", -2: "two"}},
+    ]
+    encoded = [pack(v) for v in values]
+    encoded += [msgpack.packb(1.25, use_single_float=True),
+                msgpack.packb({"f32": [3.5, -0.1]}, use_single_float=True)]
+    encoded += daemon_messages(daemon)
+    out = run(selftest, "decode", stdin=b"".join(e.hex().encode() + b"\n" for e in encoded))
+    lines = out.encode().split(b"\n")[:-1]
+    assert len(lines) == len(encoded)
+    for e, line in zip(encoded, lines):
+        want = canon(msgpack.unpackb(e, raw=False, strict_map_key=False))
+        assert line == want, (line[:200], want[:200])
+
+
+def test_decoder_refuses_malformed_bytes(selftest):
+    good = pack({"v": 1, "type": "heartbeat"})
+    bad = [
+        good[:-1],                          # truncated
+        good + b"\x00",                     # trailing byte
+        b"\xc1",                            # never-used type byte
+        b"\x91" * 65 + b"\x00",             # nested deeper than 64
+        b"\xdd\xff\xff\xff\xff",            # array32 claiming 4 billion items
+        b"\xdb\xff\xff\xff\xff" + b"ab",    # str32 longer than the buffer
+        b"\xde\x00\x02\xa1a\x01",           # map16 of 2 pairs holding one
+        b"",
+    ]
+    out = run(selftest, "decode", stdin=b"".join(b.hex().encode() + b"\n" for b in bad))
+    assert out.splitlines() == ["ERROR"] * len(bad)
+
+
+# --- frame rings ---------------------------------------------------------------------------
+
+def pattern(w: int, h: int, seq: int) -> np.ndarray:
+    """ld_selftest.c's test pattern: B = x + y + seq, G = 3x, R = 5y, A = 255 (mod 256)."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(x + y + seq) % 256, (3 * x) % 256, (5 * y) % 256,
+                     np.full_like(x, 255)], axis=-1).astype(np.uint8)
+
+
+def test_c_writes_a_ring_python_reads(selftest):
+    ring = FrameRing.create(4, 64 * 48 * 4, tag="t")
+    try:
+        out = run(selftest, "ring-write", ring.name, "2", "9", "64", "48", "123456789")
+        assert out.split()[:4] == ["slots", "4", "capacity", str(64 * 48 * 4)]
+        hdr, frame = ring.read(2, 9)
+        assert (hdr.width, hdr.height, hdr.format, hdr.dtype, hdr.origin, hdr.ts) == \
+            (64, 48, "bgra", "uint8", "top", 123456789)
+        np.testing.assert_array_equal(frame, pattern(64, 48, 9))
+        # a frame that does not fit the slot is refused, and the slot keeps seq 9
+        result = subprocess.run([str(selftest), "ring-write", ring.name, "2", "10", "65", "48",
+                                 "1"], capture_output=True)
+        assert result.returncode == 1
+        assert ring.slot_seq(2) == (9, 9)
+    finally:
+        ring.close()
+
+
+def test_python_writes_a_ring_c_reads(selftest, tmp_path):
+    ring = FrameRing.create(3, 32 * 20 * 3 + 64, tag="t")
+    try:
+        spec = FrameSpec(32, 20, "rgb", "uint8", "bottom", stride=32 * 3 + 3)
+        frame = np.random.default_rng(1).integers(0, 256, (20, 32, 3), dtype=np.uint8)
+        ring.write(1, 4, frame, spec, ts=-5, ref_seq=77)
+        out = run(selftest, "ring-read", ring.name, "1", "4", str(tmp_path / "f"))
+        assert out.split() == ["ok", "32", "20", str(32 * 3 + 3), "1", "1", "1", "-5", "77"]
+        np.testing.assert_array_equal(
+            np.fromfile(tmp_path / "f", np.uint8).reshape(20, 32, 3), frame)
+        # a seq the slot does not hold, and a withdrawn slot, are torn reads
+        assert run(selftest, "ring-read", ring.name, "1", "5", str(tmp_path / "g")) \
+            .startswith("torn")
+        ring.abandon_write(1)
+        assert run(selftest, "ring-read", ring.name, "1", "4", str(tmp_path / "g")) \
+            .startswith("torn")
+    finally:
+        ring.close()
+
+
+def test_attaching_something_that_is_not_a_ring_fails(selftest):
+    from multiprocessing import shared_memory
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        result = subprocess.run([str(selftest), "ring-read", shm.name, "0", "1", "/dev/null"],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "not a livediffusion ring" in result.stderr
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+# --- small pure functions ----------------------------------------------------------------------
+
+def test_auto_engine_order_is_the_python_clients(selftest):
+    assert run(selftest, "engines").split() == list(PREFERRED_ENGINES)
+
+
+@pytest.mark.parametrize("args, want", [
+    ((1920, 1080, 32, 1280, 16), (1280, 720)),     # video-tiny limits: fit the longer side
+    ((640, 480, 0, 0, 0), (640, 480)),             # passthrough: as it is
+    ((100, 50, 256, 1024, 8), (512, 256)),         # too small: the shorter side up to min
+    ((333, 333, 32, 1280, 16), (336, 336)),        # rounded to the multiple
+    ((1366, 768, 256, 1024, 8), (1024, 576)),
+    ((3, 3, 0, 0, 0), (8, 8)),                     # the protocol's 8 pixel minimum
+])
+def test_processing_size_fits_the_engine(selftest, args, want):
+    assert tuple(map(int, run(selftest, "fit", *map(str, args)).split())) == want
+
+
+def test_extra_parameters_are_typed(selftest):
+    out = run(selftest, "extra", "mode=invert; seed=3\nstrength = 0.25;flag=true;"
+                                 "prompt=a cat = a dog;novalue;=x;neg=-4")
+    assert out.splitlines() == ["mode str invert", "seed int 3", "strength float 0.25",
+                                "flag bool true", "prompt str a cat = a dog", "neg int -4"]
+
+
+# --- the client core against a real daemon ------------------------------------------------------
+
+def inverted(frame: np.ndarray) -> np.ndarray:
+    out = 255 - frame
+    out[..., 3] = 255
+    return out
+
+
+def check_client_outputs(prefix: Path, w: int, h: int) -> None:
+    """Phase 1 ran with mode=invert, phase 2 with mode=identity: each output is the test
+    pattern of some seq, inverted in phase 1 and unchanged in phase 2."""
+    first = np.fromfile(f"{prefix}.1", np.uint8).reshape(h, w, 4)
+    second = np.fromfile(f"{prefix}.2", np.uint8).reshape(h, w, 4)
+    seq1 = 255 - int(first[0, 0, 0])
+    np.testing.assert_array_equal(first, inverted(pattern(w, h, seq1)))
+    seq2 = int(second[0, 0, 0])
+    np.testing.assert_array_equal(second, pattern(w, h, seq2))
+
+
+@pytest.mark.parametrize("transport", ["shm", "inline"])
+def test_c_client_streams_through_a_daemon(selftest, daemon, tmp_path, transport):
+    env = {"LD_SELFTEST_TRANSPORT": transport}
+    out = run(selftest, "client", daemon.endpoint, "passthrough", "64", "48", "8",
+              "mode=invert", "mode=identity", str(tmp_path / "out"), "30", env=env)
+    assert "status streaming passthrough 64x48" in out, out
+    check_client_outputs(tmp_path / "out", 64, 48)
+
+
+def test_c_client_uses_the_engines_size_limits_and_leaves_unknown_params_out(selftest, tmp_path):
+    d = Daemon(port=0, engines=("passthrough", "image-tiny")).start()
+    try:
+        # image-tiny takes 32..1024 in multiples of 8: a 30x20 source is processed at 48x32;
+        # mode= is not an image-tiny parameter and must not be sent (it would be bad_params)
+        out = run(selftest, "client", d.endpoint, "image-tiny", "30", "20", "3",
+                  "mode=invert;strength=0.3", "seed=5", str(tmp_path / "o"), "60")
+        assert "streaming image-tiny 48x32" in out, out
+        assert "bad_params" not in out
+    finally:
+        d.stop()
+
+
+def test_c_client_finds_a_daemon_that_starts_later_and_survives_a_restart(selftest, tmp_path):
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(selftest), "client", endpoint, "passthrough", "40", "30",
+                             "10", "mode=invert", "mode=identity", str(tmp_path / "r"), "60"],
+                            stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                              daemon=True)
+    reader.start()
+    try:
+        time.sleep(1.5)
+        assert any("no daemon" in line for line in lines), lines
+        d = Daemon(port=port).start()
+        try:
+            deadline = time.monotonic() + 20
+            while not any(line.startswith("saved") for line in lines):
+                assert time.monotonic() < deadline, lines
+                time.sleep(0.05)
+        finally:
+            d.stop()  # the daemon goes away between the two phases...
+        time.sleep(0.5)
+        d = Daemon(port=port).start()  # ...and a new one comes up on the same port
+        try:
+            assert proc.wait(30) == 0, lines
+        finally:
+            d.stop()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    check_client_outputs(tmp_path / "r", 40, 30)
+    states = [line.split()[1] for line in lines if line.startswith("status")]
+    assert states[0] in ("no", "connecting") and "streaming" in states
