@@ -131,9 +131,10 @@ def cmd_webcam(args: argparse.Namespace) -> int:
         def factory(**kw):
             sink = RawVideoSink(kw["width"], kw["height"], kw["fps"], port=args.rawvideo)
             obs = sink.obs_media_source_settings()
-            print(f"raw video on {obs['input']}: in OBS add a Media Source, untick Local File, "
-                  f"Input {obs['input']}, Input Format rawvideo, FFmpeg options "
-                  f"'{obs['ffmpeg_options']}'")
+            if settings.stream_name == "webcam":  # not when obs setup made the Media Source
+                print(f"raw video on {obs['input']}: in OBS add a Media Source, untick Local "
+                      f"File, Input {obs['input']}, Input Format rawvideo, FFmpeg options "
+                      f"'{obs['ffmpeg_options']}'")
             return sink
     bridge = WebcamBridge(client, source, settings, camera_factory=factory)
     try:
@@ -141,7 +142,8 @@ def cmd_webcam(args: argparse.Namespace) -> int:
             bridge.start()
         except (RuntimeError, DaemonError) as exc:
             raise CliError(str(exc)) from None
-        print(f"virtual camera {settings.width}x{settings.height} at {settings.fps:g} FPS from "
+        output = "virtual camera" if args.rawvideo is None else "raw video"
+        print(f"{output} {settings.width}x{settings.height} at {settings.fps:g} FPS from "
               f"{args.source}, engine {bridge.engine} at {bridge.process[0]}x"
               f"{bridge.process[1]}; type a new prompt and press Enter, Ctrl-C to stop")
 
@@ -169,7 +171,7 @@ def cmd_obs(args: argparse.Namespace) -> int:
     try:
         if args.action == "install":
             build_dir = Path(args.build_dir).expanduser()
-            obs_build.build(build_dir, tests=False)
+            obs_build.build(build_dir, tests=False, cmake_args=tuple(args.cmake_arg))
             dest = obs_build.install(build_dir, args.dest)
             print(f"installed the livediffusion filter into {dest}; restart OBS, then add it "
                   f"with right click on a source > Filters > + > livediffusion (or "
@@ -474,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "obs-build"))
     p.add_argument("--dest", default=None, help="install: plugin folder (default: OBS's "
                                                 "per-user plugin folder)")
+    p.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
+                   help="install: extra CMake argument, repeatable (e.g. "
+                        "-DCMAKE_PREFIX_PATH=C:/obs-studio/build for libobs on Windows)")
     _add_stream_args(p, "Media Source")
     p.set_defaults(func=cmd_obs, engine="auto")
 

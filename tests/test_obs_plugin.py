@@ -330,3 +330,43 @@ def test_c_client_finds_a_daemon_that_starts_later_and_survives_a_restart(selfte
     check_client_outputs(tmp_path / "r", 40, 30)
     states = [line.split()[1] for line in lines if line.startswith("status")]
     assert states[0] in ("no", "connecting") and "streaming" in states
+
+
+# --- the obs command line ------------------------------------------------------------------
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "livediffusion.daemon", "obs", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_obs_install_builds_the_plugin_into_a_folder(obs_build, tmp_path):
+    if not obs_build[1]:
+        pytest.skip("libobs is not installed")
+    result = cli("install", "--build-dir", str(tmp_path / "b"), "--dest", str(tmp_path / "d"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "d" / "bin" / "64bit" / "livediffusion.so").is_file()
+    assert "Prompt=" in (tmp_path / "d" / "data" / "locale" / "en-US.ini").read_text()
+
+
+def test_obs_commands_explain_what_is_missing():
+    port = str(free_port())
+    for args, words in [(("status", "--obs-port", port), "OBS is not answering on 127.0.0.1"),
+                        (("setup",), "needs either --source NAME"),
+                        (("prompt",), "obs prompt needs the prompt")]:
+        result = cli(*args, timeout=60)
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], result.stderr
+
+
+def test_setup_options_map_onto_the_filters_properties():
+    from livediffusion.plugins.obs.websocket import FilterInfo, filter_settings
+    settings = filter_settings(endpoint="tcp://127.0.0.1:1", engine="auto", prompt="a cat",
+                               params={"seed": 7, "noise_scale": 0.3, "steps": 2,
+                                       "mode": "invert", "stream_batch": False,
+                                       "negative_prompt": "blur"})
+    assert settings == {"endpoint": "tcp://127.0.0.1:1", "engine": "auto", "prompt": "a cat",
+                        "seed": 7, "strength": 0.3, "steps": 2, "negative_prompt": "blur",
+                        "extra": "mode=invert\nstream_batch=false"}
+    assert FilterInfo("Cam", "livediffusion", True, {}).stream_name == "obs:Cam"
+    assert FilterInfo("Cam", "second", True, {}).stream_name == "obs:Cam:second"

@@ -399,9 +399,14 @@ static void filter_tick(void *data, float seconds)
 
 /* Renders the target at pw x ph and passes the previous frame's pixels to the worker
  * (two staging surfaces, so that mapping never waits for this frame's copy). */
-static void capture(struct ld_filter *f, obs_source_t *target, uint32_t sw, uint32_t sh,
-		    uint32_t pw, uint32_t ph)
+static void capture(struct ld_filter *f, obs_source_t *target, obs_source_t *parent,
+		    uint32_t sw, uint32_t sh, uint32_t pw, uint32_t ph)
 {
+	uint32_t flags = obs_source_get_output_flags(target);
+	/* A source with filters renders with whatever effect is active when its filter chain
+	 * asks for it; a plain (not custom-draw, not async) parent needs the default one. */
+	bool default_effect = target == parent && !(flags & OBS_SOURCE_CUSTOM_DRAW) &&
+			      !(flags & OBS_SOURCE_ASYNC);
 	if (!f->render)
 		f->render = gs_texrender_create(GS_BGRA, GS_ZS_NONE);
 	gs_texrender_reset(f->render);
@@ -413,7 +418,11 @@ static void capture(struct ld_filter *f, obs_source_t *target, uint32_t sw, uint
 	gs_ortho(0.0f, (float)sw, 0.0f, (float)sh, -100.0f, 100.0f);
 	gs_blend_state_push();
 	gs_blend_function(GS_BLEND_ONE, GS_BLEND_ZERO);
-	obs_source_video_render(target);
+	if (default_effect) {
+		obs_source_default_render(target);
+	} else {
+		obs_source_video_render(target);
+	}
 	gs_blend_state_pop();
 	gs_texrender_end(f->render);
 
@@ -499,7 +508,7 @@ static void filter_render(void *data, gs_effect_t *effect)
 	if (!f->captured_this_tick) {
 		f->captured_this_tick = true;
 		if (streaming && pw && ph)
-			capture(f, target, w, h, pw, ph);
+			capture(f, target, parent, w, h, pw, ph);
 		upload_output(f);
 	}
 	bool fresh = f->out_tex && os_gettime_ns() - f->out_time_ns < STALE_NS;

@@ -1,0 +1,175 @@
+"""End to end in a real OBS Studio (Debian's obs-studio 29 under Xvfb, software GL): our
+filter plugin loaded from a private HOME, set up through obs-websocket by `livediffusion obs
+setup`, showing the daemon's output (passthrough inverted, then the tiny video engine) in
+OBS's own screenshots; the prompt changed from `livediffusion obs prompt`; the source shown
+again when the daemon goes away; and the plugin-free Media Source path.
+
+Skipped without OBS, Xvfb or the build tools; .ci/run installs them and sets
+LIVEDIFFUSION_REQUIRE_OBS=1, which turns those skips into failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from livediffusion.daemon.server import free_port
+from livediffusion.daemon.spawn import spawned_daemon
+from livediffusion.plugins.obs import build
+from livediffusion.plugins.obs import websocket as ows
+from livediffusion.shared import Client
+
+from conftest import skip_or_fail
+from obs_harness import HeadlessObs, obs_missing_reason
+
+pytestmark = [pytest.mark.obs, pytest.mark.slow]
+
+W, H = 160, 120
+QUADRANTS = {(30, 40): (200, 30, 30), (30, 120): (30, 200, 30), (90, 40): (30, 30, 200),
+             (90, 120): (220, 220, 40)}  # (row, column) -> RGB: catches flips and swaps
+
+
+def quad_image() -> np.ndarray:
+    img = np.zeros((H, W, 3), np.uint8)
+    for (y, x), rgb in QUADRANTS.items():
+        img[y - 30:y + 30, x - 40:x + 40] = rgb
+    return img
+
+
+def looks_like(shot: np.ndarray, colours: dict, tol: int = 12) -> bool:
+    return all(np.abs(shot[y, x].astype(int) - np.array(rgb)).max() <= tol
+               for (y, x), rgb in colours.items())
+
+
+INVERTED = {k: tuple(255 - c for c in v) for k, v in QUADRANTS.items()}
+
+
+def wait_for(pred, timeout: float, what: str, step: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last is not None and last is not False:
+            return last
+        time.sleep(step)
+    raise AssertionError(f"{what} did not happen within {timeout:g} s")
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "livediffusion.daemon", "obs", *args],
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def obs(obs_build, tmp_path_factory):
+    reason = obs_missing_reason()
+    if reason:
+        skip_or_fail(reason)
+    build_dir, plugin_built = obs_build
+    if not plugin_built:
+        skip_or_fail("the OBS plugin was not built (libobs-dev missing)")
+    plugin_dir = build.install(build_dir, tmp_path_factory.mktemp("obs-plugin"))
+    instance = HeadlessObs(tmp_path_factory.mktemp("obs-home"), plugin_dir, width=W * 2,
+                           height=H * 2)
+    instance.start()
+    try:
+        assert "[livediffusion] filter loaded" in instance.log(), instance.log()[-3000:]
+        yield instance
+    finally:
+        instance.stop()
+
+
+def ws_args(obs: HeadlessObs) -> list[str]:
+    return ["--obs-port", str(obs.port), "--obs-password", obs.password]
+
+
+def test_filter_shows_the_daemons_output(obs, tmp_path):
+    from PIL import Image
+    Image.fromarray(quad_image()).save(tmp_path / "quad.png")
+    scene = obs.cl.get_current_program_scene().current_program_scene_name
+    obs.cl.create_input(scene, "quad", "image_source", {"file": str(tmp_path / "quad.png")},
+                        True)
+    wait_for(lambda: looks_like(obs.screenshot("quad", W, H), QUADRANTS), 10, "the image")
+
+    with spawned_daemon("passthrough,video-tiny") as endpoint:
+        out = cli("setup", "--source", "quad", "--engine", "passthrough", "--param",
+                  "mode=invert", "--endpoint", endpoint, *ws_args(obs)).stdout
+        assert "added filter 'livediffusion' on 'quad'" in out and "'obs:quad'" in out
+        # the source's own screenshot and the program scene both show the daemon's output
+        wait_for(lambda: looks_like(obs.screenshot("quad", W, H), INVERTED), 30,
+                 "the inverted picture")
+        canvas = obs.screenshot(scene, 2 * W, 2 * H)  # the image sits at the top left
+        assert looks_like(canvas[:H, :W], INVERTED)
+        # the status line (refreshed every second) through `livediffusion obs status`
+        wait_for(lambda: "quad / livediffusion (on, stream obs:quad): streaming passthrough "
+                         "160x120 | in " in cli("status", *ws_args(obs)).stdout, 10,
+                 "the streaming status")
+
+        # the tiny video engine: abstract moving pictures, neither the source nor its inverse
+        out = cli("setup", "--source", "quad", "--engine", "video-tiny", "--prompt", "a forest",
+                  "--endpoint", endpoint, *ws_args(obs)).stdout
+        assert "updated filter" in out
+        wait_for(lambda: "streaming video-tiny" in ows.list_filters(obs.cl, "quad")[0].status,
+                 60, "the video engine's stream")
+        source = quad_image().astype(int)
+
+        def engine_picture():
+            shot = obs.screenshot("quad", W, H)
+            far = np.abs(shot.astype(int) - source).mean() > 30 and \
+                np.abs(shot.astype(int) - (255 - source)).mean() > 30
+            return shot if far else None
+        first = wait_for(engine_picture, 60, "a video engine picture")
+        wait_for(lambda: np.abs(obs.screenshot("quad", W, H).astype(int)
+                                - first.astype(int)).mean() > 3, 30, "a new video frame")
+
+        # the prompt, from the command line through obs-websocket into the daemon's stream
+        out = cli("prompt", "a neon city", *ws_args(obs)).stdout
+        assert "prompt of quad / livediffusion set" in out
+        with Client(endpoint, name="e2e") as c:
+            wait_for(lambda: c.control("obs:quad", {}).get("prompt") == "a neon city", 20,
+                     "the new prompt in the daemon")
+    # daemon gone: the source, unchanged, and the status says so
+    wait_for(lambda: looks_like(obs.screenshot("quad", W, H), QUADRANTS), 20,
+             "the source after the daemon left")
+    wait_for(lambda: "no daemon" in ows.list_filters(obs.cl, "quad")[0].status, 20,
+             "the 'no daemon' status")
+
+
+def test_media_source_path_without_the_plugin(obs, tmp_path):
+    import cv2
+    writer = cv2.VideoWriter(str(tmp_path / "quad.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 15,
+                             (W, H))
+    for _ in range(15):
+        writer.write(np.ascontiguousarray(quad_image()[..., ::-1]))
+    writer.release()
+    port = free_port()
+    with spawned_daemon("passthrough") as endpoint:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "livediffusion.daemon", "obs", "setup", "--media-source",
+             str(tmp_path / "quad.avi"), "--media-name", "ld-media", "--rawvideo-port",
+             str(port), "--size", f"{W}x{H}", "--fps", "15", "--engine", "passthrough",
+             "--param", "mode=invert", "--endpoint", endpoint, "--seconds", "60",
+             *ws_args(obs)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        def media_looks(colours, tol=12):
+            try:
+                return looks_like(obs.screenshot("ld-media", W, H), colours, tol)
+            except Exception:  # noqa: BLE001 - the command has not created it yet
+                return False
+        try:
+            wait_for(lambda: media_looks(INVERTED), 40, "the inverted picture in the Media Source")
+            settings = obs.cl.get_input_settings("ld-media").input_settings
+            assert settings["input"] == f"tcp://127.0.0.1:{port}"
+            assert settings["input_format"] == "rawvideo"
+            # the Media Source path's daemon stream is reachable by its name
+            with Client(endpoint, name="e2e") as c:
+                c.control("obs-media", {"mode": "identity"})
+            wait_for(lambda: media_looks(QUADRANTS, tol=20), 20, "the identity picture")
+        finally:
+            proc.terminate()
+            out = proc.communicate(timeout=20)[0]
+        assert "added Media Source 'ld-media'" in out, out
