@@ -129,6 +129,9 @@ def cmd_webcam(args: argparse.Namespace) -> int:
         from livediffusion.plugins.virtualcam.rawvideo import RawVideoSink
 
         def factory(**kw):
+            made = getattr(args, "rawvideo_sink", None)  # obs setup listens before OBS reads
+            if made is not None and (made.width, made.height) == (kw["width"], kw["height"]):
+                return made
             sink = RawVideoSink(kw["width"], kw["height"], kw["fps"], port=args.rawvideo)
             obs = sink.obs_media_source_settings()
             if settings.stream_name == "webcam":  # not when obs setup made the Media Source
@@ -205,11 +208,20 @@ def cmd_obs(args: argparse.Namespace) -> int:
                   f"{args.endpoint}); its daemon stream is "
                   f"{ows.FilterInfo(args.source, name, True, {}).stream_name!r}.")
             return 0
-        from livediffusion.plugins.virtualcam.rawvideo import media_source_settings
+        from livediffusion.plugins.virtualcam.rawvideo import RawVideoSink, media_source_settings
         width, height = args.size
-        done = ows.add_media_source(cl, media_source_settings(args.rawvideo_port, width,
-                                                              height, args.fps),
-                                    args.media_name, args.scene)
+        sink = None
+        if not args.no_run:
+            # listen first: OBS's first connection attempt then finds the port open
+            sink = RawVideoSink(width, height, args.fps, port=args.rawvideo_port)
+        try:
+            done = ows.add_media_source(cl, media_source_settings(args.rawvideo_port, width,
+                                                                  height, args.fps),
+                                        args.media_name, args.scene)
+        except ows.ObsError:
+            if sink is not None:
+                sink.close()
+            raise
         print(f"{done} Media Source {args.media_name!r} reading "
               f"tcp://127.0.0.1:{args.rawvideo_port} ({width}x{height} at {args.fps:g} FPS).")
         if args.no_run:
@@ -218,8 +230,11 @@ def cmd_obs(args: argparse.Namespace) -> int:
             return 0
         args.source, args.rawvideo = args.media_source, args.rawvideo_port
         args.backend = args.camera_device = None
-        args.stream_name = "obs-media"
-        return cmd_webcam(args)
+        args.stream_name, args.rawvideo_sink = "obs-media", sink
+        try:
+            return cmd_webcam(args)
+        finally:
+            sink.close()
     except (ows.ObsError, obs_build.BuildError) as exc:
         raise CliError(str(exc)) from None
 

@@ -1,7 +1,7 @@
 # Set up livediffusion on Windows: a virtual environment with the daemon and its tools.
 #   powershell -ExecutionPolicy Bypass -File installers\install.ps1 [-Venv DIR] [-Cuda cu128] [-Extras daemon,obs,virtualcam,spout] [-TouchDesigner DIR]
 # -TouchDesigner DIR also fills DIR for TouchDesigner's Python (pyzmq, msgpack, the component).
-# -OBS also builds the OBS filter plugin into %APPDATA%\obs-studio\plugins (OBS 30+); it needs
+# -OBS also builds the OBS filter plugin into %ProgramData%\obs-studio\plugins (recent OBS); it needs
 #   CMake, Visual Studio 2022, vcpkg's zeromq and an OBS build for libobs: -ObsCMakeArgs passes
 #   e.g. "-DCMAKE_PREFIX_PATH=C:/obs-studio/build;C:/vcpkg/installed/x64-windows".
 # PyPI's Windows torch wheels are CPU-only: -Cuda picks the matching build from PyTorch's index.

@@ -155,13 +155,18 @@ def test_media_source_path_without_the_plugin(obs, tmp_path):
              str(port), "--size", f"{W}x{H}", "--fps", "15", "--engine", "passthrough",
              "--param", "mode=invert", "--endpoint", endpoint, "--seconds", "60",
              *ws_args(obs)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        seen = []
+
         def media_looks(colours, tol=12):
             try:
-                return looks_like(obs.screenshot("ld-media", W, H), colours, tol)
-            except Exception:  # noqa: BLE001 - the command has not created it yet
+                shot = obs.screenshot("ld-media", W, H)
+            except Exception as exc:  # noqa: BLE001 - the command has not created it yet
+                seen.append(repr(exc)[:120])
                 return False
+            seen.append(str([shot[y, x].tolist() for y, x in colours]))
+            return looks_like(shot, colours, tol)
         try:
-            wait_for(lambda: media_looks(INVERTED), 40, "the inverted picture in the Media Source")
+            wait_for(lambda: media_looks(INVERTED), 60, "the inverted picture in the Media Source")
             settings = obs.cl.get_input_settings("ld-media").input_settings
             assert settings["input"] == f"tcp://127.0.0.1:{port}"
             assert settings["input_format"] == "rawvideo"
@@ -169,7 +174,12 @@ def test_media_source_path_without_the_plugin(obs, tmp_path):
             with Client(endpoint, name="e2e") as c:
                 c.control("obs-media", {"mode": "identity"})
             wait_for(lambda: media_looks(QUADRANTS, tol=20), 20, "the identity picture")
-        finally:
+        except AssertionError as exc:
             proc.terminate()
             out = proc.communicate(timeout=20)[0]
+            media_log = [line for line in obs.log().splitlines() if "media" in line.lower()]
+            raise AssertionError(f"{exc}\ncommand output:\n{out}\nscreenshots: {seen[-5:]}\n"
+                                 f"OBS log: {media_log[-15:]}") from None
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
         assert "added Media Source 'ld-media'" in out, out

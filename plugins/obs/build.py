@@ -34,8 +34,9 @@ def _platform() -> str:
 def user_plugin_dir() -> Path:
     """The per-user plugin folder OBS searches (the plugin goes into PLUGIN_NAME below it)."""
     platform = _platform()
-    if platform == "win32":  # OBS 30+
-        return Path(os.environ.get("APPDATA", Path.home())) / "obs-studio" / "plugins" / PLUGIN_NAME
+    if platform == "win32":  # the machine-wide plugin folder of recent OBS releases
+        return (Path(os.environ.get("ProgramData", r"C:\ProgramData")) / "obs-studio" /
+                "plugins" / PLUGIN_NAME)
     if platform == "darwin":
         return (Path.home() / "Library" / "Application Support" / "obs-studio" / "plugins")
     return Path.home() / ".config" / "obs-studio" / "plugins" / PLUGIN_NAME
