@@ -530,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="transport: client-daemon round trips; video / image: "
                                    "the engines at real sizes with random weights.")
     p.add_argument("suite", choices=["transport", "video", "image"], help="which benchmark")
+    p.add_argument("--c-client", action="store_true",
+                   help="transport: also time the OBS plugin's C client (needs CMake, libzmq)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--iterations", type=int, default=200,
                    help="round trips per case (transport) or chunks per case (video)")

@@ -7,6 +7,9 @@ machines are noisy and only ratios inside one run mean something:
   * the same frames inline in the ZeroMQ messages (remote mode),
   * a plain memcpy of the frame's bytes (the floor any transport pays at least once),
     from memory (``memcpy_ms``, the baseline of the targets) and from cache (``memcpy_hot_ms``).
+
+``--c-client`` adds the OBS plugin's C client core (built with CMake and libzmq), BGRA u8
+round trips beside the Python client's, over shared memory and inline.
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ CASES = [
 ]
 
 
+#: the OBS plugin's C client against the Python client (--c-client): BGRA u8, as OBS sends
+C_CASES = [("512x512 bgra u8", 512, 512), ("1280x720 bgra u8", 1280, 720),
+           ("1920x1080 bgra u8", 1920, 1080)]
+
+
 def _frame(width: int, height: int, fmt: str, dtype: str) -> np.ndarray:
-    channels = {"rgb": 3, "rgba": 4}[fmt]
+    channels = {"rgb": 3, "rgba": 4, "bgra": 4}[fmt]
     rng = np.random.default_rng(0)
     if dtype == "uint8":
         return rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
@@ -118,5 +126,62 @@ def run_transport_bench(args: argparse.Namespace) -> int:
                           ("zero_copy_p50_ms", "zero-copy p50 ms", ".3f"),
                           ("inline_p50_ms", "inline p50 ms", ".3f"),
                           ("shm_over_inline", "shm/inline", ".2f")])
+    if getattr(args, "c_client", False):
+        c_records = c_client_rows(args.iterations)
+        print("\nthe OBS plugin's C client (plugins/obs/src/ld_client.c) beside the Python "
+              "client, same daemon, same run")
+        print_table(c_records, [("case", "case", ""), ("py_shm_p50_ms", "Python shm p50", ".3f"),
+                                ("c_shm_p50_ms", "C shm p50", ".3f"),
+                                ("c_shm_p99_ms", "C shm p99", ".3f"),
+                                ("c_over_py_shm", "C/Python", ".2f"),
+                                ("py_inline_p50_ms", "Python inline p50", ".3f"),
+                                ("c_inline_p50_ms", "C inline p50", ".3f"),
+                                ("c_over_py_inline", "C/Python inline", ".2f")])
+        records += c_records
     write_json(args.json, records, meta)
     return 0
+
+
+def c_client_rows(iterations: int) -> list[dict]:
+    """Round trips of the C client core (built with CMake into the user cache) and of the
+    Python client, interleaved per case against one passthrough daemon."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from livediffusion.plugins.obs import build
+
+    build_dir = Path.home() / ".cache" / "livediffusion" / "obs-core-build"
+    selftest = build.selftest_path(build.build(build_dir, plugin=False, tests=True))
+
+    def c_trips(endpoint: str, w: int, h: int, transport: str) -> dict[str, float]:
+        out = subprocess.run([str(selftest), "bench", endpoint, str(w), str(h), str(iterations)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "LD_SELFTEST_TRANSPORT": transport})
+        if out.returncode != 0:
+            raise RuntimeError(f"the C client bench failed: {out.stderr.strip()[-300:]}")
+        words = out.stdout.split()
+        return {words[i]: float(words[i + 1]) for i in range(0, len(words), 2)}
+
+    def py_trips(endpoint: str, frame: np.ndarray, transport: str) -> float:
+        # a client per measurement: an idle one would miss heartbeats while C runs
+        with Client(endpoint, name=f"bench-py-{transport}", transport=transport) as client:
+            return percentile(round_trips(client, f"py {transport}", frame, "bgra", "uint8",
+                                          iterations)[0], 50)
+
+    rows = []
+    with spawned_daemon("passthrough") as endpoint:
+        for case, w, h in C_CASES:
+            frame = _frame(w, h, "bgra", "uint8")
+            py_shm = py_trips(endpoint, frame, "shm")
+            c_shm = c_trips(endpoint, w, h, "shm")
+            py_inl = py_trips(endpoint, frame, "inline")
+            c_inl = c_trips(endpoint, w, h, "inline")
+            rows.append({"case": f"C client {case}", "py_shm_p50_ms": round(py_shm, 4),
+                         "c_shm_p50_ms": c_shm["p50_ms"], "c_shm_p99_ms": c_shm["p99_ms"],
+                         "c_shm_fps": c_shm["fps"],
+                         "c_over_py_shm": round(c_shm["p50_ms"] / py_shm, 3),
+                         "py_inline_p50_ms": round(py_inl, 4),
+                         "c_inline_p50_ms": c_inl["p50_ms"],
+                         "c_over_py_inline": round(c_inl["p50_ms"] / py_inl, 3)})
+    return rows

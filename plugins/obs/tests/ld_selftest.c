@@ -8,6 +8,8 @@
  *   ld_selftest fit SW SH MIN MAX MULTIPLE
  *   ld_selftest extra TEXT             ld_parse_extra_params
  *   ld_selftest engines                LD_PREFERRED_ENGINES
+ *   ld_selftest bench ENDPOINT W H N   N passthrough round trips of a BGRA frame: one line
+ *        "p50_ms X p99_ms Y fps Z" (transport from $LD_SELFTEST_TRANSPORT, as for client)
  *   ld_selftest client ENDPOINT ENGINE W H N PARAMS THEN OUTPREFIX TIMEOUT
  *        streams the test pattern; after N outputs saves OUTPREFIX.1 (BGRA), applies THEN
  *        (extra-params text) and after N more saves OUTPREFIX.2; prints status lines.
@@ -349,6 +351,65 @@ static int cmd_client(char **a)
 	return phase == 2 && outs >= want ? 0 : 1;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
+
+static int cmd_bench(char **a)
+{
+	ld_settings *s = (ld_settings *)calloc(1, sizeof(ld_settings));
+	snprintf(s->endpoint, sizeof(s->endpoint), "%s", a[0]);
+	snprintf(s->engine, sizeof(s->engine), "passthrough");
+	snprintf(s->name, sizeof(s->name), "c-bench");
+	snprintf(s->client_name, sizeof(s->client_name), "ld_selftest");
+	const char *transport = getenv("LD_SELFTEST_TRANSPORT");
+	snprintf(s->transport, sizeof(s->transport), "%s", transport ? transport : "");
+	uint32_t w = (uint32_t)atoi(a[1]), h = (uint32_t)atoi(a[2]);
+	int n = atoi(a[3]), warmup = 20;
+	ld_client *c = ld_client_new();
+	ld_client_configure(c, s);
+	ld_client_set_source_size(c, w, h);
+	uint8_t *px = (uint8_t *)malloc((size_t)w * h * 4);
+	pattern(px, w, h, 1);
+	double *times = (double *)malloc(sizeof(double) * (size_t)n);
+	uint32_t iw = 0, ih = 0;
+	int64_t deadline = ld_now_ns() + 20000000000LL;
+	while (!ld_client_input_size(c, &iw, &ih) && ld_now_ns() < deadline)
+		ld_client_poll(c, 5);
+	int rc = 1;
+	if (iw == w && ih == h) {
+		int64_t started = 0;
+		int i;
+		for (i = 0; i < warmup + n; i++) {
+			if (i == warmup)
+				started = ld_now_ns();
+			int64_t t0 = ld_now_ns();
+			if (ld_client_send_frame(c, px, w * 4, w, h) != 0)
+				break;
+			while (!ld_client_poll(c, 1) && ld_now_ns() - t0 < 5000000000LL)
+				;
+			if (ld_now_ns() - t0 >= 5000000000LL)
+				break;
+			if (i >= warmup)
+				times[i - warmup] = (double)(ld_now_ns() - t0) / 1e6;
+		}
+		if (i == warmup + n) {
+			double secs = (double)(ld_now_ns() - started) / 1e9;
+			qsort(times, (size_t)n, sizeof(double), cmp_double);
+			printf("p50_ms %.4f p99_ms %.4f fps %.1f\n", times[n / 2],
+			       times[(int)(0.99 * (n - 1))], n / secs);
+			rc = 0;
+		}
+	}
+	ld_client_free(c);
+	free(times);
+	free(px);
+	free(s);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2) {
@@ -391,6 +452,8 @@ int main(int argc, char **argv)
 			printf("%s\n", LD_PREFERRED_ENGINES[i]);
 		return 0;
 	}
+	if (strcmp(cmd, "bench") == 0 && argc == 6)
+		return cmd_bench(argv + 2);
 	if (strcmp(cmd, "client") == 0 && argc == 11)
 		return cmd_client(argv + 2);
 	fprintf(stderr, "unknown command or wrong arguments: %s\n", cmd);
