@@ -885,39 +885,28 @@ int ld_client_send_frame(ld_client *c, const uint8_t *bgra, uint32_t stride, uin
 	}
 	uint64_t seq = c->seq + 1;
 	int64_t ts = ld_now_ns();
-	ld_mpw m;
-	ld_mpw_init(&m);
-	int rc;
-	if (c->inline_px) {
-		begin(&m, "frame", 0, 4);
-		ld_mpw_str(&m, "stream");
-		ld_mpw_int(&m, c->stream_id);
-		ld_mpw_str(&m, "seq");
-		ld_mpw_uint(&m, seq);
-		ld_mpw_str(&m, "ts");
-		ld_mpw_int(&m, ts);
-		ld_mpw_str(&m, "stride");
-		ld_mpw_int(&m, stride);
-		rc = send_msg(c, &m, bgra, (size_t)stride * h);
-	} else {
-		uint32_t slot = (uint32_t)(seq % c->rin.slots);
+	uint32_t slot = 0;
+	if (!c->inline_px) { /* pixels into the ring first; the notice names the slot */
+		slot = (uint32_t)(seq % c->rin.slots);
 		ld_frame_spec spec = {w, h, c->in_stride, LD_FMT_BGRA, LD_DT_UINT8, LD_ORIGIN_TOP};
 		if (ld_ring_write(&c->rin, slot, seq, &spec, bgra, stride, ts, ts, 0) != 0) {
-			ld_mpw_free(&m);
 			c->local_drops++;
 			return -1;
 		}
-		begin(&m, "frame", 0, 4);
-		ld_mpw_str(&m, "stream");
-		ld_mpw_int(&m, c->stream_id);
-		ld_mpw_str(&m, "seq");
-		ld_mpw_uint(&m, seq);
-		ld_mpw_str(&m, "slot");
-		ld_mpw_int(&m, slot);
-		ld_mpw_str(&m, "ts");
-		ld_mpw_int(&m, ts);
-		rc = send_msg(c, &m, NULL, 0);
 	}
+	ld_mpw m;
+	ld_mpw_init(&m);
+	begin(&m, "frame", 0, 4);
+	ld_mpw_str(&m, "stream");
+	ld_mpw_int(&m, c->stream_id);
+	ld_mpw_str(&m, "seq");
+	ld_mpw_uint(&m, seq);
+	ld_mpw_str(&m, "ts");
+	ld_mpw_int(&m, ts);
+	/* inline: the pixels are part 2, rows `stride` apart (section 3.2.4) */
+	ld_mpw_str(&m, c->inline_px ? "stride" : "slot");
+	ld_mpw_int(&m, c->inline_px ? stride : slot);
+	int rc = send_msg(c, &m, c->inline_px ? bgra : NULL, c->inline_px ? (size_t)stride * h : 0);
 	ld_mpw_free(&m);
 	if (rc != 0) {
 		c->local_drops++;

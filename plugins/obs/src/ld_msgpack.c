@@ -66,24 +66,25 @@ static void put_byte(ld_mpw *w, uint8_t b)
 	ld_mpw_raw(w, &b, 1);
 }
 
-void ld_mpw_map(ld_mpw *w, uint32_t n)
+/* fixmap/fixarray below 16 entries, then the 16-bit and (tag16 + 1) 32-bit forms */
+static void put_container(ld_mpw *w, uint8_t fix, uint8_t tag16, uint32_t n)
 {
 	if (n < 16)
-		put_byte(w, (uint8_t)(0x80 | n));
+		put_byte(w, (uint8_t)(fix | n));
 	else if (n <= 0xffff)
-		put_be(w, 0xde, n, 2);
+		put_be(w, tag16, n, 2);
 	else
-		put_be(w, 0xdf, n, 4);
+		put_be(w, (uint8_t)(tag16 + 1), n, 4);
+}
+
+void ld_mpw_map(ld_mpw *w, uint32_t n)
+{
+	put_container(w, 0x80, 0xde, n);
 }
 
 void ld_mpw_array(ld_mpw *w, uint32_t n)
 {
-	if (n < 16)
-		put_byte(w, (uint8_t)(0x90 | n));
-	else if (n <= 0xffff)
-		put_be(w, 0xdc, n, 2);
-	else
-		put_be(w, 0xdd, n, 4);
+	put_container(w, 0x90, 0xdc, n);
 }
 
 void ld_mpw_strn(ld_mpw *w, const char *s, size_t n)
