@@ -201,8 +201,9 @@ def cmd_obs(args: argparse.Namespace) -> int:
         params = _engine_params(args)
         if args.source is not None:
             name = args.filter_name or ows.DEFAULT_FILTER_NAME
+            keys_dir = str(Path(args.keys).expanduser().resolve()) if args.keys else ""
             settings = ows.filter_settings(endpoint=args.endpoint, engine=args.engine,
-                                           prompt=None, params=params)
+                                           prompt=None, params=params, keys_dir=keys_dir)
             done = ows.add_filter(cl, args.source, settings, name)
             print(f"{done} filter {name!r} on {args.source!r} (engine {args.engine}, daemon "
                   f"{args.endpoint}); its daemon stream is "
@@ -491,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "obs-build"))
     p.add_argument("--dest", default=None, help="install: plugin folder (default: OBS's "
                                                 "per-user plugin folder)")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="setup: CURVE keys folder for a daemon on another machine (from "
+                        "livediffusion keys init, without server.key_secret)")
     p.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
                    help="install: extra CMake argument, repeatable (e.g. "
                         "-DCMAKE_PREFIX_PATH=C:/obs-studio/build for libobs on Windows)")

@@ -283,6 +283,32 @@ def test_c_client_streams_through_a_daemon(selftest, daemon, tmp_path, transport
     check_client_outputs(tmp_path / "out", 64, 48)
 
 
+def test_c_client_authenticates_with_curve_keys(selftest, tmp_path):
+    from livediffusion.daemon.auth import init_keys
+    init_keys(tmp_path / "keys")
+    d = Daemon(port=0, keys_dir=tmp_path / "keys").start()
+    try:
+        env = {"LD_SELFTEST_KEYS": str(tmp_path / "keys"), "LD_SELFTEST_TRANSPORT": "inline"}
+        out = run(selftest, "client", d.endpoint, "passthrough", "32", "24", "4", "mode=invert",
+                  "mode=identity", str(tmp_path / "k"), "30", env=env)
+        assert "streaming" in out
+        check_client_outputs(tmp_path / "k", 32, 24)
+        # without the keys the daemon never answers (CURVE refuses in silence, protocol 9)
+        result = subprocess.run([str(selftest), "client", d.endpoint, "passthrough", "32", "24",
+                                 "4", "", "", str(tmp_path / "n"), "3"], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 1 and "streaming" not in result.stdout
+        # a keys folder without the keys: one clear status, no connection
+        (tmp_path / "empty").mkdir()
+        result = subprocess.run([str(selftest), "client", d.endpoint, "passthrough", "32", "24",
+                                 "4", "", "", str(tmp_path / "e"), "2"], capture_output=True,
+                                text=True, timeout=30,
+                                env={"LD_SELFTEST_KEYS": str(tmp_path / "empty")})
+        assert "cannot read the daemon's public key" in result.stdout, result.stdout
+    finally:
+        d.stop()
+
+
 def test_c_client_uses_the_engines_size_limits_and_leaves_unknown_params_out(selftest, tmp_path):
     d = Daemon(port=0, engines=("passthrough", "image-tiny")).start()
     try:
@@ -365,7 +391,8 @@ def test_setup_options_map_onto_the_filters_properties():
                                params={"seed": 7, "noise_scale": 0.3, "steps": 2,
                                        "mode": "invert", "stream_batch": False,
                                        "negative_prompt": "blur"})
-    assert settings == {"endpoint": "tcp://127.0.0.1:1", "engine": "auto", "prompt": "a cat",
+    assert settings == {"endpoint": "tcp://127.0.0.1:1", "engine": "auto", "keys_dir": "",
+                        "prompt": "a cat",
                         "seed": 7, "strength": 0.3, "steps": 2, "negative_prompt": "blur",
                         "extra": "mode=invert\nstream_batch=false"}
     assert FilterInfo("Cam", "livediffusion", True, {}).stream_name == "obs:Cam"

@@ -145,10 +145,10 @@ def set_filter_settings(cl, changes: dict[str, Any], source: str | None = None,
 
 
 def filter_settings(*, endpoint: str, engine: str, prompt: str | None,
-                    params: dict[str, Any]) -> dict[str, Any]:
+                    params: dict[str, Any], keys_dir: str = "") -> dict[str, Any]:
     """The filter's settings (ld_filter.c's property names) for `obs setup` options: known
     parameters map onto their fields, the rest go into the extra key=value text."""
-    settings: dict[str, Any] = {"endpoint": endpoint, "engine": engine}
+    settings: dict[str, Any] = {"endpoint": endpoint, "engine": engine, "keys_dir": keys_dir}
     if prompt:
         settings["prompt"] = prompt
     extra = []

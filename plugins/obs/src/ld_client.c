@@ -422,6 +422,52 @@ static void forget_welcome(ld_client *c)
 	c->engines = NULL;
 }
 
+/* The value of `name = "..."` in a ZPL certificate file (pyzmq's create_certificates). */
+static int read_cert_key(const char *path, const char *name, char *out, size_t len)
+{
+	FILE *f = fopen(path, "r");
+	char line[256];
+	int found = 0;
+	if (!f)
+		return 0;
+	while (!found && fgets(line, sizeof(line), f)) {
+		char *k = strstr(line, name), *q1, *q2;
+		if (k && (q1 = strchr(k, '"')) != NULL && (q2 = strchr(q1 + 1, '"')) != NULL &&
+		    (size_t)(q2 - q1 - 1) < len) {
+			memcpy(out, q1 + 1, (size_t)(q2 - q1 - 1));
+			out[q2 - q1 - 1] = '\0';
+			found = strlen(out) == 40; /* Z85 of 32 bytes */
+		}
+	}
+	fclose(f);
+	return found;
+}
+
+/* CURVE client keys from a `livediffusion keys init` folder: DIR/server.key (the daemon's
+ * public key) and DIR/client/client.key_secret (this client's pair). 0 = set. */
+static int set_curve_keys(ld_client *c)
+{
+	char path[600], server[48], pub[48], sec[48];
+	snprintf(path, sizeof(path), "%s/server.key", c->cfg.keys_dir);
+	if (!read_cert_key(path, "public-key", server, sizeof(server))) {
+		set_error(c, "keys", "cannot read the daemon's public key (server.key) in the keys folder");
+		return -1;
+	}
+	snprintf(path, sizeof(path), "%s/client/client.key_secret", c->cfg.keys_dir);
+	if (!read_cert_key(path, "public-key", pub, sizeof(pub)) ||
+	    !read_cert_key(path, "secret-key", sec, sizeof(sec))) {
+		set_error(c, "keys", "cannot read client/client.key_secret in the keys folder");
+		return -1;
+	}
+	if (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, server, 40) != 0 ||
+	    zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, pub, 40) != 0 ||
+	    zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, sec, 40) != 0) {
+		set_error(c, "keys", "this libzmq has no CURVE support");
+		return -1;
+	}
+	return 0;
+}
+
 static void connect_daemon(ld_client *c)
 {
 	close_socket(c);
@@ -445,6 +491,10 @@ static void connect_daemon(ld_client *c)
 			zmq_close(c->mon);
 			c->mon = NULL;
 		}
+	}
+	if (c->cfg.keys_dir[0] && set_curve_keys(c) != 0) {
+		close_socket(c);
+		return;
 	}
 	if (zmq_connect(c->sock, c->cfg.endpoint) != 0) {
 		set_error(c, "bad endpoint", c->cfg.endpoint);
@@ -775,7 +825,8 @@ void ld_client_free(ld_client *c)
 void ld_client_configure(ld_client *c, const ld_settings *s)
 {
 	int first = !c->have_cfg;
-	int reconnect = first || strcmp(s->endpoint, c->cfg.endpoint) != 0;
+	int reconnect = first || strcmp(s->endpoint, c->cfg.endpoint) != 0 ||
+			strcmp(s->keys_dir, c->cfg.keys_dir) != 0;
 	int reopen = strcmp(s->name, c->cfg.name) != 0 || strcmp(s->engine, c->cfg.engine) != 0 ||
 		     strcmp(s->transport, c->cfg.transport) != 0 ||
 		     s->fixed_w != c->cfg.fixed_w || s->fixed_h != c->cfg.fixed_h;

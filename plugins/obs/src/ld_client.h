@@ -36,6 +36,7 @@ typedef struct ld_settings {
 	char name[160];       /* stream name, unique in the daemon */
 	char engine[64];      /* an engine name, or "auto" */
 	char transport[8];    /* "shm", "inline", or "" = shm on this machine, inline beyond */
+	char keys_dir[512];   /* "" or a `livediffusion keys init` folder: CURVE (protocol 9) */
 	uint32_t fixed_w, fixed_h; /* processing size; 0 x 0 = the source's size */
 	int nparams;
 	ld_param params[LD_MAX_PARAMS];

@@ -189,6 +189,7 @@ static void filter_update(void *data, obs_data_t *settings)
 	ld_settings *s = bzalloc(sizeof(ld_settings));
 	snprintf(s->endpoint, sizeof(s->endpoint), "%s", obs_data_get_string(settings, "endpoint"));
 	snprintf(s->client_name, sizeof(s->client_name), "obs");
+	snprintf(s->keys_dir, sizeof(s->keys_dir), "%s", obs_data_get_string(settings, "keys_dir"));
 	snprintf(s->engine, sizeof(s->engine), "%s", obs_data_get_string(settings, "engine"));
 	if (!s->engine[0])
 		snprintf(s->engine, sizeof(s->engine), "auto");
@@ -226,6 +227,7 @@ static void filter_update(void *data, obs_data_t *settings)
 static void filter_defaults(obs_data_t *settings)
 {
 	obs_data_set_default_string(settings, "endpoint", "tcp://127.0.0.1:5570");
+	obs_data_set_default_string(settings, "keys_dir", "");
 	obs_data_set_default_string(settings, "engine", "auto");
 	obs_data_set_default_string(settings, "prompt", "");
 	obs_data_set_default_string(settings, "negative_prompt", "");
@@ -265,6 +267,9 @@ static obs_properties_t *filter_properties(void *data)
 	obs_properties_add_text(props, "status", T("Status"), OBS_TEXT_INFO);
 	obs_properties_add_button(props, "refresh", T("RefreshStatus"), refresh_clicked);
 	obs_properties_add_text(props, "endpoint", T("Endpoint"), OBS_TEXT_DEFAULT);
+	obs_property_t *keys = obs_properties_add_path(props, "keys_dir", T("KeysDir"),
+						       OBS_PATH_DIRECTORY, NULL, NULL);
+	obs_property_set_long_description(keys, T("KeysDir.Description"));
 
 	obs_property_t *engine = obs_properties_add_list(props, "engine", T("Engine"),
 							 OBS_COMBO_TYPE_EDITABLE,

@@ -9,10 +9,12 @@
  *   ld_selftest extra TEXT             ld_parse_extra_params
  *   ld_selftest engines                LD_PREFERRED_ENGINES
  *   ld_selftest bench ENDPOINT W H N   N passthrough round trips of a BGRA frame: one line
- *        "p50_ms X p99_ms Y fps Z" (transport from $LD_SELFTEST_TRANSPORT, as for client)
+ *        "p50_ms X p99_ms Y fps Z"
  *   ld_selftest client ENDPOINT ENGINE W H N PARAMS THEN OUTPREFIX TIMEOUT
  *        streams the test pattern; after N outputs saves OUTPREFIX.1 (BGRA), applies THEN
  *        (extra-params text) and after N more saves OUTPREFIX.2; prints status lines.
+ *        $LD_SELFTEST_TRANSPORT (shm, inline) and $LD_SELFTEST_KEYS (a CURVE keys folder)
+ *        set the matching settings, for client and bench.
  */
 #include "ld_client.h"
 #include "ld_msgpack.h"
@@ -296,14 +298,21 @@ static void save(const char *prefix, const char *suffix, const uint8_t *px, uint
 	printf("saved %s %u %u\n", path, w, h);
 }
 
+/* $LD_SELFTEST_TRANSPORT (shm, inline) and $LD_SELFTEST_KEYS (a CURVE keys folder) */
+static void env_settings(ld_settings *s)
+{
+	const char *transport = getenv("LD_SELFTEST_TRANSPORT"), *keys = getenv("LD_SELFTEST_KEYS");
+	snprintf(s->transport, sizeof(s->transport), "%s", transport ? transport : "");
+	snprintf(s->keys_dir, sizeof(s->keys_dir), "%s", keys ? keys : "");
+}
+
 static int cmd_client(char **a)
 {
 	ld_settings *s = (ld_settings *)calloc(1, sizeof(ld_settings));
 	snprintf(s->endpoint, sizeof(s->endpoint), "%s", a[0]);
 	snprintf(s->engine, sizeof(s->engine), "%s", a[1]);
 	snprintf(s->name, sizeof(s->name), "selftest");
-	const char *transport = getenv("LD_SELFTEST_TRANSPORT");
-	snprintf(s->transport, sizeof(s->transport), "%s", transport ? transport : "");
+	env_settings(s);
 	snprintf(s->client_name, sizeof(s->client_name), "ld_selftest");
 	uint32_t sw = (uint32_t)atoi(a[2]), sh = (uint32_t)atoi(a[3]);
 	int want = atoi(a[4]);
@@ -364,8 +373,7 @@ static int cmd_bench(char **a)
 	snprintf(s->engine, sizeof(s->engine), "passthrough");
 	snprintf(s->name, sizeof(s->name), "c-bench");
 	snprintf(s->client_name, sizeof(s->client_name), "ld_selftest");
-	const char *transport = getenv("LD_SELFTEST_TRANSPORT");
-	snprintf(s->transport, sizeof(s->transport), "%s", transport ? transport : "");
+	env_settings(s);
 	uint32_t w = (uint32_t)atoi(a[1]), h = (uint32_t)atoi(a[2]);
 	int n = atoi(a[3]), warmup = 20;
 	ld_client *c = ld_client_new();
