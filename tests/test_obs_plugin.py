@@ -283,6 +283,19 @@ def test_c_client_streams_through_a_daemon(selftest, daemon, tmp_path, transport
     check_client_outputs(tmp_path / "out", 64, 48)
 
 
+def test_typed_text_is_sent_after_a_pause_not_per_keystroke(selftest, daemon, tmp_path,
+                                                            caplog):
+    # "identity" -> "i", "in", ... "invert", 50 ms apart: per keystroke, the daemon would
+    # refuse "i" to "inver" (bad_params, which it logs); after the pause only "invert" goes out
+    import logging
+    with caplog.at_level(logging.DEBUG):
+        out = run(selftest, "typing", daemon.endpoint, str(tmp_path / "t"))
+    assert "streaming passthrough" in out, out
+    assert not [r for r in caplog.records if "bad_params" in r.getMessage()], caplog.text
+    frame = np.fromfile(tmp_path / "t", np.uint8).reshape(24, 32, 4)
+    np.testing.assert_array_equal(frame, inverted(pattern(32, 24, 255 - int(frame[0, 0, 0]))))
+
+
 def test_c_client_authenticates_with_curve_keys(selftest, tmp_path):
     from livediffusion.daemon.auth import init_keys
     init_keys(tmp_path / "keys")

@@ -31,7 +31,7 @@ class FilterInfo:
 
     @property
     def status(self) -> str:
-        return str(self.settings.get("status", ""))
+        return str(self.settings.get("status", "")).rstrip()  # padded: see ld_filter.c
 
     @property
     def stream_name(self) -> str:

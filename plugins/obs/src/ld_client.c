@@ -51,6 +51,7 @@ struct ld_client {
 	ld_ring rin, rout;
 	uint64_t seq;
 	double retry_at;
+	double params_due; /* a typed text change waits for a pause (0 = nothing waits) */
 	ld_mpw sent_params; /* the engine parameters last sent, encoded */
 
 	/* the newest output notice and frame */
@@ -822,6 +823,25 @@ void ld_client_free(ld_client *c)
 	free(c);
 }
 
+/* 1 when the two settings differ only in the text of string parameters (a prompt being
+ * typed), so that the change can wait for a pause instead of going out per keystroke. */
+static int only_text_changed(const ld_settings *a, const ld_settings *b)
+{
+	if (a->nparams != b->nparams)
+		return 0;
+	int text = 0;
+	for (int i = 0; i < a->nparams; i++) {
+		const ld_param *p = &a->params[i], *q = &b->params[i];
+		if (p->type != q->type || strcmp(p->keys, q->keys) != 0)
+			return 0;
+		if (p->type == LD_P_STR)
+			text |= strcmp(p->s, q->s) != 0;
+		else if (p->i != q->i || p->f != q->f)
+			return 0;
+	}
+	return text;
+}
+
 void ld_client_configure(ld_client *c, const ld_settings *s)
 {
 	int first = !c->have_cfg;
@@ -832,6 +852,7 @@ void ld_client_configure(ld_client *c, const ld_settings *s)
 		     s->fixed_w != c->cfg.fixed_w || s->fixed_h != c->cfg.fixed_h;
 	if (!reconnect && reopen)
 		close_stream(c);
+	int typing = !first && only_text_changed(&c->cfg, s);
 	c->cfg = *s;
 	c->have_cfg = 1;
 	c->error[0] = '\0';
@@ -839,8 +860,11 @@ void ld_client_configure(ld_client *c, const ld_settings *s)
 		drop_stream(c);
 		forget_welcome(c);
 		connect_daemon(c);
+	} else if (c->sstate == STREAM_OPEN && typing) {
+		c->params_due = now_s() + LD_TYPING_PAUSE;
 	} else if (c->sstate == STREAM_OPEN) {
 		send_params(c);
+		c->params_due = 0;
 	} else if (c->sstate == STREAM_FAILED) {
 		c->retry_at = 0; /* new settings: try again now */
 	}
@@ -904,6 +928,11 @@ int ld_client_poll(ld_client *c, int timeout_ms)
 		if (silent > limit) {
 			lost(c);
 			return 0;
+		}
+		if (c->params_due && t >= c->params_due) {
+			c->params_due = 0;
+			if (c->sstate == STREAM_OPEN)
+				send_params(c);
 		}
 		if (c->src_w && c->src_h && c->cfg.name[0] &&
 		    (c->sstate == STREAM_NONE || (c->sstate == STREAM_FAILED && t >= c->retry_at)))

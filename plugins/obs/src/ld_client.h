@@ -16,6 +16,9 @@ extern "C" {
 
 #define LD_MAX_PARAMS 24
 #define LD_PARAM_STR_MAX 2048
+/* seconds a change of text parameters only (a prompt being typed) waits for more changes
+ * before it is sent: a new prompt costs the engine a text encoding */
+#define LD_TYPING_PAUSE 0.5
 
 enum { LD_P_STR, LD_P_INT, LD_P_FLOAT, LD_P_BOOL };
 
@@ -59,7 +62,8 @@ ld_client *ld_client_new(void);
 void ld_client_free(ld_client *c);
 
 /* Applies settings: a new endpoint reconnects, a new name / engine / size reopens the stream,
- * new parameters are sent as a `params` message. */
+ * new parameters are sent as a `params` message (a change of text alone after
+ * LD_TYPING_PAUSE seconds without another change). */
 void ld_client_configure(ld_client *c, const ld_settings *s);
 /* The size of the picture the frames come from; 0 x 0 = none (no stream is opened). */
 void ld_client_set_source_size(ld_client *c, uint32_t w, uint32_t h);

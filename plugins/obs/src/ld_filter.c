@@ -20,6 +20,7 @@ OBS_MODULE_USE_DEFAULT_LOCALE("livediffusion", "en-US")
 #define T(s) obs_module_text(s)
 #define STALE_NS 2000000000ULL /* an output older than this counts as "daemon slow" */
 #define STATUS_EVERY_NS 1000000000ULL
+#define STATUS_LEN 240 /* characters of the status kept in the settings */
 
 /* A pixel buffer that the render and worker threads hand to each other by swapping. */
 struct pixbuf {
@@ -373,9 +374,13 @@ static void write_status(struct ld_filter *f)
 	if (strcmp(status, f->status_written) == 0)
 		return;
 	snprintf(f->status_written, sizeof(f->status_written), "%s", status);
-	/* kept in the settings: the properties show it, obs-websocket's GetSourceFilter reads it */
+	/* Kept in the settings: the properties show it, obs-websocket's GetSourceFilter reads it.
+	 * Other threads may read the settings meanwhile (obs_data has no lock): padded to one
+	 * length, the string is rewritten in place and never reallocated under a reader. */
+	char padded[STATUS_LEN + 1];
+	snprintf(padded, sizeof(padded), "%-*.*s", STATUS_LEN, STATUS_LEN, status);
 	obs_data_t *settings = obs_source_get_settings(f->self);
-	obs_data_set_string(settings, "status", status);
+	obs_data_set_string(settings, "status", padded);
 	obs_data_release(settings);
 }
 

@@ -10,6 +10,8 @@
  *   ld_selftest engines                LD_PREFERRED_ENGINES
  *   ld_selftest bench ENDPOINT W H N   N passthrough round trips of a BGRA frame: one line
  *        "p50_ms X p99_ms Y fps Z"
+ *   ld_selftest typing ENDPOINT OUTFILE   passthrough, mode typed letter by letter from
+ *        "identity" to "invert" 50 ms apart; saves the last output; prints the status
  *   ld_selftest client ENDPOINT ENGINE W H N PARAMS THEN OUTPREFIX TIMEOUT
  *        streams the test pattern; after N outputs saves OUTPREFIX.1 (BGRA), applies THEN
  *        (extra-params text) and after N more saves OUTPREFIX.2; prints status lines.
@@ -360,6 +362,55 @@ static int cmd_client(char **a)
 	return phase == 2 && outs >= want ? 0 : 1;
 }
 
+/* Polls and streams the pattern for `ms` milliseconds. */
+static void stream_for(ld_client *c, uint8_t *px, uint64_t *seq, int ms)
+{
+	int64_t end = ld_now_ns() + (int64_t)ms * 1000000;
+	while (ld_now_ns() < end) {
+		uint32_t w, h;
+		ld_client_poll(c, 5);
+		if (ld_client_input_size(c, &w, &h)) {
+			pattern(px, w, h, ++*seq);
+			ld_client_send_frame(c, px, w * 4, w, h);
+		}
+		sleep_ms(5);
+	}
+}
+
+static int cmd_typing(char **a)
+{
+	ld_settings *s = (ld_settings *)calloc(1, sizeof(ld_settings));
+	snprintf(s->endpoint, sizeof(s->endpoint), "%s", a[0]);
+	snprintf(s->engine, sizeof(s->engine), "passthrough");
+	snprintf(s->name, sizeof(s->name), "typing");
+	s->nparams = ld_parse_extra_params("mode=identity", s->params, LD_MAX_PARAMS);
+	ld_client *c = ld_client_new();
+	uint8_t *px = (uint8_t *)malloc(32 * 24 * 4);
+	uint64_t seq = 0;
+	ld_client_configure(c, s);
+	ld_client_set_source_size(c, 32, 24);
+	stream_for(c, px, &seq, 1500);
+	const char *typed[] = {"mode=i", "mode=in", "mode=inv", "mode=inve", "mode=inver",
+			       "mode=invert"};
+	for (int i = 0; i < 6; i++) {
+		s->nparams = ld_parse_extra_params(typed[i], s->params, LD_MAX_PARAMS);
+		ld_client_configure(c, s);
+		stream_for(c, px, &seq, 50);
+	}
+	stream_for(c, px, &seq, 1500);
+	char line[512];
+	ld_client_status_line(c, line, sizeof(line));
+	printf("final %s\n", line);
+	uint32_t w, h;
+	const uint8_t *out = ld_client_output(c, &w, &h, NULL);
+	if (out)
+		save(a[1], "", out, w, h);
+	ld_client_free(c);
+	free(px);
+	free(s);
+	return out ? 0 : 1;
+}
+
 static int cmp_double(const void *a, const void *b)
 {
 	double x = *(const double *)a, y = *(const double *)b;
@@ -460,6 +511,8 @@ int main(int argc, char **argv)
 			printf("%s\n", LD_PREFERRED_ENGINES[i]);
 		return 0;
 	}
+	if (strcmp(cmd, "typing") == 0 && argc == 4)
+		return cmd_typing(argv + 2);
 	if (strcmp(cmd, "bench") == 0 && argc == 6)
 		return cmd_bench(argv + 2);
 	if (strcmp(cmd, "client") == 0 && argc == 11)
