@@ -300,6 +300,21 @@ static void save(const char *prefix, const char *suffix, const uint8_t *px, uint
 	printf("saved %s %u %u\n", path, w, h);
 }
 
+/* Polls and streams the pattern for `ms` milliseconds. */
+static void stream_for(ld_client *c, uint8_t *px, uint64_t *seq, int ms)
+{
+	int64_t end = ld_now_ns() + (int64_t)ms * 1000000;
+	while (ld_now_ns() < end) {
+		uint32_t w, h;
+		ld_client_poll(c, 5);
+		if (ld_client_input_size(c, &w, &h)) {
+			pattern(px, w, h, ++*seq);
+			ld_client_send_frame(c, px, w * 4, w, h);
+		}
+		sleep_ms(5);
+	}
+}
+
 /* $LD_SELFTEST_TRANSPORT (shm, inline) and $LD_SELFTEST_KEYS (a CURVE keys folder) */
 static void env_settings(ld_settings *s)
 {
@@ -348,9 +363,11 @@ static int cmd_client(char **a)
 			if (phase == 2)
 				break;
 			phase = 2;
-			outs = 0;
 			s->nparams = ld_parse_extra_params(a[6], s->params, LD_MAX_PARAMS);
 			ld_client_configure(c, s);
+			/* a change of text alone waits LD_TYPING_PAUSE before it is sent */
+			stream_for(c, px, &seq, (int)(LD_TYPING_PAUSE * 1000) + 300);
+			outs = 0;
 		}
 		sleep_ms(10);
 	}
@@ -360,21 +377,6 @@ static int cmd_client(char **a)
 	free(px);
 	free(s);
 	return phase == 2 && outs >= want ? 0 : 1;
-}
-
-/* Polls and streams the pattern for `ms` milliseconds. */
-static void stream_for(ld_client *c, uint8_t *px, uint64_t *seq, int ms)
-{
-	int64_t end = ld_now_ns() + (int64_t)ms * 1000000;
-	while (ld_now_ns() < end) {
-		uint32_t w, h;
-		ld_client_poll(c, 5);
-		if (ld_client_input_size(c, &w, &h)) {
-			pattern(px, w, h, ++*seq);
-			ld_client_send_frame(c, px, w * 4, w, h);
-		}
-		sleep_ms(5);
-	}
 }
 
 static int cmd_typing(char **a)
