@@ -2,7 +2,8 @@
 filter plugin loaded from a private HOME, set up through obs-websocket by `livediffusion obs
 setup`, showing the daemon's output (passthrough inverted, then the tiny video engine) in
 OBS's own screenshots; the prompt changed from `livediffusion obs prompt`; the source shown
-again when the daemon goes away; and the plugin-free Media Source path.
+again when the daemon goes away; the plugin-free Media Source path, and the filter on that
+asynchronous source (as on a camera).
 
 Skipped without OBS, Xvfb or the build tools; .ci/run installs them and sets
 LIVEDIFFUSION_REQUIRE_OBS=1, which turns those skips into failures."""
@@ -174,6 +175,11 @@ def test_media_source_path_without_the_plugin(obs, tmp_path):
             with Client(endpoint, name="e2e") as c:
                 c.control("obs-media", {"mode": "identity"})
             wait_for(lambda: media_looks(QUADRANTS, tol=20), 20, "the identity picture")
+            # the filter on an asynchronous source (a Media Source, like a camera): inverted
+            cli("setup", "--source", "ld-media", "--engine", "passthrough", "--param",
+                "mode=invert", "--endpoint", endpoint, *ws_args(obs))
+            wait_for(lambda: media_looks(INVERTED, tol=20), 30,
+                     "the filter's output on an asynchronous source")
         except AssertionError as exc:
             proc.terminate()
             out = proc.communicate(timeout=20)[0]
