@@ -58,7 +58,7 @@ struct ld_filter {
 	uint64_t out_time_ns;
 	bool captured_this_tick;
 	struct pixbuf grab, shown;
-	char stream_name[200];
+	char stream_name[200]; /* written here, read by filter_update under lock */
 	uint64_t status_written_ns;
 	char status_written[512];
 
@@ -94,7 +94,7 @@ static void *worker_main(void *data)
 	struct pixbuf frame = {0}, out = {0};
 	uint64_t last_status = 0;
 
-	while (!f->stop) {
+	while (!os_atomic_load_bool(&f->stop)) {
 		bool dirty = false, have_frame = false;
 		pthread_mutex_lock(&f->lock);
 		if (f->settings_dirty) {
@@ -347,7 +347,7 @@ static void *filter_create(obs_data_t *settings, obs_source_t *source)
 static void filter_destroy(void *data)
 {
 	struct ld_filter *f = data;
-	f->stop = true;
+	os_atomic_set_bool(&f->stop, true);
 	if (f->thread_started)
 		pthread_join(f->thread, NULL);
 	obs_enter_graphics();
@@ -393,7 +393,9 @@ static void filter_tick(void *data, float seconds)
 	char name[200];
 	stream_name_for(f, name, sizeof(name));
 	if (strcmp(name, f->stream_name) != 0) { /* added to a source, or renamed */
+		pthread_mutex_lock(&f->lock); /* filter_update reads it on the UI thread */
 		snprintf(f->stream_name, sizeof(f->stream_name), "%s", name);
+		pthread_mutex_unlock(&f->lock);
 		obs_data_t *settings = obs_source_get_settings(f->self);
 		filter_update(f, settings);
 		obs_data_release(settings);
