@@ -189,3 +189,22 @@ def test_media_source_path_without_the_plugin(obs, tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=20)[0]
         assert "added Media Source 'ld-media'" in out, out
+
+
+def test_filter_on_a_whole_scene(obs, tmp_path):
+    """Streamers put filters on scenes too: a scene renders itself (custom draw)."""
+    from PIL import Image
+    Image.fromarray(quad_image()).save(tmp_path / "quad.png")
+    obs.cl.create_scene("ld-scene")
+    obs.cl.create_input("ld-scene", "quad-in-scene", "image_source",
+                        {"file": str(tmp_path / "quad.png")}, True)
+    obs.cl.set_current_program_scene("ld-scene")
+
+    def scene_looks(colours):
+        return looks_like(obs.screenshot("ld-scene", 2 * W, 2 * H)[:H, :W], colours)
+    wait_for(lambda: scene_looks(QUADRANTS), 10, "the scene")
+    with spawned_daemon("passthrough") as endpoint:
+        cli("setup", "--source", "ld-scene", "--engine", "passthrough", "--param",
+            "mode=invert", "--endpoint", endpoint, *ws_args(obs))
+        wait_for(lambda: scene_looks(INVERTED), 30, "the inverted scene")
+        assert ows.list_filters(obs.cl, "ld-scene")[0].stream_name == "obs:ld-scene"
