@@ -208,3 +208,27 @@ def test_filter_on_a_whole_scene(obs, tmp_path):
             "mode=invert", "--endpoint", endpoint, *ws_args(obs))
         wait_for(lambda: scene_looks(INVERTED), 30, "the inverted scene")
         assert ows.list_filters(obs.cl, "ld-scene")[0].stream_name == "obs:ld-scene"
+
+
+def test_setup_explains_an_obs_without_the_plugin(tmp_path):
+    reason = obs_missing_reason()
+    if reason:
+        skip_or_fail(reason)
+    bare = HeadlessObs(tmp_path / "home", None).start()  # no plugin in this one
+    try:
+        bare.cl.create_input(bare.cl.get_current_program_scene().current_program_scene_name,
+                             "col", "color_source_v3", {}, True)
+        for args, words in [
+                (("setup", "--source", "col"), "OBS does not know the livediffusion filter"),
+                (("setup", "--source", "nosuch"), "OBS has no source called 'nosuch'")]:
+            result = subprocess.run([sys.executable, "-m", "livediffusion.daemon", "obs", *args,
+                                     *ws_args(bare)], capture_output=True, text=True, timeout=60)
+            assert result.returncode == 2 and words in result.stderr, result.stderr
+        result = subprocess.run([sys.executable, "-m", "livediffusion.daemon", "--log-level",
+                                 "debug", "obs", "status", "--obs-port", str(bare.port),
+                                 "--obs-password", "s3cret-xyz"], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2 and "wrong --obs-password" in result.stderr
+        assert "s3cret-xyz" not in result.stdout + result.stderr  # obsws-python would log it
+    finally:
+        bare.stop()
