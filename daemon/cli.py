@@ -189,6 +189,21 @@ def cmd_obs(args: argparse.Namespace) -> int:
             raise CliError("obs setup needs either --source NAME (add the filter to that OBS "
                            "source) or --media-source webcam:N|FILE (plugin-free path).")
         cl = ows.connect(args.obs_host, args.obs_port, password)
+        if args.action == "sync":
+            if not args.audio_source:
+                raise CliError("obs sync needs --audio-source NAME (the microphone or camera "
+                               "audio to delay).")
+            filters = [f for f in ows.list_filters(cl, args.source)
+                       if args.filter_name is None or f.filter == args.filter_name]
+            if len(filters) != 1:
+                where = ", ".join(f"{f.source} / {f.filter}" for f in filters) or "none"
+                raise CliError(f"obs sync needs exactly one livediffusion filter (found: "
+                               f"{where}); pick one with --source / --filter-name.")
+            offset, latency, frame_ms = ows.sync_audio(cl, args.audio_source, filters[0])
+            print(f"audio of {args.audio_source!r} delayed by {offset} ms (filter latency "
+                  f"{latency} ms + one frame {frame_ms:.0f} ms); run it again after changing "
+                  f"engine, steps or size.")
+            return 0
         if args.action == "status":
             filters = ows.list_filters(cl, args.source)
             for f in filters:
@@ -465,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "filter to a source (--source), or create a Media Source "
                                    "fed with raw video by this command (--media-source, no "
                                    "plugin needed). prompt: change the prompt of running "
-                                   "filters. status: each filter's state, FPS, latency.")
-    p.add_argument("action", choices=["install", "setup", "prompt", "status"])
+                                   "filters. status: each filter's state, FPS, latency. "
+                                   "sync: delay an audio source by the filter's video delay.")
+    p.add_argument("action", choices=["install", "setup", "prompt", "status", "sync"])
     p.add_argument("prompt", nargs="?", default=None, help="the new prompt (obs prompt)")
     p.add_argument("--obs-host", default="127.0.0.1")
     p.add_argument("--obs-port", type=int, default=4455)
@@ -479,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plugin-free path: create a Media Source and feed it from this "
                         "camera or video file through the daemon")
     p.add_argument("--media-name", default="livediffusion", help="Media Source name")
+    p.add_argument("--audio-source", default=None, metavar="NAME",
+                   help="sync: the OBS audio source (microphone) to delay")
     p.add_argument("--scene", default=None, help="scene for the Media Source (default: "
                                                  "the current one)")
     p.add_argument("--rawvideo-port", type=int, default=5581,

@@ -128,6 +128,12 @@ def test_filter_shows_the_daemons_output(obs, tmp_path):
         wait_for(lambda: np.abs(obs.screenshot("quad", W, H).astype(int)
                                 - first.astype(int)).mean() > 3, 30, "a new video frame")
 
+        # lip sync: a microphone's audio delayed by the filter's measured video delay
+        obs.cl.create_input(scene, "mic", "ffmpeg_source", {}, False)
+        out = cli("sync", "--audio-source", "mic", "--source", "quad", *ws_args(obs)).stdout
+        offset = obs.cl.get_input_audio_sync_offset("mic").input_audio_sync_offset
+        assert f"delayed by {offset} ms" in out and offset >= 1000 // 15, out
+
         # the prompt, from the command line through obs-websocket into the daemon's stream
         out = cli("prompt", "a neon city", *ws_args(obs)).stdout
         assert "prompt of quad / livediffusion set" in out

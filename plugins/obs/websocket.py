@@ -1,5 +1,6 @@
 """obs-websocket set-up (obsws-python): put the livediffusion filter on a source, create the
-plugin-free Media Source, change a running filter's prompt, read the filters' status.
+plugin-free Media Source, change a running filter's prompt, read the filters' status, delay
+an audio source to match the filter's video delay.
 
 OBS's websocket server listens on every interface; we only ever connect to it on loopback
 unless told otherwise. obsws-python logs the password at INFO level and refusals as
@@ -142,6 +143,25 @@ def set_filter_settings(cl, changes: dict[str, Any], source: str | None = None,
         cl.set_source_filter_settings(f.source, f.filter, changes, True)
         changed.append(f)
     return changed
+
+
+def sync_audio(cl, audio_source: str, f: FilterInfo) -> tuple[int, int, float]:
+    """Delay `audio_source`'s audio by the filter's video delay, so that speech stays on the
+    lips: the measured latency (frame sent to output received) plus the one frame the
+    staging copy holds back. Returns (offset ms, latency ms, frame ms)."""
+    latency = int(f.settings.get("latency_ms") or 0)
+    if latency <= 0:
+        raise ObsError(f"the filter on {f.source!r} is not streaming yet (status: "
+                       f"{f.status or 'none'}); start the daemon and try again.")
+    video = cl.get_video_settings()
+    frame_ms = 1000.0 * video.fps_denominator / video.fps_numerator
+    offset = min(20000, round(latency + frame_ms))
+    try:
+        cl.set_input_audio_sync_offset(audio_source, offset)
+    except Exception as exc:
+        raise ObsError(f"OBS refused the sync offset of {audio_source!r}: "
+                       f"{_request_error(exc)}.") from None
+    return offset, latency, frame_ms
 
 
 def filter_settings(*, endpoint: str, engine: str, prompt: str | None,

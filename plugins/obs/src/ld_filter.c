@@ -76,6 +76,7 @@ struct ld_filter {
 	bool streaming;
 	uint32_t proc_w, proc_h;
 	char status[512];
+	double latency_ms; /* while streaming, else 0 */
 	char engines[512];
 
 	pthread_t thread;
@@ -138,6 +139,9 @@ static void *worker_main(void *data)
 		if (now - last_status >= STATUS_EVERY_NS / 2) {
 			last_status = now;
 			ld_client_status_line(client, f->status, sizeof(f->status));
+			ld_status st;
+			ld_client_status(client, &st);
+			f->latency_ms = strcmp(st.state, "streaming") == 0 ? st.latency_ms : 0.0;
 			ld_client_engines(client, f->engines, sizeof(f->engines));
 		}
 		pthread_mutex_unlock(&f->lock);
@@ -242,6 +246,7 @@ static void filter_defaults(obs_data_t *settings)
 	obs_data_set_default_string(settings, "when_absent", "source");
 	obs_data_set_default_bool(settings, "bypass", false);
 	obs_data_set_default_string(settings, "status", "");
+	obs_data_set_default_int(settings, "latency_ms", 0);
 }
 
 static bool resolution_changed(obs_properties_t *props, obs_property_t *p, obs_data_t *settings)
@@ -370,6 +375,7 @@ static void write_status(struct ld_filter *f)
 	char status[512];
 	pthread_mutex_lock(&f->lock);
 	snprintf(status, sizeof(status), "%s", f->status);
+	long long latency = (long long)(f->latency_ms + 0.5);
 	pthread_mutex_unlock(&f->lock);
 	if (strcmp(status, f->status_written) == 0)
 		return;
@@ -381,6 +387,7 @@ static void write_status(struct ld_filter *f)
 	snprintf(padded, sizeof(padded), "%-*.*s", STATUS_LEN, STATUS_LEN, status);
 	obs_data_t *settings = obs_source_get_settings(f->self);
 	obs_data_set_string(settings, "status", padded);
+	obs_data_set_int(settings, "latency_ms", latency); /* for livediffusion obs sync */
 	obs_data_release(settings);
 }
 
