@@ -317,6 +317,18 @@ static void close_stream(ld_client *c)
 	drop_stream(c);
 }
 
+/* The three spec fields of every frame this client sends and takes: BGRA u8, top row first
+ * (what OBS stages and uploads). */
+static void put_layout(ld_mpw *w)
+{
+	ld_mpw_str(w, "format");
+	ld_mpw_str(w, "bgra");
+	ld_mpw_str(w, "dtype");
+	ld_mpw_str(w, "uint8");
+	ld_mpw_str(w, "origin");
+	ld_mpw_str(w, "top");
+}
+
 static void send_open(ld_client *c)
 {
 	choose_engine(c, c->engine, sizeof(c->engine));
@@ -339,12 +351,7 @@ static void send_open(ld_client *c)
 	ld_mpw_int(&w, c->in_w);
 	ld_mpw_str(&w, "height");
 	ld_mpw_int(&w, c->in_h);
-	ld_mpw_str(&w, "format");
-	ld_mpw_str(&w, "bgra");
-	ld_mpw_str(&w, "dtype");
-	ld_mpw_str(&w, "uint8");
-	ld_mpw_str(&w, "origin");
-	ld_mpw_str(&w, "top");
+	put_layout(&w);
 	ld_mpw_str(&w, "fps");
 	ld_mpw_double(&w, 30.0);
 	ld_mpw_str(&w, "engine");
@@ -355,12 +362,7 @@ static void send_open(ld_client *c)
 	ld_mpw_raw(&w, c->sent_params.buf, c->sent_params.len);
 	ld_mpw_str(&w, "output");
 	ld_mpw_map(&w, 4);
-	ld_mpw_str(&w, "format");
-	ld_mpw_str(&w, "bgra");
-	ld_mpw_str(&w, "dtype");
-	ld_mpw_str(&w, "uint8");
-	ld_mpw_str(&w, "origin");
-	ld_mpw_str(&w, "top");
+	put_layout(&w);
 	ld_mpw_str(&w, "stride");
 	ld_mpw_int(&w, 0);
 	ld_mpw_str(&w, "transport");
