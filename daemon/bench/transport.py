@@ -91,33 +91,31 @@ def run_transport_bench(args: argparse.Namespace) -> int:
           f"({meta['date']}, {meta['machine']}, commit {meta['commit']})")
     records = []
     with spawned_daemon("passthrough") as endpoint:
-        shm = Client(endpoint, name="bench-shm", transport="shm").connect()
-        inline = Client(endpoint, name="bench-inline", transport="inline").connect()
-        try:
-            for case, w, h, fmt, dtype in CASES:
-                frame = _frame(w, h, fmt, dtype)
+        for case, w, h, fmt, dtype in CASES:
+            frame = _frame(w, h, fmt, dtype)
+            # a client per transport and case: an idle one would miss its heartbeats while
+            # the other measures, and the daemon would drop its session
+            with Client(endpoint, name="bench-shm", transport="shm") as shm:
                 t_shm, fps = round_trips(shm, f"shm {case}", frame, fmt, dtype, args.iterations)
                 t_zc, _ = round_trips(shm, f"zero-copy {case}", frame, fmt, dtype,
                                       args.iterations, zero_copy=True)
+            with Client(endpoint, name="bench-inline", transport="inline") as inline:
                 t_inl, fps_inl = round_trips(inline, f"inline {case}", frame, fmt, dtype,
                                              args.iterations)
-                copy = memcpy_ms(frame)
-                copy_hot = memcpy_ms(frame, cold=False)
-                p50 = percentile(t_shm, 50)
-                records.append({
-                    "case": case, "p50_ms": round(p50, 4), "p99_ms": round(percentile(t_shm, 99), 4),
-                    "fps": round(fps, 1), "memcpy_ms": round(copy, 4),
-                    "memcpy_hot_ms": round(copy_hot, 4),
-                    "inline_p50_ms": round(percentile(t_inl, 50), 4),
-                    "inline_p99_ms": round(percentile(t_inl, 99), 4),
-                    "inline_fps": round(fps_inl, 1), "frame_bytes": int(frame.nbytes),
-                    "zero_copy_p50_ms": round(percentile(t_zc, 50), 4),
-                    "shm_over_memcpy": round(p50 / copy, 2) if copy else 0.0,
-                    "shm_over_inline": round(p50 / max(percentile(t_inl, 50), 1e-9), 3),
-                })
-        finally:
-            shm.close()
-            inline.close()
+            copy = memcpy_ms(frame)
+            copy_hot = memcpy_ms(frame, cold=False)
+            p50 = percentile(t_shm, 50)
+            records.append({
+                "case": case, "p50_ms": round(p50, 4), "p99_ms": round(percentile(t_shm, 99), 4),
+                "fps": round(fps, 1), "memcpy_ms": round(copy, 4),
+                "memcpy_hot_ms": round(copy_hot, 4),
+                "inline_p50_ms": round(percentile(t_inl, 50), 4),
+                "inline_p99_ms": round(percentile(t_inl, 99), 4),
+                "inline_fps": round(fps_inl, 1), "frame_bytes": int(frame.nbytes),
+                "zero_copy_p50_ms": round(percentile(t_zc, 50), 4),
+                "shm_over_memcpy": round(p50 / copy, 2) if copy else 0.0,
+                "shm_over_inline": round(p50 / max(percentile(t_inl, 50), 1e-9), 3),
+            })
     print_table(records, [("case", "case", ""), ("p50_ms", "shm p50 ms", ".3f"),
                           ("p99_ms", "shm p99 ms", ".3f"), ("fps", "shm FPS", ".0f"),
                           ("memcpy_ms", "memcpy ms", ".3f"),
