@@ -335,6 +335,19 @@ def test_c_client_uses_the_engines_size_limits_and_leaves_unknown_params_out(sel
         d.stop()
 
 
+def test_c_client_fixed_processing_size(selftest, tmp_path):
+    d = Daemon(port=0, engines=("passthrough", "image-tiny")).start()
+    try:
+        # a fixed 100x60 for image-tiny (multiples of 8, halves round up): 104x64 whatever the
+        # source's size
+        out = run(selftest, "client", d.endpoint, "image-tiny", "640", "360", "2", "seed=1",
+                  "seed=2", str(tmp_path / "f"), "60", env={"LD_SELFTEST_FIXED": "100x60"})
+        assert "streaming image-tiny 104x64" in out, out
+        assert "saved" in out and f"{tmp_path / 'f'}.2 104 64" in out
+    finally:
+        d.stop()
+
+
 def test_c_client_finds_a_daemon_that_starts_later_and_survives_a_restart(selftest, tmp_path):
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"

@@ -15,8 +15,8 @@
  *   ld_selftest client ENDPOINT ENGINE W H N PARAMS THEN OUTPREFIX TIMEOUT
  *        streams the test pattern; after N outputs saves OUTPREFIX.1 (BGRA), applies THEN
  *        (extra-params text) and after N more saves OUTPREFIX.2; prints status lines.
- *        $LD_SELFTEST_TRANSPORT (shm, inline) and $LD_SELFTEST_KEYS (a CURVE keys folder)
- *        set the matching settings, for client and bench.
+ *        $LD_SELFTEST_TRANSPORT (shm, inline), $LD_SELFTEST_KEYS (a CURVE keys folder) and
+ *        $LD_SELFTEST_FIXED (WxH) set the matching settings, for client and bench.
  */
 #include "ld_client.h"
 #include "ld_msgpack.h"
@@ -315,12 +315,16 @@ static void stream_for(ld_client *c, uint8_t *px, uint64_t *seq, int ms)
 	}
 }
 
-/* $LD_SELFTEST_TRANSPORT (shm, inline) and $LD_SELFTEST_KEYS (a CURVE keys folder) */
+/* $LD_SELFTEST_TRANSPORT (shm, inline), $LD_SELFTEST_KEYS (a CURVE keys folder) and
+ * $LD_SELFTEST_FIXED (WxH: a fixed processing size) */
 static void env_settings(ld_settings *s)
 {
 	const char *transport = getenv("LD_SELFTEST_TRANSPORT"), *keys = getenv("LD_SELFTEST_KEYS");
+	const char *fixed = getenv("LD_SELFTEST_FIXED");
 	snprintf(s->transport, sizeof(s->transport), "%s", transport ? transport : "");
 	snprintf(s->keys_dir, sizeof(s->keys_dir), "%s", keys ? keys : "");
+	if (fixed && sscanf(fixed, "%ux%u", &s->fixed_w, &s->fixed_h) != 2)
+		s->fixed_w = s->fixed_h = 0;
 }
 
 static int cmd_client(char **a)
