@@ -335,6 +335,49 @@ def test_c_client_uses_the_engines_size_limits_and_leaves_unknown_params_out(sel
         d.stop()
 
 
+def test_c_client_closes_a_stream_whose_rings_it_cannot_attach(selftest, tmp_path):
+    """A daemon (here a bare ROUTER playing one) announcing rings that do not exist: the client
+    says so, and closes the stream so that the daemon frees it, instead of leaving it open."""
+    import zmq
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    proc = subprocess.Popen([str(selftest), "client", f"tcp://127.0.0.1:{port}", "passthrough",
+                             "32", "24", "1", "", "", str(tmp_path / "x"), "4"],
+                            stdout=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "close" not in [m["type"] for m in seen]:
+            if not router.poll(100):
+                continue
+            peer, body = router.recv_multipart()
+            msg = msgpack.unpackb(body)
+            seen.append(msg)
+            reply = None
+            if msg["type"] == "hello":
+                reply = {"type": "welcome", "re": msg["id"], "session": 1, "protocol": 1,
+                         "heartbeat_interval": 1.0, "heartbeat_timeout": 3.0,
+                         "capabilities": {"engines": {"passthrough": {"params": {}}}}}
+            elif msg["type"] == "open":
+                spec = {"width": 32, "height": 24, "format": "bgra", "channels": 4,
+                        "dtype": "uint8", "origin": "top", "stride": 128}
+                reply = {"type": "opened", "re": msg["id"], "stream": 9, "name": msg["name"],
+                         "transport": "shm", "input": spec, "output": spec,
+                         "ring_in": {"name": "ld-absent-in", "slots": 4, "capacity": 3072},
+                         "ring_out": {"name": "ld-absent-out", "slots": 3, "capacity": 3072}}
+            if reply is not None:
+                router.send_multipart([peer, pack({**reply, "v": 1})])
+        out = proc.communicate(timeout=20)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        router.close()
+    closes = [m for m in seen if m["type"] == "close"]
+    assert closes and closes[0]["stream"] == 9, seen
+    assert "shm: cannot open segment ld-absent-in" in out, out
+
+
 def test_c_client_fixed_processing_size(selftest, tmp_path):
     d = Daemon(port=0, engines=("passthrough", "image-tiny")).start()
     try:

@@ -547,6 +547,17 @@ static void on_welcome(ld_client *c, const ld_mp_node *m, const uint8_t *buf, si
 	c->sstate = STREAM_NONE; /* (re)opened by the next poll */
 }
 
+/* Maps the ring an `opened` message names (its ring_in or ring_out map). 0 = attached. */
+static int attach_ring(ld_client *c, ld_ring *r, const ld_mp_node *ring)
+{
+	char name[64], err[160];
+	ld_mp_copy_str(ld_mp_get(ring, "name"), name, sizeof(name));
+	if (ld_ring_attach(r, name, err, sizeof(err)) == 0)
+		return 0;
+	set_error(c, "shm", err);
+	return -1;
+}
+
 static void on_opened(ld_client *c, const ld_mp_node *m)
 {
 	int64_t re = 0, sid = 0;
@@ -561,26 +572,14 @@ static void on_opened(ld_client *c, const ld_mp_node *m)
 	c->stream_id = sid;
 	c->seq = 0;
 	c->inline_px = ld_mp_is_str(ld_mp_get(m, "transport"), "inline");
-	if (!c->inline_px) {
-		char name[64], err[160];
-		ld_mp_copy_str(ld_mp_get(ld_mp_get(m, "ring_in"), "name"), name, sizeof(name));
-		if (ld_ring_attach(&c->rin, name, err, sizeof(err)) != 0) {
-			set_error(c, "shm", err);
-			close_stream(c);
-			c->sstate = STREAM_FAILED;
-			c->retry_at = now_s() + OPEN_RETRY;
-			return;
-		}
-		ld_mp_copy_str(ld_mp_get(ld_mp_get(m, "ring_out"), "name"), name, sizeof(name));
-		if (ld_ring_attach(&c->rout, name, err, sizeof(err)) != 0) {
-			set_error(c, "shm", err);
-			close_stream(c);
-			c->sstate = STREAM_FAILED;
-			c->retry_at = now_s() + OPEN_RETRY;
-			return;
-		}
+	c->sstate = STREAM_OPEN; /* the daemon holds it open from here on */
+	if (!c->inline_px && (attach_ring(c, &c->rin, ld_mp_get(m, "ring_in")) != 0 ||
+			      attach_ring(c, &c->rout, ld_mp_get(m, "ring_out")) != 0)) {
+		close_stream(c); /* tells the daemon, which frees the name, and detaches */
+		c->sstate = STREAM_FAILED;
+		c->retry_at = now_s() + OPEN_RETRY;
+		return;
 	}
-	c->sstate = STREAM_OPEN;
 	c->error[0] = '\0';
 }
 
@@ -792,14 +791,14 @@ ld_client *ld_client_new(void)
 	c->next_id = 1;
 	c->busy_timeout = 120.0;
 	ld_mpw_init(&c->sent_params);
-	/* a random reconnect token (section 5.1): clock, address and rand() mixed */
+	/* a random reconnect token (section 5.1; not a secret): clock, address and wall time
+	 * stirred by xorshift, without touching the host process's rand() state */
 	uint64_t x = (uint64_t)ld_now_ns() ^ (uint64_t)(uintptr_t)c ^ ((uint64_t)time(NULL) << 20);
-	srand((unsigned)x);
 	for (int i = 0; i < 32; i++) {
 		x ^= x << 13;
 		x ^= x >> 7;
 		x ^= x << 17;
-		c->token[i] = "0123456789abcdef"[(x ^ (uint64_t)rand()) & 15];
+		c->token[i] = "0123456789abcdef"[(x >> 32) & 15];
 	}
 	c->win_start = now_s();
 	return c;
