@@ -1,31 +1,55 @@
-"""Deciding what runs next: per-stream mailboxes of waiting frames, and batch selection.
+"""Deciding what runs next: per-stream mailboxes, fair rates, admission, and step plans.
 
-No tensor math here.  The server offers frame notices as they arrive and queues commands;
-the daemon loop then takes the commands and the next batch for the engine worker.  Newest frames win: a mailbox holds at most the frames one
-engine step consumes, and an arriving frame pushes the oldest out (counted as a drop).
-Among streams that are ready, the one whose oldest waiting frame arrived first goes
-first (earliest deadline first, since every frame's deadline is arrival + one period),
-and up to ``max_batch`` ready streams of the same engine share one step.
+No tensor math here, and no engine objects: the front offers frame notices as they arrive;
+when a worker is free it asks for the next ``StepPlan``; each ``StepResult`` comes back
+through ``update_from_result`` (measured step time into the cost model, the engine's new
+frames-per-step of each stream).  All calls come from the daemon's front thread.
+
+Policy "edf" (the default):
+  * every stream has a serve rate.  While the GPU keeps up it is the stream's own input rate;
+    under overload it is a fair share (max-min fair: equal rates, capped at each stream's
+    demand) computed from the online cost model, so every stream keeps an even cadence
+    instead of bursts and gaps, and no stream starves.  Frames above the serve rate are
+    skipped evenly at the mailbox (counted as ``decimated``);
+  * a mailbox holds at most the frames one step consumes; a newer frame pushes the oldest
+    out (``dropped``): no queue grows, the newest frames win;
+  * among ready streams, earliest deadline first (deadline = the oldest waiting frame's
+    arrival + the stream's chunk period); the streams of the same batch key (engine and
+    frame size) that are ready join it in one step, up to the engine's largest batch;
+  * admission: a new stream that would push any stream below its ``min_fps`` is refused with
+    the rate it could have (``Refused.sustainable_fps``); otherwise it is accepted, at a
+    lower rate when the GPU is full.
+
+Policy "rr" keeps the previous behaviour for comparison (``bench stream`` runs both):
+engines take turns, streams of one engine go oldest-first, no rates, no admission.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
+
+from .costs import CostModel
+from .step import FrameRef, StepPlan, PlanItem, StepResult
+
+log = logging.getLogger("livediffusion.scheduler")
+
+POLICIES = ("edf", "rr")
+
+__all__ = ["FrameRef", "Mailbox", "Refused", "Scheduler", "POLICIES"]
 
 
-@dataclass
-class FrameRef:
-    """A frame waiting in a ring slot (``slot``) or inline (``data``)."""
+class Refused(Exception):
+    """Admission refused: serving the stream would break the others' rates."""
 
-    seq: int
-    ts: int
-    slot: int | None = None
-    data: bytes | memoryview | None = None
-    stride: int = 0
-    arrived: float = field(default_factory=time.monotonic)
+    def __init__(self, message: str, sustainable_fps: float) -> None:
+        super().__init__(message)
+        self.sustainable_fps = sustainable_fps
 
 
 @dataclass
@@ -33,29 +57,106 @@ class Mailbox:
     stream_id: int
     engine: str
     frames_per_step: int
+    key: tuple = ()
+    fps: float = 30.0          # declared by the client
+    min_fps: float = 0.0       # the lowest rate the client accepts
     frames: deque[FrameRef] = field(default_factory=deque)
     dropped: int = 0
+    decimated: int = 0
+    steps: int = 0
+    #: frames per second this stream is served at (inf: every frame)
+    serve_fps: float = math.inf
+    _credit: float = 1.0
+    _last_arrival: float | None = None
+    #: measured input rate (moving average of inter-arrival times), 0 until known
+    _interval: float = 0.0
+    busy: bool = False         # its frames are in a step that has not come back yet
+    #: frames a step takes in the steady state (a chunk), whatever the next step takes
+    steady_frames: int = 1
 
     def ready(self) -> bool:
-        return len(self.frames) >= self.frames_per_step
+        return not self.busy and len(self.frames) >= self.frames_per_step
+
+    @property
+    def input_fps(self) -> float:
+        """What the client really sends (its declared fps until measured)."""
+        return 1.0 / self._interval if self._interval > 0 else self.fps
+
+    @property
+    def demand(self) -> float:
+        return min(self.fps, self.input_fps) if self._interval > 0 else self.fps
+
+    def period(self) -> float:
+        """Seconds between this stream's steps at its serve rate."""
+        rate = self.serve_fps if math.isfinite(self.serve_fps) else self.demand
+        return self.frames_per_step / max(rate, 1e-3)
+
+    def chunk(self) -> int:
+        return max(self.frames_per_step, self.steady_frames)
+
+    def deadline(self) -> float:
+        return self.deadline_of(self.frames)
+
+    def deadline_of(self, frames) -> float:
+        return frames[0].arrived + self.period() if frames else math.inf
+
+    def accept(self, arrived: float) -> bool:
+        """Rate-limit at the serve rate with an even spread (a running credit), so that a
+        stream served at 12 of its 30 FPS gets every 2nd or 3rd frame, not bursts."""
+        last, self._last_arrival = self._last_arrival, arrived
+        if last is not None:
+            dt = max(arrived - last, 0.0)
+            if dt < 5.0:  # a pause in the input is not a rate
+                self._interval = dt if self._interval == 0 else \
+                    0.9 * self._interval + 0.1 * dt
+            if math.isfinite(self.serve_fps):
+                self._credit = min(self._credit + dt * self.serve_fps, 1.5)
+        if not math.isfinite(self.serve_fps) or self.serve_fps >= 0.97 * self.input_fps:
+            self._credit = 1.0
+            return True
+        if self._credit >= 1.0:
+            self._credit -= 1.0
+            return True
+        return False
 
 
 class Scheduler:
-    """Mailboxes plus the batching policy (used from the daemon loop's one thread)."""
+    """Mailboxes, rates, admission and plans (used from the daemon's front thread)."""
 
-    def __init__(self, max_batch: Callable[[str], int] = lambda engine: 16) -> None:
+    def __init__(self, max_batch: Callable[[str], int] = lambda engine: 16, *,
+                 policy: str = "edf", costs: CostModel | None = None,
+                 batch_sizes: Callable[[str], Collection[int] | None] = lambda engine: None,
+                 resource: Callable[[str], str] = lambda engine: "device",
+                 utilisation: float = 0.9) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduler policy must be one of {', '.join(POLICIES)}, "
+                             f"not {policy!r}.")
+        self.policy = policy
+        self.costs = costs or CostModel()
         self._max_batch = max_batch
+        self._batch_sizes = batch_sizes
+        self._resource = resource
+        self.utilisation = utilisation
         self._boxes: dict[int, Mailbox] = {}
-        self._commands: deque = deque()
-        self._rr = 0  # round-robin start among engines
+        self._steps = itertools.count(1)
+        self._in_flight: dict[int, StepPlan] = {}
+        self._rr = 0  # round-robin start among engines ("rr" policy)
+        self._next_allocation = 0.0
+        self.misses = 0
 
-    # --- called when messages arrive ----------------------------------------------------
+    # --- streams -----------------------------------------------------------------------------
 
-    def add_stream(self, stream_id: int, engine: str, frames_per_step: int) -> None:
-        self._boxes[stream_id] = Mailbox(stream_id, engine, max(1, frames_per_step))
+    def add_stream(self, stream_id: int, engine: str, frames_per_step: int, *,
+                   key: tuple | None = None, fps: float = 30.0, min_fps: float = 0.0,
+                   steady_frames: int = 1) -> None:
+        self._boxes[stream_id] = Mailbox(stream_id, engine, max(1, frames_per_step),
+                                         key=key or (engine,), fps=fps, min_fps=min_fps,
+                                         steady_frames=max(1, steady_frames))
+        self._allocate()
 
     def remove_stream(self, stream_id: int) -> None:
-        self._boxes.pop(stream_id, None)
+        if self._boxes.pop(stream_id, None) is not None:
+            self._allocate()
 
     def set_frames_per_step(self, stream_id: int, n: int) -> None:
         box = self._boxes.get(stream_id)
@@ -70,44 +171,181 @@ class Scheduler:
         box = self._boxes.get(stream_id)
         if box is None:
             return False
+        if self.policy == "edf" and not box.accept(ref.arrived):
+            box.decimated += 1
+            return True
         box.frames.append(ref)
         while len(box.frames) > box.frames_per_step:
             box.frames.popleft()
             box.dropped += 1
         return True
 
-    def post(self, command: object) -> None:
-        """Queue a command (open/params/close...) for the worker, ahead of frames."""
-        self._commands.append(command)
-
     def dropped(self, stream_id: int) -> int:
         box = self._boxes.get(stream_id)
         return box.dropped if box else 0
 
-    # --- called by the daemon loop --------------------------------------------------------
+    def info(self, stream_id: int) -> dict[str, float | int]:
+        box = self._boxes.get(stream_id)
+        if box is None:
+            return {}
+        return {"dropped": box.dropped, "decimated": box.decimated,
+                "serve_fps": round(box.serve_fps, 2) if math.isfinite(box.serve_fps)
+                else round(box.demand, 2),
+                "input_fps": round(box.input_fps, 2)}
 
-    def has_work(self) -> bool:
-        return bool(self._commands) or any(b.ready() for b in self._boxes.values())
+    # --- admission and fair rates -----------------------------------------------------------
 
-    def take(self) -> tuple[list, list[tuple[int, list[FrameRef]]]]:
-        """Pending commands, and the next batch: (stream_id, frames) of one engine, taken out
-        of the mailboxes (empty when no stream is ready)."""
-        commands = list(self._commands)
-        self._commands.clear()
-        return commands, self._take_batch()
+    def admit(self, engine: str, key: tuple, fps: float, min_fps: float,
+              steady_frames: int = 1, explicit: bool = True) -> float:
+        """The rate a new stream would be served at, or ``Refused`` if taking it would push
+        another stream below its ``min_fps`` (or, when the client named one, itself below
+        its own).  Unknown costs admit (optimistically)."""
+        if self.policy != "edf":
+            return fps
+        probe = Mailbox(-1, engine, 1, key=key, fps=fps, min_fps=min_fps if explicit else 0.0,
+                        steady_frames=steady_frames)
+        boxes = [b for b in self._boxes.values()
+                 if self._resource(b.engine) == self._resource(engine)] + [probe]
+        rates = self._fair_rates(boxes)
+        short = [b for b in boxes if rates[b.stream_id] < b.min_fps * 0.999]
+        if not short:
+            return rates[probe.stream_id]
+        # what is left for the newcomer once every other stream keeps its minimum
+        coef = self._coefficients(boxes)
+        used = sum(coef[b.stream_id] * b.min_fps for b in boxes if b is not probe)
+        spare = max(self.utilisation - used, 0.0)
+        own = coef[probe.stream_id]
+        sustainable = min(fps, spare / own) if own > 0 else fps
+        who = "it" if short == [probe] else f"{len(short)} stream(s)"
+        raise Refused(f"the {engine} engine is full: taking this stream would serve {who} "
+                      f"below the lowest rate asked for; it could have "
+                      f"{sustainable:.1f} FPS now (open with a lower min_fps to accept that).",
+                      round(sustainable, 2))
 
-    def _take_batch(self) -> list[tuple[int, list[FrameRef]]]:
-        ready = [b for b in self._boxes.values() if b.ready()]
+    def _coefficients(self, boxes: list[Mailbox]) -> dict[int, float]:
+        """Seconds of device time per second, per unit of a stream's frame rate, with the
+        streams of each batch key sharing their steps."""
+        counts: dict[tuple, int] = {}
+        for b in boxes:
+            counts[b.key] = counts.get(b.key, 0) + 1
+        out = {}
+        for b in boxes:
+            n = counts[b.key]
+            # n streams of a key at the same rate: steps of n streams, one per chunk period
+            ms = self.costs.predict(b.key, min(n, max(1, self._max_batch(b.engine))))
+            per_batch = max(1, math.ceil(n / max(1, self._max_batch(b.engine))))
+            out[b.stream_id] = ms / 1000.0 * per_batch / (b.chunk() * n) \
+                if ms else 0.0
+        return out
+
+    def _fair_rates(self, boxes: list[Mailbox]) -> dict[int, float]:
+        """Max-min fair rates: one common rate r, capped at each stream's demand, with
+        sum(coef * rate) <= utilisation (bisection; coefficients are fixed for the set)."""
+        coef = self._coefficients(boxes)
+        demand = {b.stream_id: b.demand for b in boxes}
+
+        def load(r: float) -> float:
+            return sum(coef[i] * min(r, d) for i, d in demand.items())
+
+        top = max(demand.values(), default=0.0)
+        if load(top) <= self.utilisation:
+            return demand
+        lo, hi = 0.0, top
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if load(mid) <= self.utilisation else (lo, mid)
+        return {i: min(lo, d) for i, d in demand.items()}
+
+    def _allocate(self) -> None:
+        """Recompute every stream's serve rate (on changes, and twice a second)."""
+        self._next_allocation = time.monotonic() + 0.5
+        if self.policy != "edf":
+            return
+        by_resource: dict[str, list[Mailbox]] = {}
+        for b in self._boxes.values():
+            by_resource.setdefault(self._resource(b.engine), []).append(b)
+        for boxes in by_resource.values():
+            rates = self._fair_rates(boxes)
+            for b in boxes:
+                rate = rates[b.stream_id]
+                new = math.inf if rate >= b.demand * 0.999 else rate
+                old = b.serve_fps
+                # hysteresis: small changes are noise of the cost model
+                if math.isinf(new) != math.isinf(old) or (
+                        math.isfinite(new) and abs(new - old) > 0.04 * old):
+                    b.serve_fps = new
+
+    # --- plans ------------------------------------------------------------------------------
+
+    def has_work(self, engines: Collection[str] | None = None) -> bool:
+        return any(b.ready() and (engines is None or b.engine in engines)
+                   for b in self._boxes.values())
+
+    def next_plan(self, engines: Collection[str] | None = None) -> StepPlan | None:
+        """The next step for a worker serving ``engines`` (None: any), taken out of the
+        mailboxes; None when no stream is ready."""
+        ready = [b for b in self._boxes.values()
+                 if b.ready() and (engines is None or b.engine in engines)]
         if not ready:
-            return []
+            return None
+        if self.policy == "rr":
+            chosen = self._pick_rr(ready)
+            key = (chosen[0].engine,)
+        else:
+            chosen = self._pick_edf(ready)
+            key = chosen[0].key
+        items = []
+        for box in chosen:
+            frames = [box.frames.popleft() for _ in range(box.frames_per_step)]
+            items.append(PlanItem(box.stream_id, frames))
+            box.busy = True
+            box.steps += 1
+        plan = StepPlan(next(self._steps), chosen[0].engine, key, items,
+                        deadline=min(b.deadline_of(i.frames) for b, i in zip(chosen, items)),
+                        predicted_ms=self.costs.predict(key, len(items)))
+        self._in_flight[plan.step_id] = plan
+        return plan
+
+    def _pick_rr(self, ready: list[Mailbox]) -> list[Mailbox]:
         engines = sorted({b.engine for b in ready})
         engine = engines[self._rr % len(engines)]
         self._rr += 1
         chosen = sorted((b for b in ready if b.engine == engine),
                         key=lambda b: b.frames[0].arrived)
-        chosen = chosen[:max(1, self._max_batch(engine))]
-        out = []
-        for box in chosen:
-            frames = [box.frames.popleft() for _ in range(box.frames_per_step)]
-            out.append((box.stream_id, frames))
-        return out
+        return chosen[:max(1, self._max_batch(engine))]
+
+    def _pick_edf(self, ready: list[Mailbox]) -> list[Mailbox]:
+        ready.sort(key=Mailbox.deadline)
+        first = ready[0]
+        same = [b for b in ready if b.key == first.key]
+        n = min(len(same), max(1, self._max_batch(first.engine)))
+        sizes = self._batch_sizes(first.engine)
+        if sizes:
+            n = max([s for s in sizes if s <= n] or [1])
+        return same[:n]
+
+    def update_from_result(self, result: StepResult) -> None:
+        plan = self._in_flight.pop(result.step_id, None)
+        if plan is not None:
+            for item in plan.items:
+                box = self._boxes.get(item.stream_id)
+                if box is not None:
+                    box.busy = False
+        for report in result.reports:
+            self.set_frames_per_step(report.stream_id, report.frames_per_step)
+        if not result.failed and result.batch_size:
+            first = not self.costs.known(result.key)
+            self.costs.observe(result.key, result.batch_size, result.elapsed_ms)
+            if first:
+                self._allocate()
+        if time.monotonic() >= self._next_allocation:
+            self._allocate()
+
+    def release(self, step_id: int) -> None:
+        """Forget a plan that will not come back (its worker failed)."""
+        plan = self._in_flight.pop(step_id, None)
+        if plan is not None:
+            for item in plan.items:
+                box = self._boxes.get(item.stream_id)
+                if box is not None:
+                    box.busy = False

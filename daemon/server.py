@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from livediffusion.shared import protocol as P
@@ -28,10 +29,13 @@ from livediffusion.shared.protocol import ErrorCode, FrameSpec, ProtocolError
 from livediffusion.shared.ring import FrameRing, stale_segments
 
 from . import __version__
-from .engines import REGISTRY
-from .engines.base import Engine, StreamConfig
-from .scheduler import FrameRef, Scheduler
-from .worker import Close, EngineWorker, Open, Params, Result
+from .config import ServeConfig
+from .engines import INLINE, REGISTRY
+from .playout import Playout
+from .scheduler import Refused, Scheduler
+from .step import (CloseStream, CommandResult, FrameRef, OpenStream, StepResult, UpdateParams,
+                   WorkerReady)
+from .worker import EngineWorker, InlineWorker, ThreadedWorker
 
 log = logging.getLogger("livediffusion.daemon")
 
@@ -64,6 +68,16 @@ class ServerStream:
     state: str = "opening"  # opening -> open -> closing
     notices_in: int = 0
     opened_at: float = field(default_factory=time.monotonic)
+    playout: Playout = field(default_factory=Playout)
+    worker: Any = None
+    # counters from the worker's step results (the front never reads worker state)
+    frames_in: int = 0
+    frames_out: int = 0
+    torn: int = 0
+    bad_frames: int = 0
+    engine_ms: float = 0.0
+    out_seq: int = 0
+    frames_per_step: int = 1
 
 
 def is_loopback(host: str) -> bool:
@@ -82,7 +96,8 @@ class Daemon:
                  engines: tuple[str, ...] | None = None, device: str = "cpu",
                  ipc_path: str | None = None, heartbeat_timeout: float = P.HEARTBEAT_TIMEOUT_S,
                  max_streams: int = MAX_STREAMS, keys_dir: str | Path | None = None,
-                 warm_up: tuple[tuple[int, int], ...] = ()) -> None:
+                 warm_up: tuple[tuple[int, int], ...] = (),
+                 serve: ServeConfig | None = None) -> None:
         if not is_loopback(host) and keys_dir is None:
             raise ValueError(f"binding to {host} exposes the daemon beyond this machine; "
                              f"pass a keys directory (livediffusion keys init DIR) to require "
@@ -101,7 +116,12 @@ class Daemon:
             raise ValueError(f"unknown engine {unknown[0]!r}; available: {', '.join(REGISTRY)}.")
         self._engine_names = names
         self._warm_up = tuple(warm_up)
-        self.engines: dict[str, Engine] = {}
+        self.serve = serve or ServeConfig.from_env()
+        #: each engine's capabilities, as its worker reported them
+        self.capabilities: dict[str, dict[str, Any]] = {}
+        self.workers: list[InlineWorker | ThreadedWorker] = []
+        self._worker_of: dict[str, InlineWorker | ThreadedWorker] = {}
+        self._busy: dict[int, int | None] = {}  # id(worker) -> step id in flight
         self.sessions: dict[bytes, Session] = {}
         self.streams: dict[int, ServerStream] = {}
         self._names: dict[str, int] = {}
@@ -149,24 +169,44 @@ class Daemon:
             self._ready.set()
             raise
 
-    def _build_engines(self) -> None:
-        for name in self._engine_names:
-            factory, _ = REGISTRY[name]
+    def _start_workers(self, ctx: zmq.Context) -> None:
+        """Engines are built by their workers: cheap ones (passthrough) run on this thread,
+        the rest on one engine thread that owns the device."""
+        inline = tuple(n for n in self._engine_names if n in INLINE)
+        threaded = tuple(n for n in self._engine_names if n not in INLINE)
+        self._wake_pull = ctx.socket(zmq.PULL)
+        self._wake_pull.setsockopt(zmq.LINGER, 0)
+        wake_addr = f"inproc://wake-{id(self)}"
+        self._wake_pull.bind(wake_addr)
+        self._wake_push = ctx.socket(zmq.PUSH)
+        self._wake_push.setsockopt(zmq.LINGER, 0)
+        self._wake_push.setsockopt(zmq.SNDHWM, 4)
+        self._wake_push.connect(wake_addr)
+        push = self._wake_push  # used by the engine thread only, once it runs
+
+        def wake() -> None:
             try:
-                self.engines[name] = factory(self.device)
-            except Exception as exc:  # noqa: BLE001 - reported, or fatal if asked for
-                if self._explicit_engines:
-                    raise
-                log.error("engine %s could not be loaded and is left out: %s", name, exc)
-        if not self.engines:
+                push.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # a wake-up is already queued
+
+        if inline:
+            self.workers.append(InlineWorker(EngineWorker(
+                inline, self.device, explicit=self._explicit_engines, warm_up=self._warm_up)))
+        if threaded:
+            self.workers.append(ThreadedWorker(EngineWorker(
+                threaded, self.device, explicit=self._explicit_engines,
+                warm_up=self._warm_up), wake))
+        for worker in self.workers:
+            ready: WorkerReady = worker.start()
+            self.capabilities.update(ready.capabilities)
+            for name in ready.capabilities:
+                self._worker_of[name] = worker
+            for key, n, ms in ready.costs:
+                self.scheduler.costs.observe(key, n, ms)
+            self._busy[id(worker)] = None
+        if not self.capabilities:
             raise RuntimeError("no engine could be loaded.")
-        for width, height in self._warm_up:  # before serving: nobody waits on compilation
-            for name, engine in self.engines.items():
-                try:
-                    seconds = engine.warm_up(FrameSpec(width, height))
-                    log.info("warmed up %s at %dx%d in %.1f s", name, width, height, seconds)
-                except Exception as exc:  # noqa: BLE001 - a size an engine cannot take
-                    log.warning("no warm-up of %s at %dx%d: %s", name, width, height, exc)
 
     def _serve(self) -> None:
         for name in stale_segments():
@@ -175,56 +215,84 @@ class Daemon:
                 log.info("removed frame ring %s left behind by a daemon that died", name)
             except OSError:
                 pass
-        self._build_engines()
         ctx = zmq.Context()
+        self.scheduler = Scheduler(
+            lambda engine: int(self.capabilities[engine].get("max_batch", 16)),
+            policy=self.serve.policy, utilisation=self.serve.utilisation,
+            batch_sizes=lambda engine: self.capabilities[engine].get("batch_sizes"),
+            resource=lambda engine: "front" if engine in INLINE else "device")
+        try:
+            self._start_workers(ctx)
+        except BaseException:
+            self._stop_workers()
+            self._close_wake()
+            ctx.destroy(linger=0)
+            raise
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         router.setsockopt(zmq.SNDHWM, 1000)
         authenticator = None
-        if self.keys_dir is not None:
-            from .auth import start_curve_server
-            authenticator = start_curve_server(ctx, router, self.keys_dir)
-        host = self.host
-        if ":" in host:  # IPv6 literal
-            router.ipv6 = True
-            host = f"[{host}]"
         try:
-            if self.port == 0:
-                self.port = router.bind_to_random_port(f"tcp://{host}")
-            else:
-                router.bind(f"tcp://{host}:{self.port}")
-        except zmq.ZMQError as exc:
+            if self.keys_dir is not None:
+                from .auth import start_curve_server
+                authenticator = start_curve_server(ctx, router, self.keys_dir)
+            host = self.host
+            if ":" in host:  # IPv6 literal
+                router.ipv6 = True
+                host = f"[{host}]"
+            try:
+                if self.port == 0:
+                    self.port = router.bind_to_random_port(f"tcp://{host}")
+                else:
+                    router.bind(f"tcp://{host}:{self.port}")
+            except zmq.ZMQError as exc:
+                raise OSError(f"cannot listen on {self.host}:{self.port}: "
+                              f"{exc.strerror}") from None
+            self.endpoint = f"tcp://{host}:{self.port}"
+            if self.ipc_path:
+                router.bind(f"ipc://{self.ipc_path}")
+        except BaseException:
+            router.close(0)
+            if authenticator is not None:
+                authenticator.stop()
+            self._stop_workers()
+            self._close_wake()
             ctx.destroy(linger=0)
-            raise OSError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        self.endpoint = f"tcp://{host}:{self.port}"
-        if self.ipc_path:
-            router.bind(f"ipc://{self.ipc_path}")
-        self.scheduler = Scheduler(lambda engine: self.engines[engine].max_batch())
-        self.worker = EngineWorker(self.engines, self.scheduler)
+            raise
         self._router = router
-        log.info("livediffusion daemon %s listening on %s (engines: %s, device: %s)",
-                 __version__, self.endpoint, ", ".join(self.engines), self.device)
+        log.info("livediffusion daemon %s listening on %s (engines: %s, device: %s, "
+                 "scheduler %s, pacing %s)", __version__, self.endpoint,
+                 ", ".join(self.capabilities), self.device, self.serve.policy,
+                 "on" if self.serve.pacing else "off")
         self._ready.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(self._wake_pull, zmq.POLLIN)
         next_reap = time.monotonic() + 0.25
         try:
             while not self._stop.is_set():
-                busy = self.scheduler.has_work()
-                if router.poll(0 if busy else 100, zmq.POLLIN):
+                events = dict(poller.poll(self._poll_timeout_ms()))
+                started = time.monotonic()
+                if router in events:
                     for _ in range(256):  # drain what arrived, newest frames win below
                         try:
                             parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._on_message(parts)
-                started = time.monotonic()
+                if self._wake_pull in events:
+                    while True:
+                        try:
+                            self._wake_pull.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
                 try:
-                    self.worker.run_once()
-                except Exception:  # noqa: BLE001 - a worker bug must not stop every stream
-                    log.exception("engine worker failed; continuing with the next step")
-                self._drain_results()
+                    self._pump()
+                except Exception:  # noqa: BLE001 - a bug here must not stop every stream
+                    log.exception("scheduling failed; continuing with the next round")
                 now = time.monotonic()
-                if now - started > 0.5:
+                if now - started > 0.5:  # an inline engine took long: not client silence
                     self._forgive_stall(now - started)
                 if now >= next_reap:
                     self._reap(now)
@@ -232,14 +300,80 @@ class Daemon:
         finally:
             self._shutdown(router, ctx, authenticator)
 
+    def _poll_timeout_ms(self) -> int:
+        """Sleep until a message, a worker's result, or the next paced frame's time."""
+        if any(self._busy[id(w)] is None and not w.threaded and
+               self.scheduler.has_work(w.engines) for w in self.workers):
+            return 0
+        wait = 0.1
+        now = time.monotonic()
+        for stream in self.streams.values():
+            due = stream.playout.next_due()
+            if due is not None:
+                wait = min(wait, due - now)
+        return max(0, int(wait * 1000))
+
+    def _pump(self) -> None:
+        """Results in, plans out, due frames delivered; repeated while an inline worker
+        has more (a passthrough frame goes round in one pass)."""
+        for _ in range(64):
+            self._collect()
+            dispatched = self._dispatch()
+            self._deliver(time.monotonic())
+            if not dispatched or not any(w.outbox for w in self.workers):
+                break
+
+    def _collect(self) -> None:
+        for worker in self.workers:
+            box = worker.outbox
+            while box:
+                result = box.popleft()
+                try:
+                    if isinstance(result, StepResult):
+                        self._busy[id(worker)] = None
+                        self._on_step(result)
+                    else:
+                        self._on_result(result)
+                except Exception:  # noqa: BLE001 - one bad result must not stop the daemon
+                    log.exception("could not deliver a result of stream(s) %s",
+                                  getattr(result, "stream_id", "?"))
+
+    def _dispatch(self) -> bool:
+        """Give every idle worker its next plan; True if any got one."""
+        any_plan = False
+        for worker in self.workers:
+            if self._busy[id(worker)] is not None:
+                continue
+            plan = self.scheduler.next_plan(worker.engines)
+            if plan is None:
+                continue
+            self._busy[id(worker)] = plan.step_id
+            any_plan = True
+            worker.submit(plan)
+        return any_plan
+
+    def _stop_workers(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.stop()
+            except Exception:  # noqa: BLE001 - stopping regardless
+                log.exception("an engine worker failed to stop cleanly")
+
+    def _close_wake(self) -> None:
+        for name in ("_wake_push", "_wake_pull"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(0)
+
     def _shutdown(self, router, ctx, authenticator) -> None:
         log.info("shutting down: closing %d stream(s)", len(self.streams))
         try:
-            self.worker.shutdown()
+            self._stop_workers()  # each closes its streams and releases its device
         finally:
             for stream in list(self.streams.values()):
                 self._release(stream)
         router.close(0)
+        self._close_wake()
         if authenticator is not None:
             authenticator.stop()
         ctx.term()
@@ -262,7 +396,10 @@ class Daemon:
                      session: Session | None = None) -> None:
         self._log_error(session.number if session else 0, exc.code, exc.message,
                         session.client if session else "unknown client")
-        self._send(identity, P.error(exc.code, exc.message, re=rid, stream=exc.stream))
+        reply = P.error(exc.code, exc.message, re=rid, stream=exc.stream)
+        if isinstance(exc, Overloaded):
+            reply["sustainable_fps"] = exc.sustainable_fps
+        self._send(identity, reply)
 
     def _log_error(self, key: int, code: str, message: str, who: str) -> None:
         """One clear line per client and error code, at most every 5 s (then a count)."""
@@ -340,7 +477,7 @@ class Daemon:
             "heartbeat_interval": min(P.HEARTBEAT_INTERVAL_S, self.heartbeat_timeout / 3),
             "heartbeat_timeout": self.heartbeat_timeout,
             "capabilities": {
-                "engines": {name: engine.capabilities() for name, engine in self.engines.items()},
+                "engines": self.capabilities,
                 "formats": list(P.FORMATS), "dtypes": list(P.DTYPES),
                 "origins": list(P.ORIGINS),
                 "transports": ["shm", "inline"],
@@ -359,10 +496,10 @@ class Daemon:
             raise ProtocolError(ErrorCode.STREAM_EXISTS,
                                 f"stream {name!r} is already open by {whose}.")
         engine_name = msg.get("engine", "passthrough")
-        if engine_name not in self.engines:
+        if engine_name not in self.capabilities:
             raise ProtocolError(ErrorCode.UNKNOWN_ENGINE,
                                 f"engine {engine_name!r} is not loaded; this daemon has "
-                                f"{', '.join(self.engines)}.")
+                                f"{', '.join(self.capabilities)}.")
         if len(self._names) >= self.max_streams:
             raise ProtocolError(ErrorCode.LIMIT,
                                 f"the daemon already serves {self.max_streams} streams.")
@@ -377,13 +514,28 @@ class Daemon:
         fps = float(msg.get("fps", 30.0))
         if not 0 < fps <= 1000:
             raise ProtocolError(ErrorCode.BAD_SPEC, f"fps {fps} is outside (0, 1000].")
-        engine = self.engines[engine_name]
-        caps = engine.capabilities()
+        caps = self.capabilities[engine_name]
         per_step = int(caps.get("frames_per_step", 1))
         most = max(per_step, int(caps.get("first_step_frames", per_step)))
         slots = msg.get("slots", DEFAULT_SLOTS)
         if not 1 <= slots <= P.MAX_SLOTS:
             raise ProtocolError(ErrorCode.BAD_SPEC, f"slots must be 1..{P.MAX_SLOTS}.")
+        min_fps = msg.get("min_fps")
+        explicit_min = min_fps is not None
+        if min_fps is None:
+            min_fps = fps * self.serve.min_fps_share
+        elif not 0 <= min_fps <= fps:
+            raise ProtocolError(ErrorCode.BAD_SPEC,
+                                f"min_fps {min_fps} must be from 0 to the stream's fps ({fps:g}).")
+        paced = msg.get("paced", True)
+        if not isinstance(paced, bool):
+            raise ProtocolError(ErrorCode.BAD_SPEC, "paced must be true or false.")
+        key = (engine_name, in_spec.width, in_spec.height)
+        try:
+            serve_fps = self.scheduler.admit(engine_name, key, fps, float(min_fps),
+                                             steady_frames=per_step, explicit=explicit_min)
+        except Refused as exc:
+            raise Overloaded(str(exc), exc.sustainable_fps) from None
         # The engine may hold a whole chunk of input slots while the client keeps writing.
         slots_in = min(P.MAX_SLOTS, max(slots, most + 3))
         sid = next(self._stream_ids)
@@ -391,7 +543,8 @@ class Daemon:
         if transport == "shm":
             try:
                 ring_in = FrameRing.create(slots_in, in_spec.nbytes, tag="i")
-                # a chunked engine publishes a whole chunk at once: room for it and 2 more
+                # a chunked engine's frames are paced out one by one; unpaced, a whole
+                # chunk is published at once: room for it and 2 more
                 ring_out = FrameRing.create(min(P.MAX_SLOTS, max(slots, most + 2)),
                                             out_spec.nbytes, tag="o")
             except OSError as exc:
@@ -400,17 +553,25 @@ class Daemon:
                 raise ProtocolError(ErrorCode.OUT_OF_MEMORY,
                                     f"cannot create shared memory for the stream: {exc}") from None
         stream = ServerStream(sid, name, session, engine_name, in_spec, out_spec, fps, transport,
-                              ring_in, ring_out)
+                              ring_in, ring_out, worker=self._worker_of[engine_name],
+                              frames_per_step=most)
+        stream.playout.paced = paced and self.serve.pacing
         self.streams[sid] = stream
         self._names[name] = sid
         session.streams.add(sid)
-        self.scheduler.add_stream(sid, engine_name, most)
-        config = StreamConfig(sid, in_spec, out_spec, fps, dict(msg.get("params") or {}))
-        self.scheduler.post(Open((session.identity, rid), config, engine_name, ring_in, ring_out))
+        self.scheduler.add_stream(sid, engine_name, most, key=key, fps=fps,
+                                  min_fps=float(min_fps), steady_frames=per_step)
+        if serve_fps < fps * 0.999:
+            log.info("stream %r accepted at %.1f of its %g FPS (the device is shared)", name,
+                     serve_fps, fps)
+        stream.worker.submit(OpenStream((session.identity, rid), sid, engine_name, in_spec,
+                                        out_spec, fps, dict(msg.get("params") or {}),
+                                        ring_in.name if ring_in is not None else None))
 
     def _on_params(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         stream = self._owned_stream(session, msg)
-        self.scheduler.post(Params((session.identity, rid), stream.id, dict(msg["params"])))
+        stream.worker.submit(UpdateParams((session.identity, rid), stream.id,
+                                          dict(msg["params"])))
 
     def _on_control(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         """Parameters for a stream named by any session (a controller beside the tool that
@@ -420,7 +581,8 @@ class Daemon:
         if stream is None or stream.state != "open":
             raise ProtocolError(ErrorCode.UNKNOWN_STREAM,
                                 f"no open stream is named {msg['name']!r}.")
-        self.scheduler.post(Params((session.identity, rid), stream.id, dict(msg["params"])))
+        stream.worker.submit(UpdateParams((session.identity, rid), stream.id,
+                                          dict(msg["params"])))
 
     def _on_frame(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         stream = self._owned_stream(session, msg)
@@ -475,23 +637,29 @@ class Daemon:
 
     def stream_stats(self, sid: int) -> dict[str, Any]:
         stream = self.streams[sid]
-        ws = self.worker.streams.get(sid)
         age = max(time.monotonic() - stream.opened_at, 1e-6)
-        frames_out = ws.frames_out if ws else 0
+        sched = self.scheduler.info(sid)
         return {
             "name": stream.name, "engine": stream.engine, "state": stream.state,
-            "frames_in": ws.frames_in if ws else 0, "frames_out": frames_out,
-            "notices_in": stream.notices_in, "dropped": self.scheduler.dropped(sid),
-            "torn": ws.torn if ws else 0, "bad_frames": ws.bad_frames if ws else 0,
-            "engine_ms": round(ws.engine_ms, 3) if ws else 0.0,
-            "fps_out": round(frames_out / age, 2),
+            "frames_in": stream.frames_in, "frames_out": stream.frames_out,
+            "notices_in": stream.notices_in, "dropped": sched.get("dropped", 0),
+            "torn": stream.torn, "bad_frames": stream.bad_frames,
+            "engine_ms": round(stream.engine_ms, 3),
+            "fps_out": round(stream.frames_out / age, 2),
+            # serving: the rate the scheduler gives the stream, frames skipped to keep it,
+            # frames that were ready after their paced time, the playout delay
+            "serve_fps": sched.get("serve_fps", 0.0), "input_fps": sched.get("input_fps", 0.0),
+            "decimated": sched.get("decimated", 0), "late": stream.playout.late,
+            "delay_ms": round(stream.playout.delay * 1000.0, 1),
+            "paced": stream.playout.paced,
         }
 
     def _begin_close(self, stream: ServerStream, request: Any) -> None:
         stream.state = "closing"
         self._names.pop(stream.name, None)
         self.scheduler.remove_stream(stream.id)
-        self.scheduler.post(Close(request, stream.id))
+        stream.playout.clear()
+        stream.worker.submit(CloseStream(request, stream.id))
 
     def _release(self, stream: ServerStream) -> None:
         for ring in (stream.ring_in, stream.ring_out):
@@ -523,35 +691,91 @@ class Daemon:
                             len(session.streams))
                 self._end_session(session)
 
-    def _drain_results(self) -> None:
-        results = self.worker.results
-        while results:
-            result = results.popleft()
-            try:
-                self._on_result(result)
-            except Exception:  # noqa: BLE001 - one bad result must not stop the daemon
-                log.exception("could not deliver a %s result of stream %d", result.kind,
-                              result.stream_id)
+    def _on_step(self, result: StepResult) -> None:
+        self.scheduler.update_from_result(result)
+        now = time.monotonic()
+        for report in result.reports:
+            stream = self.streams.get(report.stream_id)
+            if stream is None or stream.state == "closing":
+                continue
+            stream.frames_in += report.frames_in
+            stream.torn += report.torn
+            stream.bad_frames += report.bad_frames
+            stream.frames_per_step = report.frames_per_step
+            if report.frames_in:
+                ms = result.elapsed_ms
+                stream.engine_ms = ms if stream.engine_ms == 0 else \
+                    0.9 * stream.engine_ms + 0.1 * ms
+            for frame in report.frames:
+                stream.playout.push(frame, now)
+            for code, message in report.errors:
+                self._stream_error(stream, code, message, None)
 
-    def _on_result(self, result: Result) -> None:
+    def _deliver(self, now: float) -> None:
+        """Write every frame whose paced time has come to its ring and announce it."""
+        for stream in list(self.streams.values()):
+            if stream.playout.next_due() is None:
+                continue
+            frames = stream.playout.due(now)
+            if not frames or stream.state != "open":
+                continue
+            alive = self.sessions.get(stream.session.identity) is stream.session
+            for frame in frames:
+                self._publish(stream, frame, alive)
+
+    def _publish(self, stream: ServerStream, frame, alive: bool) -> None:
+        stream.out_seq += 1
+        seq = stream.out_seq
+        body = {"type": "frame", "stream": stream.id, "seq": seq, "in_seq": frame.in_seq,
+                "ts": frame.ts}
+        if stream.ring_out is None:
+            stream.frames_out += 1
+            if alive:
+                self._send(stream.session.identity, body,
+                           np.ascontiguousarray(frame.pixels).tobytes())
+            return
+        ring = stream.ring_out
+        slot = seq % ring.slots
+        view = ring.begin_write(slot, seq, stream.output, ts=frame.ts, ref_seq=frame.in_seq,
+                                t_write_ns=time.monotonic_ns())
+        np.copyto(view, frame.pixels)
+        del view
+        ring.end_write(slot, seq)
+        stream.frames_out += 1
+        if alive:
+            self._send(stream.session.identity, {**body, "slot": slot})
+
+    def _stream_error(self, stream: ServerStream, code: str, message: str, request) -> None:
+        identity, rid = request if request else (stream.session.identity, None)
+        alive = self.sessions.get(stream.session.identity) is stream.session
+        refused = stream.state == "opening"
+        if refused:
+            # The engine refused the stream: release it as if it had never existed.
+            self._begin_close(stream, None)
+        self._log_error(stream.session.number, code, f"stream {stream.name!r}: {message}",
+                        stream.session.client)
+        if alive:
+            self._send(identity, P.error(code, message, re=rid,
+                                         stream=None if refused else stream.id))
+
+    def _on_result(self, result: CommandResult) -> None:
         stream = self.streams.get(result.stream_id)
         if stream is None:
             return
         identity, rid = result.request if result.request else (stream.session.identity, None)
-        alive = self.sessions.get(stream.session.identity) is stream.session
-        if result.kind == "frame":
-            if alive and stream.state == "open":
-                self._send(identity, {"type": "frame", "stream": stream.id, **result.body},
-                           result.payload)
-        elif result.kind == "opened":
+        if result.kind == "opened":
             if stream.state == "closing":
                 return
             stream.state = "open"
+            stream.frames_per_step = int(result.body.get("frames_per_step", 1))
+            self.scheduler.set_frames_per_step(stream.id, stream.frames_per_step)
+            serve = self.scheduler.info(stream.id).get("serve_fps", stream.fps)
             reply = {"type": "opened", "re": rid, "stream": stream.id, "name": stream.name,
                      "engine": stream.engine, "transport": stream.transport,
                      "input": stream.input.to_msg(), "output": stream.output.to_msg(),
                      "params": result.body.get("params", {}),
-                     "frames_per_step": self.engines[stream.engine].frames_per_step(stream.id)}
+                     "frames_per_step": stream.frames_per_step,
+                     "serve_fps": serve, "paced": stream.playout.paced}
             if stream.ring_in is not None and stream.ring_out is not None:
                 reply["ring_in"] = {"name": stream.ring_in.name, "slots": stream.ring_in.slots,
                                     "capacity": stream.ring_in.capacity}
@@ -565,24 +789,26 @@ class Daemon:
                      stream.engine, stream.transport)
             self._send(identity, reply)
         elif result.kind == "params_ok":
+            if "frames_per_step" in result.body:
+                self.scheduler.set_frames_per_step(stream.id, result.body["frames_per_step"])
             self._send(identity, {"type": "params_ok", "re": rid, "stream": stream.id,
-                                  **result.body})
+                                  "params": result.body.get("params", {})})
         elif result.kind == "closed":
             self._release(stream)
             log.info("stream %d %r closed; memory released", stream.id, stream.name)
             if result.request:
                 self._send(identity, {"type": "closed", "re": rid, "stream": stream.id})
         elif result.kind == "error":
-            code, message = result.body["code"], result.body["message"]
-            refused = stream.state == "opening"
-            if refused:
-                # The engine refused the stream: release it as if it had never existed.
-                self._begin_close(stream, None)
-            self._log_error(stream.session.number, code, f"stream {stream.name!r}: {message}",
-                            stream.session.client)
-            if alive:
-                self._send(identity, P.error(code, message, re=rid,
-                                             stream=None if refused else stream.id))
+            self._stream_error(stream, result.body["code"], result.body["message"],
+                               result.request)
+
+
+class Overloaded(ProtocolError):
+    """Admission refused; the reply carries the rate the stream could have."""
+
+    def __init__(self, message: str, sustainable_fps: float) -> None:
+        super().__init__(ErrorCode.OVERLOADED, message)
+        self.sustainable_fps = sustainable_fps
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,30 +1,37 @@
 """The engine worker: the one owner of the engines and their device state.
 
-It executes what the server asks (open, params, close) and what the scheduler picks
-(batches of frames): reads input slots, calls the engine, writes output slots.  Results
-go back to the server as plain ``Result`` objects in a deque.  It never touches sockets.
+It builds the engines (and warms them up), then executes what the front hands it, in order:
+commands (open, params, close) and step plans.  For a plan it reads the announced input
+slots, calls the engine once, brings the finished frames to host memory and returns them in
+a ``StepResult`` with the arrival time of each frame's input; the front's playout clock then
+writes each one to the output ring when it is due.  It never touches sockets, and nothing
+crosses back but the plain data of ``step.py``.
 
-The daemon loop drives it on the loop's own thread: a thread hand-off per frame cost about
-0.19 ms of round trip on a 2-core machine (twice the whole ZeroMQ loopback hop), while
-messages that arrive during a long engine step simply wait in ZeroMQ's queues.  Engines
-therefore keep ``submit`` and ``open_stream`` bounded and do one-time work (loading,
-compiling) when they are built.
+``ThreadedWorker`` runs a worker on its own thread, so that the front (sockets, heartbeats,
+rings, pacing) never waits on an engine step, a prompt encode or a compilation;
+``InlineWorker`` runs one on the caller's thread, for engines whose step is a copy
+(passthrough), where a thread hand-off would cost more than the step (about 0.19 ms of round
+trip on a 2-core machine, twice the whole ZeroMQ loopback hop).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from livediffusion.shared.protocol import ErrorCode, FrameSpec
 from livediffusion.shared.ring import FrameRing, RingError, TornRead
 
+from .engines import REGISTRY
 from .engines.base import Engine, EngineError, InputFrame, StreamConfig, StreamInput
-from .scheduler import FrameRef, Scheduler
+from .step import (CloseStream, CommandResult, FrameRef, OpenStream, OutFrame, StepPlan,
+                   StepResult, StreamReport, UpdateParams, WorkerReady)
 
 log = logging.getLogger("livediffusion.worker")
 
@@ -36,75 +43,65 @@ class WorkerStream:
     config: StreamConfig
     engine: Engine
     ring_in: FrameRing | None
-    ring_out: FrameRing | None
-    out_seq: int = 0
-    frames_in: int = 0
-    frames_out: int = 0
-    torn: int = 0
-    bad_frames: int = 0
-    engine_ms: float = 0.0  # exponential moving average of the step time share
+    #: input seq -> arrival time, for the frames the engine may still return
+    arrivals: dict[int, float] = field(default_factory=dict)
 
 
-# --- commands (server -> worker) and results (worker -> server) -------------------------
-
-@dataclass
-class Open:
-    request: Any
-    config: StreamConfig
-    engine: str
-    ring_in: FrameRing | None
-    ring_out: FrameRing | None
-
-
-@dataclass
-class Params:
-    request: Any
-    stream_id: int
-    params: dict[str, Any]
-
-
-@dataclass
-class Close:
-    request: Any
-    stream_id: int
-
-
-@dataclass
-class Result:
-    """Outcome for the server: kind is opened/params_ok/closed/frame/error."""
-
-    kind: str
-    stream_id: int
-    request: Any = None
-    body: dict[str, Any] = field(default_factory=dict)
-    payload: bytes | None = None
-
-
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     name = type(exc).__name__
     return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 class EngineWorker:
-    def __init__(self, engines: dict[str, Engine], scheduler: Scheduler) -> None:
-        self.engines = engines
-        self.scheduler = scheduler
-        self.results: deque[Result] = deque()
+    """Builds engines and executes commands and plans on them (see the module docstring)."""
+
+    def __init__(self, engine_names: tuple[str, ...], device: str = "cpu", *,
+                 explicit: bool = True, warm_up: tuple[tuple[int, int], ...] = ()) -> None:
+        self.engine_names = engine_names
+        self.device = device
+        self.explicit = explicit
+        self.warm_up_sizes = warm_up
+        self.engines: dict[str, Engine] = {}
         self.streams: dict[int, WorkerStream] = {}
+        #: (key, batch size, ms) of the warm-up's steady steps: the cost model's first entries
+        self.warm_costs: list[tuple[tuple, int, float]] = []
 
-    # --- plumbing -----------------------------------------------------------------------
+    # --- building --------------------------------------------------------------------------
 
-    def _emit(self, result: Result) -> None:
-        self.results.append(result)
+    def build(self) -> WorkerReady:
+        for name in self.engine_names:
+            factory, _ = REGISTRY[name]
+            try:
+                self.engines[name] = factory(self.device)
+            except Exception as exc:  # noqa: BLE001 - reported, or fatal if asked for
+                if self.explicit:
+                    raise
+                log.error("engine %s could not be loaded and is left out: %s", name, exc)
+        for width, height in self.warm_up_sizes:  # before serving: nobody waits on compiling
+            for name, engine in self.engines.items():
+                self._warm_up(name, engine, width, height)
+        return WorkerReady({name: self.capabilities(engine)
+                            for name, engine in self.engines.items()}, list(self.warm_costs))
 
-    def run_once(self) -> bool:
-        """Execute pending commands and at most one batch; False if there was nothing."""
-        commands, batch = self.scheduler.take()
-        for command in commands:
-            self._command(command)
-        if batch:
-            self._step(batch)
-        return bool(commands or batch)
+    @staticmethod
+    def capabilities(engine: Engine) -> dict[str, Any]:
+        """The engine's own facts plus how many streams one step may carry (travels to the
+        front in messages: nothing there asks the engine)."""
+        caps = dict(engine.capabilities())
+        caps.setdefault("max_batch", engine.max_batch())
+        return caps
+
+    def _warm_up(self, name: str, engine: Engine, width: int, height: int) -> None:
+        sizes = sorted(set(self.capabilities(engine).get("batch_sizes") or [1]))
+        for n in sizes:
+            try:
+                seconds, step_ms = engine.warm_up(FrameSpec(width, height), streams=n)
+            except Exception as exc:  # noqa: BLE001 - a size an engine cannot take
+                log.warning("no warm-up of %s at %dx%d: %s", name, width, height, exc)
+                return
+            self.warm_costs.append(((name, width, height), n, step_ms))
+            log.info("warmed up %s at %dx%d%s in %.1f s (steady step %.1f ms)", name, width,
+                     height, f" for {n} streams" if n > 1 else "", seconds, step_ms)
 
     def shutdown(self) -> None:
         """Close every stream and release the engines' devices."""
@@ -116,64 +113,82 @@ class EngineWorker:
             except Exception:  # noqa: BLE001 - shutting down regardless
                 log.exception("engine %s failed to shut down cleanly", engine.name)
 
-    # --- commands ------------------------------------------------------------------------
+    # --- executing -------------------------------------------------------------------------
 
-    def _command(self, command: Open | Params | Close) -> None:
-        if isinstance(command, Open):
-            engine = self.engines[command.engine]
-            sid = command.config.stream_id
-            try:
-                effective = engine.open_stream(command.config)
-            except Exception as exc:  # noqa: BLE001 - any engine failure becomes a reply
-                code = getattr(exc, "code", ErrorCode.OUT_OF_MEMORY if _is_oom(exc)
-                               else ErrorCode.ENGINE_ERROR)
-                self._emit(Result("error", sid, command.request,
-                                  {"code": code, "message": f"cannot open stream: {exc}"}))
-                return
-            command.config.params = dict(effective)
-            self.streams[sid] = WorkerStream(command.config, engine, command.ring_in,
-                                             command.ring_out)
-            self.scheduler.set_frames_per_step(sid, engine.frames_per_step(sid))
-            self._emit(Result("opened", sid, command.request, {"params": dict(effective)}))
-        elif isinstance(command, Params):
-            stream = self.streams.get(command.stream_id)
-            if stream is None:
-                return
-            try:
-                effective = stream.engine.update_params(command.stream_id, command.params)
-            except Exception as exc:  # noqa: BLE001
-                code = getattr(exc, "code", ErrorCode.BAD_PARAMS)
-                self._emit(Result("error", command.stream_id, command.request,
-                                  {"code": code, "message": str(exc)}))
-                return
-            stream.config.params = dict(effective)
-            self.scheduler.set_frames_per_step(command.stream_id,
-                                               stream.engine.frames_per_step(command.stream_id))
-            self._emit(Result("params_ok", command.stream_id, command.request,
-                              {"params": effective}))
-        elif isinstance(command, Close):
-            self._close(command.stream_id)
-            self._emit(Result("closed", command.stream_id, command.request))
+    def execute(self, item: OpenStream | UpdateParams | CloseStream | StepPlan
+                ) -> CommandResult | StepResult:
+        if isinstance(item, StepPlan):
+            return self._step(item)
+        if isinstance(item, OpenStream):
+            return self._open(item)
+        if isinstance(item, UpdateParams):
+            return self._params(item)
+        self._close(item.stream_id)
+        return CommandResult("closed", item.stream_id, item.request)
+
+    def _open(self, command: OpenStream) -> CommandResult:
+        engine = self.engines[command.engine]
+        sid = command.stream_id
+        config = StreamConfig(sid, command.input, command.output, command.fps,
+                              dict(command.params))
+        ring_in = None
+        try:
+            if command.ring_in is not None:
+                ring_in = FrameRing.attach(command.ring_in)
+            effective = engine.open_stream(config)
+        except Exception as exc:  # noqa: BLE001 - any engine failure becomes a reply
+            if ring_in is not None:
+                ring_in.close()
+            code = getattr(exc, "code", ErrorCode.OUT_OF_MEMORY if is_oom(exc)
+                           else ErrorCode.ENGINE_ERROR)
+            return CommandResult("error", sid, command.request,
+                                 {"code": code, "message": f"cannot open stream: {exc}"})
+        config.params = dict(effective)
+        self.streams[sid] = WorkerStream(config, engine, ring_in)
+        return CommandResult("opened", sid, command.request,
+                             {"params": dict(effective),
+                              "frames_per_step": engine.frames_per_step(sid)})
+
+    def _params(self, command: UpdateParams) -> CommandResult:
+        stream = self.streams.get(command.stream_id)
+        if stream is None:
+            return CommandResult("error", command.stream_id, command.request,
+                                 {"code": ErrorCode.UNKNOWN_STREAM,
+                                  "message": f"stream {command.stream_id} is not open."})
+        try:
+            effective = stream.engine.update_params(command.stream_id, command.params)
+        except Exception as exc:  # noqa: BLE001
+            code = getattr(exc, "code", ErrorCode.BAD_PARAMS)
+            return CommandResult("error", command.stream_id, command.request,
+                                 {"code": code, "message": str(exc)})
+        stream.config.params = dict(effective)
+        return CommandResult("params_ok", command.stream_id, command.request,
+                             {"params": effective,
+                              "frames_per_step": stream.engine.frames_per_step(
+                                  command.stream_id)})
 
     def _close(self, sid: int) -> None:
         stream = self.streams.pop(sid, None)
         if stream is None:
             return
+        if stream.ring_in is not None:
+            stream.ring_in.close()
         try:
             stream.engine.close_stream(sid)
         except Exception:  # noqa: BLE001 - the stream is gone either way
             log.exception("engine %s failed to close stream %d", stream.engine.name, sid)
 
-    # --- frames ---------------------------------------------------------------------------
+    # --- frames ----------------------------------------------------------------------------
 
-    def _read(self, stream: WorkerStream, ref: FrameRef) -> InputFrame | None:
+    def _read(self, stream: WorkerStream, ref: FrameRef, report: StreamReport
+              ) -> InputFrame | None:
         spec = stream.config.input
         sid = stream.config.stream_id
         if ref.data is not None:
             row_stride = ref.stride or spec.row_bytes
             if len(ref.data) != row_stride * spec.height or row_stride < spec.row_bytes or \
                     row_stride % spec.np_dtype.itemsize:
-                self._bad_frame(stream, f"inline frame has {len(ref.data)} bytes; a "
+                self._bad_frame(report, f"inline frame has {len(ref.data)} bytes; a "
                                 f"{spec.width}x{spec.height} {spec.format} {spec.dtype} frame "
                                 f"needs {row_stride * spec.height} (rows of {row_stride} bytes).")
                 return None
@@ -182,131 +197,129 @@ class EngineWorker:
             pixels = np.ndarray(spec.shape, spec.np_dtype, flat,
                                 strides=(row_stride, spec.channels * itemsize, itemsize))
             return InputFrame(ref.seq, pixels, spec, ref.ts)
-        assert stream.ring_in is not None and ref.slot is not None
+        if stream.ring_in is None or ref.slot is None:
+            self._bad_frame(report, "frame notice without a ring slot.")
+            return None
         try:
             hdr, pixels = stream.ring_in.view(ref.slot, ref.seq)
         except TornRead:
-            stream.torn += 1
+            report.torn += 1
             return None
         except RingError as exc:
-            self._bad_frame(stream, str(exc))
+            self._bad_frame(report, str(exc))
             return None
         got = hdr.spec
         if (got.width, got.height, got.format, got.dtype, got.origin) != \
                 (spec.width, spec.height, spec.format, spec.dtype, spec.origin):
-            self._bad_frame(stream, f"frame is {got.width}x{got.height} {got.format} {got.dtype} "
-                            f"origin {got.origin}; stream {sid} was opened for {spec.width}x"
-                            f"{spec.height} {spec.format} {spec.dtype} origin {spec.origin}.")
+            self._bad_frame(report, f"frame is {got.width}x{got.height} {got.format} "
+                            f"{got.dtype} origin {got.origin}; stream {sid} was opened for "
+                            f"{spec.width}x{spec.height} {spec.format} {spec.dtype} origin "
+                            f"{spec.origin}.")
             return None
         if not stream.engine.borrows_input:
             # The engine keeps working long after this call returns: take a copy now and
             # check it, instead of finding the slot overwritten after the step.
             pixels = pixels.copy()
             if not stream.ring_in.is_intact(ref.slot, ref.seq):
-                stream.torn += 1
+                report.torn += 1
                 return None
         return InputFrame(ref.seq, pixels, got, hdr.ts)
 
-    def _bad_frame(self, stream: WorkerStream, message: str) -> None:
-        stream.bad_frames += 1
-        self._emit(Result("error", stream.config.stream_id, None,
-                          {"code": ErrorCode.BAD_FRAME, "message": message}))
+    @staticmethod
+    def _bad_frame(report: StreamReport, message: str) -> None:
+        report.bad_frames += 1
+        report.errors.append((ErrorCode.BAD_FRAME, message))
 
-    def _step(self, batch: list[tuple[int, list[FrameRef]]]) -> None:
+    def _step(self, plan: StepPlan) -> StepResult:
+        started = time.monotonic()
+        t0 = time.perf_counter()
         inputs: list[StreamInput] = []
+        reports: dict[int, StreamReport] = {}
         used: dict[int, list[tuple[int, int]]] = {}  # sid -> [(slot, seq)] to re-check
-        engine: Engine | None = None
-        for sid, refs in batch:
-            stream = self.streams.get(sid)
+        engine = self.engines[plan.engine]
+        for item in plan.items:
+            stream = self.streams.get(item.stream_id)
             if stream is None:
                 continue
-            frames = [f for f in (self._read(stream, r) for r in refs) if f is not None]
-            if len(frames) < len(refs):
+            report = reports[item.stream_id] = StreamReport(item.stream_id)
+            frames = [f for f in (self._read(stream, r, report) for r in item.frames)
+                      if f is not None]
+            if len(frames) < len(item.frames):
                 continue  # a chunk with a hole is dropped whole; newer frames follow
-            stream.frames_in += len(frames)
-            inputs.append(StreamInput(sid, frames))
-            if stream.engine.borrows_input:  # its output may still be the input's pixels
-                used[sid] = [(r.slot, r.seq) for r in refs if r.slot is not None]
-            engine = stream.engine
-        if not inputs or engine is None:
-            return
-        started = time.perf_counter()
-        try:
-            outputs = engine.submit(inputs)
-        except Exception as exc:  # noqa: BLE001 - one failed step must not kill the daemon
-            self._follow_appetite(engine, inputs)
-            oom = _is_oom(exc)
-            code = ErrorCode.OUT_OF_MEMORY if oom else getattr(exc, "code",
-                                                               ErrorCode.ENGINE_ERROR)
-            log.error("engine %s failed a step of %d stream(s): %s: %s", engine.name,
-                      len(inputs), type(exc).__name__, exc)
-            if oom:
-                _release_device_cache()
-            for item in inputs:
-                self._emit(Result("error", item.stream_id, None,
-                                  {"code": code, "message": f"engine step failed: {exc}"}))
-            return
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-        self._follow_appetite(engine, inputs)
-        for out in outputs:
-            stream = self.streams.get(out.stream_id)
-            if stream is None:
-                continue
-            stream.engine_ms = elapsed_ms if stream.engine_ms == 0 else \
-                0.9 * stream.engine_ms + 0.1 * elapsed_ms
-            for frame in out.frames:
-                try:
-                    self._publish(stream, frame.pixels, frame.in_seq, frame.ts,
-                                  used.get(out.stream_id, ()))
-                except EngineError as exc:
-                    log.error("stream %d: %s", out.stream_id, exc)
-                    self._emit(Result("error", out.stream_id, None,
-                                      {"code": exc.code, "message": str(exc)}))
+            for ref in item.frames:
+                stream.arrivals[ref.seq] = ref.arrived
+            report.frames_in = len(frames)
+            inputs.append(StreamInput(item.stream_id, frames))
+            if engine.borrows_input:  # its output may still be the input's pixels
+                used[item.stream_id] = [(r.slot, r.seq) for r in item.frames
+                                        if r.slot is not None]
+        failed = False
+        engine_ms = 0.0
+        if inputs:
+            t1 = time.perf_counter()
+            try:
+                outputs = engine.submit(inputs)
+            except Exception as exc:  # noqa: BLE001 - one failed step must not kill the daemon
+                failed = True
+                outputs = []
+                oom = is_oom(exc)
+                code = ErrorCode.OUT_OF_MEMORY if oom else getattr(exc, "code",
+                                                                   ErrorCode.ENGINE_ERROR)
+                log.error("engine %s failed a step of %d stream(s): %s: %s", engine.name,
+                          len(inputs), type(exc).__name__, exc)
+                if oom:
+                    _release_device_cache()
+                for item in inputs:
+                    reports[item.stream_id].errors.append(
+                        (code, f"engine step failed: {exc}"))
+            engine_ms = (time.perf_counter() - t1) * 1000.0
+            for out in outputs:
+                stream = self.streams.get(out.stream_id)
+                report = reports.get(out.stream_id)
+                if stream is None or report is None:
+                    continue
+                for frame in out.frames:
+                    try:
+                        report.frames.append(self._host_frame(
+                            stream, frame.pixels, frame.in_seq, frame.ts,
+                            used.get(out.stream_id, ())))
+                    except TornRead:
+                        report.torn += 1
+                    except EngineError as exc:
+                        log.error("stream %d: %s", out.stream_id, exc)
+                        report.errors.append((exc.code, str(exc)))
+        for sid, report in reports.items():
+            stream = self.streams.get(sid)
+            if stream is not None:
+                report.frames_per_step = engine.frames_per_step(sid)
+                if len(stream.arrivals) > 256:  # frames the engine will never return
+                    for seq in sorted(stream.arrivals)[:-64]:
+                        del stream.arrivals[seq]
+        return StepResult(plan.step_id, plan.engine, plan.key, len(inputs),
+                          list(reports.values()), started,
+                          (time.perf_counter() - t0) * 1000.0, engine_ms, failed=failed)
 
-    def _follow_appetite(self, engine: Engine, inputs: list[StreamInput]) -> None:
-        """Chunked engines change how many frames their next step takes (first chunk 1 + 4,
-        and again after a reset)."""
-        for item in inputs:
-            if item.stream_id in self.streams:
-                self.scheduler.set_frames_per_step(item.stream_id,
-                                                   engine.frames_per_step(item.stream_id))
-
-    def _publish(self, stream: WorkerStream, pixels: Any, in_seq: int, ts: int,
-                 inputs_used) -> None:
+    def _host_frame(self, stream: WorkerStream, pixels: Any, in_seq: int, ts: int,
+                    inputs_used) -> OutFrame:
         spec: FrameSpec = stream.config.output
         if hasattr(pixels, "detach"):  # a torch tensor: bring it to the host
+            on_host = pixels.device.type == "cpu"
             pixels = pixels.detach().cpu().numpy()
+            if on_host:  # its storage may be the engine's: the frame waits for its time
+                pixels = pixels.copy()
+        elif stream.engine.borrows_input:
+            pixels = np.array(pixels)  # it may be a view of the input slot
         if pixels.shape != spec.shape or pixels.dtype != spec.np_dtype:
             raise EngineError(f"engine {stream.engine.name} produced {pixels.shape} "
                               f"{pixels.dtype}, not {spec.shape} {spec.dtype}.")
-        stream.out_seq += 1
-        seq = stream.out_seq
-        sid = stream.config.stream_id
-        intact = lambda: stream.ring_in is None or all(  # noqa: E731
-            stream.ring_in.is_intact(slot, s) for slot, s in inputs_used)
-        if stream.ring_out is None:
-            payload = np.ascontiguousarray(pixels).tobytes()
-            if not intact():
-                stream.torn += 1
-                return
-            stream.frames_out += 1
-            self._emit(Result("frame", sid, None, {"seq": seq, "in_seq": in_seq, "ts": ts},
-                              payload))
-            return
-        slot = seq % stream.ring_out.slots
-        view = stream.ring_out.begin_write(slot, seq, spec, ts=ts, ref_seq=in_seq,
-                                           t_write_ns=time.monotonic_ns())
-        np.copyto(view, pixels)
-        del view
-        if not intact():
+        if stream.ring_in is not None and not all(
+                stream.ring_in.is_intact(slot, s) for slot, s in inputs_used):
             # The client overwrote the input while we used it: never publish a torn frame.
-            stream.ring_out.abandon_write(slot)
-            stream.torn += 1
-            return
-        stream.ring_out.end_write(slot, seq)
-        stream.frames_out += 1
-        self._emit(Result("frame", sid, None, {"slot": slot, "seq": seq, "in_seq": in_seq,
-                                               "ts": ts}))
+            raise TornRead("input overwritten during the step")
+        arrived = stream.arrivals.pop(in_seq, None)
+        if arrived is None:
+            arrived = time.monotonic()
+        return OutFrame(pixels, in_seq, ts, arrived)
 
 
 def _release_device_cache() -> None:
@@ -316,3 +329,97 @@ def _release_device_cache() -> None:
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - best effort after an OOM
         pass
+
+
+class InlineWorker:
+    """A worker executed on the caller's (the front's) thread."""
+
+    threaded = False
+
+    def __init__(self, worker: EngineWorker) -> None:
+        self.worker = worker
+        self.outbox: deque = deque()
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        return tuple(self.worker.engines)
+
+    def start(self) -> WorkerReady:
+        return self.worker.build()
+
+    def submit(self, item) -> None:
+        self.outbox.append(self.worker.execute(item))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.worker.shutdown()
+
+
+class ThreadedWorker:
+    """A worker on a thread of its own; ``wake`` is called (from that thread) whenever a
+    result is ready, so the front can sleep in its poll until then."""
+
+    threaded = True
+
+    def __init__(self, worker: EngineWorker, wake: Callable[[], None]) -> None:
+        self.worker = worker
+        self.outbox: deque = deque()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = wake
+        self._thread: threading.Thread | None = None
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        return tuple(self.worker.engines)
+
+    def start(self) -> WorkerReady:
+        self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+        self._thread.start()
+        ready = self._ready.get()
+        if isinstance(ready, BaseException):
+            raise ready
+        return ready
+
+    def submit(self, item) -> None:
+        self._inbox.put(item)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._inbox.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the engine worker did not stop within %.0f s", timeout)
+
+    def _run(self) -> None:
+        try:
+            ready = self.worker.build()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._ready.put(exc)
+            return
+        self._ready.put(ready)
+        try:
+            while True:
+                item = self._inbox.get()
+                if item is None:
+                    break
+                try:
+                    result = self.worker.execute(item)
+                except Exception as exc:  # noqa: BLE001 - a worker bug must not stop streams
+                    log.exception("engine worker failed on %s", type(item).__name__)
+                    result = _failure(item, exc)
+                self.outbox.append(result)
+                self._wake()
+        finally:
+            self.worker.shutdown()
+
+
+def _failure(item, exc: BaseException) -> CommandResult | StepResult:
+    """A result that tells the front what was lost when the worker itself failed."""
+    message = f"internal engine worker error: {exc}"
+    if isinstance(item, StepPlan):
+        return StepResult(item.step_id, item.engine, item.key, 0,
+                          [StreamReport(i.stream_id, errors=[(ErrorCode.INTERNAL, message)])
+                           for i in item.items], time.monotonic(), 0.0, failed=True)
+    return CommandResult("error", item.stream_id, item.request,
+                         {"code": ErrorCode.INTERNAL, "message": message})

@@ -64,6 +64,7 @@ class ErrorCode:
     ENGINE_ERROR = "engine_error"
     OUT_OF_MEMORY = "out_of_memory"
     LIMIT = "limit"                        # too many streams
+    OVERLOADED = "overloaded"              # the device cannot serve one more stream
     INTERNAL = "internal"
 
 
@@ -105,6 +106,8 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "output": (_MAP, False),
         "slots": (_INT, False),
         "transport": (_STR, False),
+        "min_fps": (_NUM, False),
+        "paced": (_BOOL, False),
     },
     "params": {"stream": (_INT, True), "params": (_MAP, True)},
     # change the parameters of any open stream by its name (another tool's stream, say)

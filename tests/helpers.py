@@ -84,3 +84,20 @@ def send_until_back(stream, frame: np.ndarray, timeout: float = 10.0):
         if got is not None:
             return got
     return None
+
+
+def engine_of(daemon, name: str):
+    """The engine object behind a running daemon (tests look inside; the daemon's own front
+    never does: it only has the capabilities its worker reported)."""
+    for worker in daemon.workers:
+        if name in worker.engines:
+            return worker.worker.engines[name]
+    raise KeyError(name)
+
+
+def daemon_stat(daemon, stream_id: int, key: str):
+    """One of a stream's counters as the daemon's stats report it (0 once it is gone)."""
+    try:
+        return daemon.stream_stats(stream_id)[key]
+    except KeyError:
+        return 0

@@ -12,7 +12,7 @@ import pytest
 from livediffusion.daemon.server import Daemon, free_port
 from livediffusion.shared import Client
 
-from helpers import rgb, round_trip, send_until_back, wait_until
+from helpers import daemon_stat, rgb, round_trip, send_until_back, wait_until
 
 
 def test_shared_imports_only_stdlib_pyzmq_msgpack_numpy():
@@ -131,7 +131,7 @@ def test_kept_frames_each_keep_their_own_pixels(client, daemon):
     stream = client.open_stream("keep", 16, 8, keep=6)
     for value in range(1, 7):  # one at a time, so the daemon drops none
         stream.send(np.full((8, 16, 3), value, np.uint8))
-        assert wait_until(lambda: daemon.worker.streams[stream.id].frames_out == value)
+        assert wait_until(lambda: daemon_stat(daemon, stream.id, 'frames_out') == value)
     got = []
     deadline = time.monotonic() + 5
     while len(got) < 6 and time.monotonic() < deadline:

@@ -164,15 +164,25 @@ def test_warm_up_runs_every_engine_before_serving(monkeypatch, caplog):
         return real(self, batch)
 
     monkeypatch.setattr(VideoEngine, "submit", counting)
-    with caplog.at_level(logging.INFO, logger="livediffusion.daemon"):
+    with caplog.at_level(logging.INFO, logger="livediffusion.worker"):
         daemon = Daemon(port=0, engines=("video-tiny", "passthrough"),
                         warm_up=((64, 48), (30, 30))).start(timeout=120)
     try:
-        assert seen and all(ids == [-1] for ids in seen)  # the throwaway stream only
-        assert len(seen) == 1 + 6 + 2 + 2                   # first frame, cache, steady
-        assert daemon.worker is not None and not daemon.engines["video-tiny"].streams
+        sizes = daemon.capabilities["video-tiny"]["batch_sizes"]
+        assert sizes == [1, 2, 3, 4]
+        steps = 1 + 6 + 2 + 2                                  # first frame, cache, steady
+        # throwaway streams only: for every batch size the engine declares, that many of
+        # them together, so every batch shape is compiled before a user's stream needs it
+        expected = [[-1 - i for i in range(n)] for n in sizes for _ in range(steps)]
+        assert seen == expected
+        video = [w for w in daemon.workers if "video-tiny" in w.engines][0]
+        assert not video.worker.engines["video-tiny"].streams
         text = caplog.text
         assert "warmed up video-tiny at 64x48" in text and "warmed up passthrough" in text
+        assert "for 4 streams" in text
         assert "no warm-up of video-tiny at 30x30" in text and "multiple of 16" in text
+        # the warm-up's steady steps seed the scheduler's cost model
+        measured = daemon.scheduler.costs.measured(("video-tiny", 64, 48))
+        assert sorted(measured) == sizes and all(ms > 0 for ms in measured.values())
     finally:
         daemon.stop()

@@ -12,7 +12,7 @@ from livediffusion.daemon.engines.video.noise import MotionController, timesteps
 from livediffusion.shared import Client
 from livediffusion.shared.protocol import FrameSpec
 
-from helpers import wait_until
+from helpers import daemon_stat, wait_until
 
 SPEC = FrameSpec(64, 48)
 
@@ -213,14 +213,13 @@ def test_video_stream_over_the_real_transport():
                                    timeout=30)
             assert stream.params["steps"] == 1 and "prompt" in stream.params
             rng = np.random.default_rng(0)
-            worker = daemon.worker
             sent = 0
             for chunk in (1, 4, 4, 4):  # a chunk at a time, as a camera slower than CPU would
                 for _ in range(chunk):
                     assert stream.send(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
                 sent += chunk
                 assert wait_until(lambda: (c.poll(0.05),
-                                           worker.streams[stream.id].frames_out)[1] == sent, 30)
+                                           daemon_stat(daemon, stream.id, 'frames_out'))[1] == sent, 30)
             assert wait_until(lambda: (c.poll(0.05), stream.latest())[1] is not None
                               and stream.latest().in_seq == 13, 10)
             last = stream.latest()

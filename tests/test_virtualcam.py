@@ -15,6 +15,7 @@ from livediffusion.daemon.server import Daemon  # noqa: E402
 from livediffusion.plugins.virtualcam.bridge import (WebcamBridge, WebcamSettings,  # noqa: E402
                                                      camera_error_advice, fit)
 from livediffusion.shared import Client  # noqa: E402
+from helpers import engine_of  # noqa: E402
 
 
 class FakeBackend:
@@ -183,7 +184,7 @@ def test_another_tool_changes_the_webcam_prompt_through_the_protocol(daemon):
                 assert got["prompt"] == "a city at dawn" and got["seed"] == 3
                 with pytest.raises(DaemonError, match="no open stream is named 'nobody'"):
                     other.control("nobody", prompt="x")
-            engine = daemon.engines["video-tiny"]
+            engine = engine_of(daemon, "video-tiny")
             assert engine.streams[bridge.stream.id].params.prompt == "a city at dawn"
             cmd = subprocess.run([sys.executable, "-m", "livediffusion.daemon", "params",
                                   "webcam", "prompt=a harbour", "--endpoint", daemon.endpoint],

@@ -57,6 +57,10 @@ REGISTRY["image"] = (_image("sd-turbo"), "image engine, sd-turbo 1 step + TAESD"
 REGISTRY["image-sdxl-turbo"] = (_image("sdxl-turbo"), "image engine, sdxl-turbo + TAESDXL")
 REGISTRY["image-sd15-lcm"] = (_image("sd15-lcm"), "image engine, SD 1.5 + LCM-LoRA, 2-4 steps")
 
+#: engines whose step is a copy: they run on the daemon's front thread (a hand-off to the
+#: engine thread would cost more than the step)
+INLINE = {"passthrough"}
+
 #: engines loaded when the daemon is started without --engines: those that need no download,
 #: plus those whose weights are present
 AVAILABLE: dict[str, Callable[[], bool]] = {
@@ -83,5 +87,5 @@ def best_engine() -> str:
     return "passthrough"
 
 
-__all__ = ["Engine", "EngineError", "ParamError", "REGISTRY", "available_engines",
+__all__ = ["Engine", "EngineError", "INLINE", "ParamError", "REGISTRY", "available_engines",
            "best_engine"]

@@ -124,28 +124,40 @@ class Engine(ABC):
         """Steps a throwaway stream needs to reach the steady state (every kernel compiled)."""
         return 3
 
-    def warm_up(self, spec: FrameSpec, params: Mapping[str, Any] | None = None) -> float:
-        """Run a throwaway stream of this size until it is steady, so the first real stream
-        does not wait for kernel compilation or autotuning; returns the seconds it took."""
+    def warm_up(self, spec: FrameSpec, params: Mapping[str, Any] | None = None, *,
+                streams: int = 1) -> tuple[float, float]:
+        """Run ``streams`` throwaway streams of this size together until they are steady, so
+        that the first real batch of that shape does not wait for kernel compilation or
+        autotuning; returns (seconds it took, milliseconds of the last, steady step)."""
         import time
 
         params = dict(params or {})
         started = time.perf_counter()
-        stream_id = -1
-        self.open_stream(StreamConfig(stream_id, spec, spec, 30.0, params))
+        ids = [-1 - i for i in range(streams)]
+        step_ms = 0.0
+        opened = []
         try:
+            for stream_id in ids:
+                self.open_stream(StreamConfig(stream_id, spec, spec, 30.0, params))
+                opened.append(stream_id)
             rng = np.random.default_rng(0)
             seq = 0
             for _ in range(self.warm_up_steps(params)):
-                frames = []
-                for _ in range(self.frames_per_step(stream_id)):
-                    seq += 1
-                    pixels = rng.integers(0, 256, spec.shape, dtype=np.uint8)
-                    frames.append(InputFrame(seq, pixels, spec, seq))
-                self.submit([StreamInput(stream_id, frames)])
+                batch = []
+                for stream_id in ids:
+                    frames = []
+                    for _ in range(self.frames_per_step(stream_id)):
+                        seq += 1
+                        pixels = rng.integers(0, 256, spec.shape, dtype=np.uint8)
+                        frames.append(InputFrame(seq, pixels, spec, seq))
+                    batch.append(StreamInput(stream_id, frames))
+                t0 = time.perf_counter()
+                self.submit(batch)
+                step_ms = (time.perf_counter() - t0) * 1000.0
         finally:
-            self.close_stream(stream_id)
-        return time.perf_counter() - started
+            for stream_id in opened:
+                self.close_stream(stream_id)
+        return time.perf_counter() - started, step_ms
 
     def shutdown(self) -> None:
         """Release device memory when the daemon stops."""

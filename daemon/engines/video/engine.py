@@ -153,6 +153,9 @@ class VideoEngine(Engine):
 
     def capabilities(self) -> dict[str, Any]:
         return {"frames_per_step": CHUNK_FRAMES, "first_step_frames": FIRST_CHUNK_FRAMES,
+                "max_batch": self.max_batch(),
+                # every batch shape is compiled (or recorded) at warm-up, never mid-stream
+                "batch_sizes": list(range(1, self.max_batch() + 1)),
                 "sizes": {"min": self.min_side, "max": self.max_side, "multiple": 16},
                 "params": P.VideoParams().to_dict(), "device": str(self.device),
                 "description": self.description}

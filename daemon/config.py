@@ -1,0 +1,54 @@
+"""One table of the daemon's settings: every environment variable it reads, with its default.
+
+Modules read settings from here, never from ``os.environ`` directly, so that this file is
+the whole list (``livediffusion doctor`` prints it).  Command-line flags override the
+serving settings; the environment variables are for switches a user rarely needs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+#: name -> (default, one line of description)
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "LIVEDIFFUSION_COMPILE": ("1", "torch.compile the DiT and VAE regions on GPUs (0: off)"),
+    "LIVEDIFFUSION_CUDA_GRAPHS": ("1", "record fixed-shape forwards as CUDA graphs (0: off)"),
+    "LIVEDIFFUSION_IMAGE_UNET": ("", "a single-file UNet checkpoint for the image engine"),
+    "LIVEDIFFUSION_COMMIT": ("", "the commit benchmarks report (a copied tree has no git)"),
+    "LIVEDIFFUSION_POLICY": ("edf", "scheduler policy: edf (deadline-aware) or rr (previous)"),
+    "LIVEDIFFUSION_PACING": ("1", "pace each stream's output at its input cadence (0: off)"),
+    "LIVEDIFFUSION_UTILISATION": ("0.9", "share of the device the fair rates may plan for"),
+}
+
+
+def env(name: str) -> str:
+    """The variable's value, or its default from the table (unknown names are a bug)."""
+    default, _ = ENVIRONMENT[name]
+    return os.environ.get(name, default)
+
+
+def env_flag(name: str) -> bool:
+    return env(name).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the daemon schedules and delivers frames."""
+
+    #: "edf": deadline-aware, fair rates, admission; "rr": the previous round robin
+    policy: str = "edf"
+    #: pace output at the input cadence (a client may still ask for unpaced delivery)
+    pacing: bool = True
+    #: share of the device's time the fair rates plan for (headroom for jitter)
+    utilisation: float = 0.9
+    #: a stream that does not say ``min_fps`` accepts down to this share of its fps
+    min_fps_share: float = 0.25
+
+    @classmethod
+    def from_env(cls, **overrides) -> ServeConfig:
+        values = dict(policy=env("LIVEDIFFUSION_POLICY"),
+                      pacing=env_flag("LIVEDIFFUSION_PACING"),
+                      utilisation=float(env("LIVEDIFFUSION_UTILISATION")))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,87 @@
+"""The playout clock: each stream's output leaves at the cadence its input arrived.
+
+A chunked engine finishes four frames at once; written to the ring together, a host that
+polls the newest frame sees only the last of them (7.5 distinct FPS out of 30, measured).
+Here output frame k is due at ``arrived_k + delay``: the arrival time of the input frame it
+came from plus the stream's current end-to-end delay, so frames leave one period apart, as
+they came in, and a host polling at its own rate sees each frame once.
+
+The delay follows what the engine needs, smoothly and without reordering:
+  * ``lag`` = how long after its input arrived an output frame was ready.  A frame ready
+    later than its due time (the engine slowed down) leaves at once and the delay jumps up to
+    its lag, so the frames after it keep their cadence;
+  * otherwise the delay glides down towards the largest lag of the last ``window`` frames
+    (plus a small margin), at most ``glide`` seconds per frame, so the picture never jumps;
+  * due times never decrease, so frames never leave out of order.
+
+Unpaced streams (a client that records every frame) get every frame as soon as it is ready.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Pending:
+    due: float
+    frame: Any          # an OutFrame (pixels, in_seq, ts, arrived)
+
+
+@dataclass
+class Playout:
+    paced: bool = True
+    #: seconds added to the largest recent lag (absorbs step-time jitter)
+    margin: float = 0.004
+    #: how fast the delay may shrink, seconds per frame (0.5 ms: 15 ms/s at 30 FPS)
+    glide: float = 0.0005
+    window: int = 90
+    #: the most frames held back; beyond it the oldest leaves at once (never lost)
+    max_pending: int = 32
+    delay: float = 0.0
+    queue: deque[Pending] = field(default_factory=deque)
+    lags: deque[float] = field(default_factory=deque)
+    last_due: float = 0.0
+    late: int = 0       # frames that were ready after their due time (deadline misses)
+    played: int = 0
+
+    def push(self, frame: Any, now: float) -> None:
+        """A finished frame (ready now) joins the queue with its due time."""
+        if not self.paced:
+            self.queue.append(Pending(now, frame))
+            return
+        lag = max(now - frame.arrived, 0.0)
+        self.lags.append(lag)
+        while len(self.lags) > self.window:
+            self.lags.popleft()
+        if self.played == 0 and not self.queue:
+            self.delay = max(self.delay, lag + self.margin)
+        if lag > self.delay:
+            if self.played:
+                self.late += 1
+            self.delay = lag + self.margin
+        else:
+            target = max(self.lags) + self.margin
+            if target < self.delay:
+                self.delay = max(target, self.delay - self.glide)
+        due = max(frame.arrived + self.delay, self.last_due)
+        self.last_due = due
+        self.queue.append(Pending(due, frame))
+
+    def due(self, now: float, tolerance: float = 0.001) -> list[Any]:
+        """Frames whose time has come (oldest first); with too many held back, the oldest
+        leave early rather than pile up."""
+        out = []
+        while self.queue and (self.queue[0].due <= now + tolerance or
+                              len(self.queue) > self.max_pending):
+            out.append(self.queue.popleft().frame)
+        self.played += len(out)
+        return out
+
+    def next_due(self) -> float | None:
+        return self.queue[0].due if self.queue else None
+
+    def clear(self) -> None:
+        self.queue.clear()

@@ -1,0 +1,165 @@
+"""The plain data that crosses the line between deciding and doing.
+
+The front (server + scheduler) decides; the engine worker does.  Everything that passes
+between them is one of the dataclasses below: no engine, ring or worker object crosses, and
+nothing on one side reads the other's state by reference (a worker in another process, or
+the pipeline ranks of several GPUs, take exactly these messages).
+
+    front                                  worker
+    -----                                  ------
+    OpenStream / UpdateParams / CloseStream   ->  executes in order
+    StepPlan (streams, frames, batch key)     ->  one engine step
+                 <-  CommandResult (opened / params_ok / closed / error)
+                 <-  StepResult (frames with their input's times, stage times, new
+                     frames_per_step of each stream, errors)
+                 <-  WorkerReady (each engine's capabilities)
+
+Shape borrowed from vLLM's engine core (schedule -> execute(plan) -> update_from_output);
+the framing stays ours (no pickle anywhere, and these never leave the process as pickles).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from livediffusion.shared.protocol import FrameSpec
+
+
+@dataclass
+class FrameRef:
+    """An input frame waiting in a ring slot (``slot``) or inline (``data``).
+
+    ``arrived`` is the daemon's monotonic clock when the notice came in: the playout clock
+    paces output frames by it, and deadlines are measured from it."""
+
+    seq: int
+    ts: int
+    slot: int | None = None
+    data: bytes | memoryview | None = None
+    stride: int = 0
+    arrived: float = field(default_factory=time.monotonic)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+@dataclass
+class OpenStream:
+    request: Any
+    stream_id: int
+    engine: str
+    input: FrameSpec
+    output: FrameSpec
+    fps: float
+    params: dict[str, Any]
+    #: the input ring's segment name (None: inline frames); the worker attaches it itself
+    ring_in: str | None = None
+
+
+@dataclass
+class UpdateParams:
+    request: Any
+    stream_id: int
+    params: dict[str, Any]
+
+
+@dataclass
+class CloseStream:
+    request: Any
+    stream_id: int
+
+
+Command = OpenStream | UpdateParams | CloseStream
+
+
+@dataclass
+class CommandResult:
+    """kind: opened / params_ok / closed / error.  ``body`` holds the reply's fields
+    (opened: params and frames_per_step; error: code and message)."""
+
+    kind: str
+    stream_id: int
+    request: Any = None
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+# --- one engine step --------------------------------------------------------------------------
+
+@dataclass
+class PlanItem:
+    stream_id: int
+    frames: list[FrameRef]
+
+
+@dataclass
+class StepPlan:
+    """What the scheduler decided: these streams, these frames, in one engine step.
+
+    ``key`` is the batch key (engine, width, height): streams sharing it share the forward.
+    ``deadline`` is the earliest deadline among them (monotonic seconds) and
+    ``predicted_ms`` what the cost model expected the step to take (0: nothing measured)."""
+
+    step_id: int
+    engine: str
+    key: tuple
+    items: list[PlanItem]
+    deadline: float = 0.0
+    predicted_ms: float = 0.0
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class OutFrame:
+    """One finished frame, in host memory, in the stream's output spec.  ``arrived`` is the
+    arrival time of the input frame it was made from (the playout clock paces by it)."""
+
+    pixels: np.ndarray
+    in_seq: int
+    ts: int
+    arrived: float
+
+
+@dataclass
+class StreamReport:
+    """What one step did to one stream."""
+
+    stream_id: int
+    frames: list[OutFrame] = field(default_factory=list)
+    frames_in: int = 0
+    torn: int = 0
+    bad_frames: int = 0
+    #: input frames the engine took but set aside (a stream whose first prompt is still
+    #: being encoded, say)
+    skipped: int = 0
+    #: input frames the engine takes next step (first chunk 1 + 4, and again after a reset)
+    frames_per_step: int = 1
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (code, message)
+
+
+@dataclass
+class StepResult:
+    step_id: int
+    engine: str
+    key: tuple
+    batch_size: int
+    reports: list[StreamReport]
+    started: float          # monotonic seconds
+    elapsed_ms: float       # the whole step as the worker saw it (reads, engine, download)
+    engine_ms: float = 0.0  # the engine's submit alone
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    failed: bool = False
+
+
+@dataclass
+class WorkerReady:
+    """Sent once the worker has built (and warmed up) its engines."""
+
+    capabilities: dict[str, dict[str, Any]]
+    #: (batch key, batch size, ms) of the warm-up's steady steps: the cost model's first data
+    costs: list[tuple[tuple, int, float]] = field(default_factory=list)
