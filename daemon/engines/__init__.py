@@ -39,6 +39,18 @@ def _video(size: str) -> Callable[[str], Engine]:
     return factory
 
 
+def _video_random(size: str) -> Callable[[str], Engine]:
+    """The real architecture at its real size with RANDOM weights (umT5-XXL included, kept
+    in host memory as the real engine does): for ``bench stream`` on a GPU, never loaded
+    unless named."""
+    def factory(device: str) -> Engine:
+        from .video.factory import build_video_engine
+        engine = build_video_engine(size, device=device)
+        engine.name = f"video-{size}-random"
+        return engine
+    return factory
+
+
 def _weights_present(*names: str) -> Callable[[], bool]:
     """Real engines need their weights and a CUDA GPU to be loaded by default."""
     def check() -> bool:
@@ -52,6 +64,10 @@ REGISTRY["passthrough"] = (_passthrough, "frames back unchanged (or inverted), f
 REGISTRY["video-tiny"] = (_video_tiny, "video engine, tiny random-weight Wan (abstract output)")
 REGISTRY["video"] = (_video("1.3b"), "video engine, Wan 2.1 1.3B + StreamDiffusionV2 generator")
 REGISTRY["video-14b"] = (_video("14b"), "video engine, Wan 2.1 14B + StreamDiffusionV2 generator")
+REGISTRY["video-1.3b-random"] = (_video_random("1.3b"),
+                                 "video engine, Wan 2.1 1.3B size, RANDOM weights (benchmarks)")
+REGISTRY["video-14b-random"] = (_video_random("14b"),
+                                "video engine, Wan 2.1 14B size, RANDOM weights (benchmarks)")
 REGISTRY["image-tiny"] = (_image_tiny, "image engine, tiny random-weight SD UNet (abstract output)")
 REGISTRY["image"] = (_image("sd-turbo"), "image engine, sd-turbo 1 step + TAESD")
 REGISTRY["image-sdxl-turbo"] = (_image("sdxl-turbo"), "image engine, sdxl-turbo + TAESDXL")
@@ -68,6 +84,8 @@ AVAILABLE: dict[str, Callable[[], bool]] = {
     "video-tiny": lambda: True,
     "video": _weights_present("wan-1.3b", "sdv2-1.3b"),
     "video-14b": _weights_present("wan-14b", "sdv2-14b"),
+    "video-1.3b-random": lambda: False,  # benchmarks name them
+    "video-14b-random": lambda: False,
     "image-tiny": lambda: True,
     "image": _weights_present("sd-turbo"),
     "image-sdxl-turbo": _weights_present("sdxl-turbo"),

@@ -70,7 +70,9 @@ class GraphedCall:
         torch.cuda.current_stream().wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a prompt being encoded on the text thread meanwhile is not an
+            # error for this capture (its work is on its own stream and is not recorded)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 entry.output = self.fn(*entry.inputs)
             entry.graph = graph
             self.recorded += 1

@@ -399,7 +399,9 @@ class CausalWan:
                 self._fixed_body(st, cache, h, w)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a prompt being encoded on the text thread meanwhile is not an
+            # error for this capture (its work is on its own stream and is not recorded)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._fixed_body(st, cache, h, w)
             st.graph = graph
         else:

@@ -51,6 +51,14 @@ PRESETS: dict[str, WanPreset] = {
 }
 
 
+#: umT5-XXL's architecture (google/umt5-xxl, the encoder Wan 2.1 uses): 24 layers of width
+#: 4096, about 5.7B parameters; for random-weight benchmarks at the real size
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                num_heads=64, relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
 def cast(model, dtype: torch.dtype):
     """Cast a diffusers model, keeping the modules it wants in float32 (norms, time
     embedding, modulation tables) in float32, as from_pretrained(torch_dtype=...) does."""
@@ -96,8 +104,21 @@ def build_text_encoder(preset: WanPreset, dtype: torch.dtype = torch.float32,
                          f"loaders.load_text_encoder.")
     torch.manual_seed(0)
     with torch.device(device):
-        encoder = UMT5EncoderModel(UMT5Config(**preset.text_encoder))
+        config = UMT5Config(**preset.text_encoder)
+        encoder = UMT5EncoderModel(config) if dtype == torch.float32 else \
+            _in_dtype(lambda: UMT5EncoderModel(config), dtype)
     return ByT5Tokenizer(), encoder.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def _in_dtype(build, dtype: torch.dtype):
+    """Build a module with its parameters created in ``dtype`` (a 5.7B-parameter encoder
+    built in float32 first would need 22 GB on the way)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return build()
+    finally:
+        torch.set_default_dtype(old)
 
 
 @torch.no_grad()

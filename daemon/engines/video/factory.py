@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...models import wan as W
@@ -22,8 +24,13 @@ def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dt
         torch.manual_seed(seed)
         transformer = W.build_transformer(preset, dtype, device)
         vae = W.build_vae(preset, torch.float32 if dtype == torch.float32 else dtype, device)
-        text = W.build_text_encoder(preset, torch.float32, device) if preset.text_encoder \
-            else None
+        # the text tower in the engine's dtype: random umT5-XXL in float32 would be 22 GB
+        # real sizes get a random umT5-XXL of the real size (the engine keeps it in host
+        # memory), so a prompt change costs what it costs with the real weights
+        text_preset = preset if preset.text_encoder else \
+            dataclasses.replace(preset, text_encoder=W.UMT5_XXL)
+        text = W.build_text_encoder(text_preset, torch.float32 if preset_name == "tiny"
+                                    else dtype, device)
         description = f"Wan 2.1 {preset.name} architecture with RANDOM weights"
     if text is None:
         raise ValueError("a text encoder is needed; load real weights for this preset.")
