@@ -11,7 +11,9 @@ The delay follows what the engine needs, smoothly and without reordering:
     later than its due time (the engine slowed down) leaves at once and the delay jumps up to
     its lag, so the frames after it keep their cadence;
   * otherwise the delay glides down towards the largest lag of the last ``window`` frames
-    (plus a small margin), at most ``glide`` seconds per frame, so the picture never jumps;
+    (plus a small margin): each frame by 3% of the excess, at most ``glide`` seconds (a
+    quarter of a 30 FPS frame: the picture runs at most 1.33x for a moment, never jumps),
+    so a stall's extra latency is gone within a few seconds;
   * due times never decrease, so frames never leave out of order.
 
 Unpaced streams (a client that records every frame) get every frame as soon as it is ready.
@@ -35,8 +37,8 @@ class Playout:
     paced: bool = True
     #: seconds added to the largest recent lag (absorbs step-time jitter)
     margin: float = 0.004
-    #: how fast the delay may shrink, seconds per frame (0.5 ms: 15 ms/s at 30 FPS)
-    glide: float = 0.0005
+    #: the most the delay may shrink per frame, seconds
+    glide: float = 0.008
     window: int = 90
     #: the most frames held back; beyond it the oldest leaves at once (never lost)
     max_pending: int = 32
@@ -46,6 +48,7 @@ class Playout:
     last_due: float = 0.0
     late: int = 0       # frames that were ready after their due time (deadline misses)
     played: int = 0
+    pushed: int = 0
 
     def push(self, frame: Any, now: float) -> None:
         """A finished frame (ready now) joins the queue with its due time."""
@@ -56,16 +59,19 @@ class Playout:
         self.lags.append(lag)
         while len(self.lags) > self.window:
             self.lags.popleft()
-        if self.played == 0 and not self.queue:
-            self.delay = max(self.delay, lag + self.margin)
+        self.pushed += 1
+        if self.pushed == 1:
+            self.delay = lag + self.margin
+            self.last_due = now  # the very first frame leaves at once
+            self.queue.append(Pending(now, frame))
+            return
         if lag > self.delay:
-            if self.played:
-                self.late += 1
+            self.late += 1
             self.delay = lag + self.margin
         else:
-            target = max(self.lags) + self.margin
-            if target < self.delay:
-                self.delay = max(target, self.delay - self.glide)
+            excess = self.delay - (max(self.lags) + self.margin)
+            if excess > 0:
+                self.delay -= min(excess, max(0.0005, 0.03 * excess), self.glide)
         due = max(frame.arrived + self.delay, self.last_due)
         self.last_due = due
         self.queue.append(Pending(due, frame))

@@ -127,7 +127,8 @@ class Scheduler:
                  policy: str = "edf", costs: CostModel | None = None,
                  batch_sizes: Callable[[str], Collection[int] | None] = lambda engine: None,
                  resource: Callable[[str], str] = lambda engine: "device",
-                 utilisation: float = 0.9) -> None:
+                 utilisation: float = 0.9,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if policy not in POLICIES:
             raise ValueError(f"scheduler policy must be one of {', '.join(POLICIES)}, "
                              f"not {policy!r}.")
@@ -142,7 +143,7 @@ class Scheduler:
         self._in_flight: dict[int, StepPlan] = {}
         self._rr = 0  # round-robin start among engines ("rr" policy)
         self._next_allocation = 0.0
-        self.misses = 0
+        self._clock = clock
 
     # --- streams -----------------------------------------------------------------------------
 
@@ -258,7 +259,7 @@ class Scheduler:
 
     def _allocate(self) -> None:
         """Recompute every stream's serve rate (on changes, and twice a second)."""
-        self._next_allocation = time.monotonic() + 0.5
+        self._next_allocation = self._clock() + 0.5
         if self.policy != "edf":
             return
         by_resource: dict[str, list[Mailbox]] = {}
@@ -338,7 +339,7 @@ class Scheduler:
             self.costs.observe(result.key, result.batch_size, result.elapsed_ms)
             if first:
                 self._allocate()
-        if time.monotonic() >= self._next_allocation:
+        if self._clock() >= self._next_allocation:
             self._allocate()
 
     def release(self, step_id: int) -> None:

@@ -63,6 +63,8 @@ class EngineWorker:
         self.warm_up_sizes = warm_up
         self.engines: dict[str, Engine] = {}
         self.streams: dict[int, WorkerStream] = {}
+        #: "opened" answers held back until the engine has the stream ready
+        self.held: list[CommandResult] = []
         #: (key, batch size, ms) of the warm-up's steady steps: the cost model's first entries
         self.warm_costs: list[tuple[tuple, int, float]] = []
 
@@ -116,15 +118,39 @@ class EngineWorker:
     # --- executing -------------------------------------------------------------------------
 
     def execute(self, item: OpenStream | UpdateParams | CloseStream | StepPlan
-                ) -> CommandResult | StepResult:
+                ) -> list[CommandResult | StepResult]:
+        """Run one command or plan; returns its result and any held-back ``opened`` answer
+        whose stream became ready meanwhile."""
         if isinstance(item, StepPlan):
-            return self._step(item)
-        if isinstance(item, OpenStream):
-            return self._open(item)
-        if isinstance(item, UpdateParams):
-            return self._params(item)
-        self._close(item.stream_id)
-        return CommandResult("closed", item.stream_id, item.request)
+            out = [self._step(item)]
+        elif isinstance(item, OpenStream):
+            result = self._open(item)
+            if result.kind == "opened" and not self.engines[item.engine].stream_ready(
+                    item.stream_id):
+                self.held.append(result)
+                out = []
+            else:
+                out = [result]
+        elif isinstance(item, UpdateParams):
+            out = [self._params(item)]
+        else:
+            self.held = [r for r in self.held if r.stream_id != item.stream_id]
+            self._close(item.stream_id)
+            out = [CommandResult("closed", item.stream_id, item.request)]
+        return self.ready_opens() + out
+
+    def ready_opens(self) -> list[CommandResult]:
+        """Held-back ``opened`` answers whose streams are ready now."""
+        if not self.held:
+            return []
+        ready, waiting = [], []
+        for result in self.held:
+            stream = self.streams.get(result.stream_id)
+            if stream is None:
+                continue
+            (ready if stream.engine.stream_ready(result.stream_id) else waiting).append(result)
+        self.held = waiting
+        return ready
 
     def _open(self, command: OpenStream) -> CommandResult:
         engine = self.engines[command.engine]
@@ -348,7 +374,7 @@ class InlineWorker:
         return self.worker.build()
 
     def submit(self, item) -> None:
-        self.outbox.append(self.worker.execute(item))
+        self.outbox.extend(self.worker.execute(item))
 
     def stop(self, timeout: float = 10.0) -> None:
         self.worker.shutdown()
@@ -400,16 +426,21 @@ class ThreadedWorker:
         self._ready.put(ready)
         try:
             while True:
-                item = self._inbox.get()
-                if item is None:
-                    break
-                try:
-                    result = self.worker.execute(item)
-                except Exception as exc:  # noqa: BLE001 - a worker bug must not stop streams
-                    log.exception("engine worker failed on %s", type(item).__name__)
-                    result = _failure(item, exc)
-                self.outbox.append(result)
-                self._wake()
+                try:  # while an open waits for its stream, look again every 10 ms
+                    item = self._inbox.get(timeout=0.01 if self.worker.held else None)
+                except queue.Empty:
+                    results = self.worker.ready_opens()
+                else:
+                    if item is None:
+                        break
+                    try:
+                        results = self.worker.execute(item)
+                    except Exception as exc:  # noqa: BLE001 - a worker bug must not stop streams
+                        log.exception("engine worker failed on %s", type(item).__name__)
+                        results = [_failure(item, exc)]
+                if results:
+                    self.outbox.extend(results)
+                    self._wake()
         finally:
             self.worker.shutdown()
 

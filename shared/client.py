@@ -39,10 +39,12 @@ _POOL = 3  # output buffers per stream: a returned frame stays valid until 2 new
 class DaemonError(Exception):
     """The daemon answered a request with an ERROR message."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, sustainable_fps: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: with code "overloaded": the rate the daemon could serve the stream at now
+        self.sustainable_fps = sustainable_fps
 
 
 @dataclass
@@ -106,6 +108,9 @@ class Stream:
         self.output_request = dict(output or {})
         self.slots = slots
         self.zero_copy = zero_copy
+        self.paced: bool | None = None   # None: the daemon's default (paced)
+        self.min_fps: float | None = None
+        self.serve_fps: float | None = None  # the rate the daemon serves it at (OPENED)
         self.frames_per_step = 1  # input frames the engine consumes per step (from OPENED)
         self.id: int | None = None
         self.state = "opening"  # opening -> open -> closed | failed
@@ -266,6 +271,10 @@ class Stream:
                "transport": self.client.transport}
         if self.output_request:
             msg["output"] = self.output_request
+        if self.paced is not None:
+            msg["paced"] = self.paced
+        if self.min_fps is not None:
+            msg["min_fps"] = self.min_fps
         return msg
 
     def _on_opened(self, msg: dict[str, Any]) -> None:
@@ -286,6 +295,7 @@ class Stream:
         self.id = msg["stream"]
         self.params = dict(msg.get("params") or self.params)
         self.frames_per_step = int(msg.get("frames_per_step", 1))
+        self.serve_fps = msg.get("serve_fps")
         self.state = "open"
 
     def _on_notice(self, msg: dict[str, Any], payload: Any) -> None:
@@ -592,7 +602,9 @@ class Client:
         # heartbeat replies need nothing beyond _last_heard
 
     def _on_error(self, msg: dict[str, Any]) -> None:
-        err = DaemonError(str(msg.get("code", "?")), str(msg.get("message", "")))
+        fps = msg.get("sustainable_fps")
+        err = DaemonError(str(msg.get("code", "?")), str(msg.get("message", "")),
+                          float(fps) if isinstance(fps, (int, float)) else None)
         self.last_error = err
         rid = msg.get("re")
         if err.code == ErrorCode.NO_SESSION and self.state != "disconnected":
@@ -638,14 +650,19 @@ class Client:
                     dtype: str = "uint8", origin: str = "top", fps: float = 30.0,
                     engine: str = "passthrough", params: dict[str, Any] | None = None,
                     output: dict[str, Any] | None = None, slots: int = 3,
-                    zero_copy: bool = False, keep: int = 0, timeout: float = 10.0) -> Stream:
+                    zero_copy: bool = False, keep: int = 0, timeout: float = 10.0,
+                    paced: bool | None = None, min_fps: float | None = None) -> Stream:
         """Open a stream.  ``output`` may set width/height/format/dtype/origin of the frames
         coming back (default: same as input).  With ``timeout`` > 0 block until open (raises
         DaemonError when refused); with 0 return at once (``stream.ready`` tells).
         ``zero_copy`` hands out output frames as read-only views into shared memory (see
         ``Frame``): one copy less for hosts that copy the frame into a texture at once.
         ``keep`` > 0 keeps up to that many received frames for ``frames()`` (and reads every
-        announced frame, not only the newest), for recording."""
+        announced frame, not only the newest), for recording; such a client may ask for
+        ``paced=False``: every frame as soon as it is ready, instead of at the input's
+        cadence.  ``min_fps``: the lowest rate this stream accepts when the GPU is shared
+        (default a quarter of ``fps``); a daemon that cannot give it refuses the stream
+        with code ``overloaded`` and the rate it could give."""
         if name in self._streams and self._streams[name].state not in ("closed", "failed"):
             raise ValueError(f"this client already has a stream named {name!r}.")
         try:
@@ -656,6 +673,7 @@ class Client:
         stream = Stream(self, name, spec, fps=fps, engine=engine, params=params or {},
                         output=output, slots=max(slots, keep + 2), zero_copy=zero_copy)
         stream.keep = keep  # the output ring above holds every kept frame until it is read
+        stream.paced, stream.min_fps = paced, min_fps
         self._streams[name] = stream
         if self.state == "disconnected":
             self.connect(timeout)

@@ -76,6 +76,7 @@ def test_a_checkpoint_for_other_latents_is_refused(tmp_path):
 
 def test_switching_decoders_mid_stream_keeps_every_frame(engine):  # noqa: F811
     engine.open_stream(StreamConfig(1, SPEC, SPEC, 30.0, {"steps": 1}))
+    engine.settle()
     try:
         feed = Feeder(engine, 1)
         seen = [f.in_seq for f in feed.chunk()] + [f.in_seq for f in feed.chunk()]
@@ -95,3 +96,4 @@ def test_tiny_decoder_without_weights_names_the_pull_command(engine):  # noqa: F
                        (engine.tokenizer, engine.text_encoder), min_side=32)
     with pytest.raises(ParamError, match="models pull taew2_1"):
         bare.open_stream(StreamConfig(5, SPEC, SPEC, 30.0, {"decoder": "tiny"}))
+        bare.settle()

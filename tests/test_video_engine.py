@@ -41,6 +41,7 @@ class Feeder:
 
 def open_stream(engine, sid: int, **params) -> None:
     engine.open_stream(StreamConfig(sid, SPEC, SPEC, 30.0, params))
+    engine.settle()  # its prompt is encoded on the text thread; these tests need it now
 
 
 def test_first_chunk_is_one_frame_then_four(engine):
@@ -93,6 +94,7 @@ def test_prompt_change_keeps_the_self_attention_cache_and_reset_clears_it(engine
         positions = stream.cache.positions.clone()
         cross = stream.cross_kv[0][0].clone()
         engine.update_params(1, {"prompt": "a city at night"})
+        engine.settle()
         assert all(torch.equal(a, b) for a, b in zip(keys, stream.cache.k))
         assert torch.equal(positions, stream.cache.positions)
         assert not torch.equal(cross, stream.cross_kv[0][0])
@@ -163,6 +165,7 @@ def test_bad_parameters_are_refused_with_a_sentence(engine, change, match):
 def test_sizes_must_be_multiples_of_16(engine):
     with pytest.raises(ParamError, match="multiple of 16"):
         engine.open_stream(StreamConfig(9, FrameSpec(60, 48), FrameSpec(60, 48), 30.0, {}))
+        engine.settle()
 
 
 def test_first_timestep_follows_the_noise_scale():
@@ -187,6 +190,7 @@ def test_thousands_of_chunks_keep_memory_flat(engine):
     spec = FrameSpec(32, 32)
     engine.open_stream(StreamConfig(1, spec, spec, 30.0, {"steps": 2, "rope_max": 12,
                                                            "cache_frames": 4, "sinks": 1}))
+    engine.settle()
     try:
         feed = Feeder(engine, 1, spec=spec)
         stream = engine.streams[1]
@@ -337,6 +341,7 @@ def test_fixed_shape_forward_equals_the_general_one(steps, params):
     for engine in (general, fixed):
         engine.open_stream(StreamConfig(1, SPEC, SPEC, 30.0,
                                         dict(params, steps=steps, seed=4)))
+        engine.settle()
         feed = Feeder(engine, 1, seed=9)
         frames = [f for _ in range(16) for f in feed.chunk()]
         runs[engine] = (frames, engine.streams[1].cache)
@@ -358,6 +363,7 @@ def test_a_closed_stream_frees_its_fixed_shape_buffers_without_the_cycle_collect
     engine = build_video_engine("tiny")
     engine.wan.fixed_shape = True
     engine.open_stream(StreamConfig(1, SPEC, SPEC, 30.0, {"steps": 2}))
+    engine.settle()
     feed = Feeder(engine, 1)
     for _ in range(12):
         feed.chunk()
@@ -382,7 +388,9 @@ def test_prompts_encode_the_same_with_the_text_encoder_offloaded():
     offloaded.text_home = Offloaded(offloaded.text_encoder, "cpu")
     for engine in (plain, offloaded):
         engine.open_stream(StreamConfig(1, SPEC, SPEC, 30.0, {"steps": 1}))
+        engine.settle()
         engine.update_params(1, {"prompt": "a lighthouse at night, oil painting"})
+        engine.settle()
     a, b = plain.streams[1].cross_kv, offloaded.streams[1].cross_kv
     for (ka, va), (kb, vb) in zip(a, b):
         torch.testing.assert_close(ka, kb)

@@ -112,6 +112,15 @@ class Engine(ABC):
     def close_stream(self, stream_id: int) -> None:
         """Free everything the stream holds. Must not raise for unknown ids."""
 
+    def settle(self, timeout: float | None = 30.0) -> None:
+        """Wait for work an engine does beside its streams (a prompt being encoded) and
+        apply it: for warm-ups, benchmarks and tests that need a stream ready at once."""
+
+    def stream_ready(self, stream_id: int) -> bool:
+        """False while a just-opened stream still waits for work done beside it (its first
+        prompt being encoded); the daemon answers ``opened`` once it is True."""
+        return True
+
     def frames_per_step(self, stream_id: int) -> int:
         """How many input frames the next step of this stream consumes (video: a chunk)."""
         return 1
@@ -140,6 +149,7 @@ class Engine(ABC):
             for stream_id in ids:
                 self.open_stream(StreamConfig(stream_id, spec, spec, 30.0, params))
                 opened.append(stream_id)
+            self.settle()
             rng = np.random.default_rng(0)
             seq = 0
             for _ in range(self.warm_up_steps(params)):

@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -82,7 +84,11 @@ class VideoStream:
     latent_w: int
     vae: VAEStreamState
     cache: KVCache
-    cross_kv: list = field(default_factory=list)
+    #: per block cross-attention K/V of the current prompt (None until the first is encoded)
+    cross_kv: list | None = None
+    #: the weighted prompts asked for last, and their embedding while it is being encoded
+    prompt_key: tuple = ()
+    pending_prompt: Future | None = None
     motion: MotionController = field(default_factory=MotionController)
     in_flight: list[Chunk] = field(default_factory=list)
     flushed: list[Chunk] = field(default_factory=list)  # finished early by a steps change
@@ -102,7 +108,8 @@ class VideoEngine(Engine):
                  min_side: int = 256, max_side: int = 1280, description: str = "",
                  tiny_decoder=None, channels_last: bool | None = None,
                  compile: bool | None = None, cuda_graphs: bool | None = None,
-                 attention: str | None = None, text_offload: bool | None = None) -> None:
+                 attention: str | None = None, text_offload: bool | None = None,
+                 text_thread: bool = True) -> None:
         self.name = name
         self.device = torch.device(device)
         self.wan = CausalWan(transformer)
@@ -134,6 +141,15 @@ class VideoEngine(Engine):
         self.description = description
         self.streams: dict[int, VideoStream] = {}
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompt_lock = threading.Lock()   # the cache is shared with the text thread
+        self._text_lock = threading.Lock()     # one encode at a time (the offloaded weights)
+        #: new prompts are encoded on a thread of their own (and on CUDA a stream of their
+        #: own) while the stream keeps running on its old prompt; the new one applies at
+        #: the first chunk after it is ready (measured: a synchronous umT5-XXL encode froze
+        #: the output 0.38-0.44 s per prompt change)
+        self.text_thread = text_thread
+        self._texts: ThreadPoolExecutor | None = None
+        self._text_stream = None
         #: benchmarks set this to a dict to collect per-stage times (seconds, synchronised)
         self.stage_times: dict[str, list[float]] | None = None
 
@@ -178,7 +194,7 @@ class VideoEngine(Engine):
         self._check_decoder(params)
         stream = VideoStream(config, params, h // 8, w // 8, self.vae.new_state(),
                              self._new_cache(params, params.steps, h // 8, w // 8))
-        stream.cross_kv = self.wan.cross_kv(self._embed_prompts(params))
+        self._want_prompt(stream, params)
         self._configure_motion(stream)
         self.streams[config.stream_id] = stream
         return params.to_dict()
@@ -190,8 +206,7 @@ class VideoEngine(Engine):
         self._check_decoder(new)
         if new.decoder != old.decoder:
             self._switch_decoder(stream, new.decoder)
-        if new.weighted_prompts() != old.weighted_prompts():
-            stream.cross_kv = self.wan.cross_kv(self._embed_prompts(new))
+        self._want_prompt(stream, new)
         reshaped = (new.steps, new.cache_frames, new.stream_batch) != \
             (old.steps, old.cache_frames, old.stream_batch)
         if reshaped and stream.in_flight:
@@ -245,6 +260,11 @@ class VideoEngine(Engine):
     def close_stream(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
 
+    def shutdown(self) -> None:
+        if self._texts is not None:
+            self._texts.shutdown(wait=True, cancel_futures=True)
+            self._texts = None
+
     def submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
         """Encode every stream's chunk, run ONE DiT forward over all Stream Batch streams of
         the same size (first chunks and sequential streams run on their own), decode.
@@ -262,7 +282,12 @@ class VideoEngine(Engine):
     def _submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
         finished: dict[int, list[Chunk]] = {}
         batched: list[VideoStream] = []
+        waiting = [item for item in batch if not self._take_prompt(self.streams[item.stream_id])]
+        for item in waiting:  # first prompt still being encoded: these frames are let go
+            finished[item.stream_id] = []
         for item in batch:
+            if item in waiting:
+                continue
             stream = self.streams[item.stream_id]
             chunk = self._encode(stream, item)
             finished[item.stream_id] = []
@@ -414,11 +439,77 @@ class VideoEngine(Engine):
         stream.motion.reduce = p.motion_reduce
         stream.motion.gain = p.motion_gain
 
+    # --- prompts -------------------------------------------------------------------------------
+
+    def _want_prompt(self, stream: VideoStream, p: P.VideoParams) -> None:
+        """Ask for the stream's prompt: at once when every text is cached (a switch back to
+        an earlier prompt costs nothing), else encoded on the text thread."""
+        key = p.weighted_prompts()
+        if key == stream.prompt_key:
+            return
+        stream.prompt_key = key
+        emb = self._cached_blend(p)
+        if emb is not None or not self.text_thread:
+            stream.pending_prompt = None
+            stream.cross_kv = self.wan.cross_kv(emb if emb is not None
+                                                else self._embed_prompts(p))
+            return
+        if self._texts is None:
+            self._texts = ThreadPoolExecutor(1, thread_name_prefix="livediffusion-text")
+        stream.pending_prompt = self._texts.submit(self._embed_prompts, p)
+
+    def _take_prompt(self, stream: VideoStream) -> bool:
+        """Apply an encoded prompt that is ready (called at the start of each step); False
+        while the stream has no prompt at all yet."""
+        future = stream.pending_prompt
+        if future is not None and future.done():
+            stream.pending_prompt = None
+            try:
+                emb = future.result()
+            except Exception as exc:  # noqa: BLE001 - the stream keeps its old prompt
+                log.error("could not encode the prompt of stream %d: %s: %s",
+                          stream.config.stream_id, type(exc).__name__, exc)
+                if stream.cross_kv is None:  # nothing to keep: once more, here, or fail
+                    emb = self._embed_prompts(stream.params)
+                else:
+                    return True
+            stream.cross_kv = self.wan.cross_kv(emb)
+        return stream.cross_kv is not None
+
+    def stream_ready(self, stream_id: int) -> bool:
+        stream = self.streams.get(stream_id)
+        return stream is None or self._take_prompt(stream)
+
+    def settle(self, timeout: float | None = 30.0) -> None:
+        """Wait for every prompt being encoded and apply it (tests, warm-up)."""
+        for stream in self.streams.values():
+            if stream.pending_prompt is not None:
+                stream.pending_prompt.exception(timeout)
+                self._take_prompt(stream)
+
+    def _cached_blend(self, p: P.VideoParams) -> torch.Tensor | None:
+        with self._prompt_lock:
+            if all(text in self._prompt_cache for text, w in p.weighted_prompts() if w > 0):
+                return self._blend(p, self._prompt_cache.get)
+        return None
+
     def _embed_prompts(self, p: P.VideoParams) -> torch.Tensor:
         """Blend the umT5 embeddings of the weighted prompts (linearly, weights normalised)."""
+        if self.device.type == "cuda" and threading.current_thread() is not \
+                threading.main_thread():
+            if self._text_stream is None:
+                self._text_stream = torch.cuda.Stream(self.device)
+            # its own stream: the encode overlaps the DiT's steps instead of queueing
+            # behind or ahead of them
+            with torch.cuda.stream(self._text_stream):
+                return self._blend(p, self._prompt_embedding)
+        return self._blend(p, self._prompt_embedding)
+
+    @staticmethod
+    def _blend(p: P.VideoParams, embedding) -> torch.Tensor:
         pairs = [(text, w) for text, w in p.weighted_prompts() if w > 0]
         total = sum(w for _, w in pairs)
-        return sum(self._prompt_embedding(text) * (w / total) for text, w in pairs)
+        return sum(embedding(text) * (w / total) for text, w in pairs)
 
     def _encode_text(self, text: str) -> torch.Tensor:
         from ...models.wan import encode_prompt
@@ -436,12 +527,15 @@ class VideoEngine(Engine):
         return encode_prompt(self.tokenizer, self.text_encoder, text, "cpu")
 
     def _prompt_embedding(self, text: str) -> torch.Tensor:
-        cached = self._prompt_cache.get(text)
-        if cached is not None:
-            self._prompt_cache.move_to_end(text)
-            return cached
-        emb = self._encode_text(text).cpu()  # cached in host memory
-        self._prompt_cache[text] = emb
-        while len(self._prompt_cache) > 64:
-            self._prompt_cache.popitem(last=False)
+        with self._prompt_lock:
+            cached = self._prompt_cache.get(text)
+            if cached is not None:
+                self._prompt_cache.move_to_end(text)
+                return cached
+        with self._text_lock:
+            emb = self._encode_text(text).cpu()  # cached in host memory
+        with self._prompt_lock:
+            self._prompt_cache[text] = emb
+            while len(self._prompt_cache) > 64:
+                self._prompt_cache.popitem(last=False)
         return emb
