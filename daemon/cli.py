@@ -49,11 +49,15 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         if not os.path.isfile(args.image_unet):
             raise CliError(f"no such file: {args.image_unet}.")
         os.environ["LIVEDIFFUSION_IMAGE_UNET"] = os.path.abspath(args.image_unet)
+    from .config import ServeConfig
+
+    serve = ServeConfig.from_env(policy=args.policy,
+                                 pacing=False if args.no_pacing else None)
     try:
         daemon = Daemon(args.host, args.port, engines=engines,
                         device=_resolve_device(args.device), ipc_path=args.ipc,
                         heartbeat_timeout=args.heartbeat_timeout, max_streams=args.max_streams,
-                        keys_dir=args.keys, warm_up=tuple(args.warm_up or ()))
+                        keys_dir=args.keys, warm_up=tuple(args.warm_up or ()), serve=serve)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     daemon.serve_forever()
@@ -341,6 +345,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "image":
         from .bench.image import run_image_bench
         return run_image_bench(args)
+    if args.suite == "stream":
+        from .bench.stream import run_stream_bench
+        return run_stream_bench(args)
     raise CliError(f"unknown benchmark {args.suite!r}.")
 
 
@@ -428,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each engine at these frame sizes before serving, so the first "
                         "stream does not wait for GPU kernel compilation (tens of seconds "
                         "per new size)")
+    p.add_argument("--policy", choices=["edf", "rr"], default=None,
+                   help="scheduler: edf (deadline-aware, fair rates, admission; default) or "
+                        "rr (the previous round robin, for comparisons)")
+    p.add_argument("--no-pacing", action="store_true",
+                   help="publish output frames as soon as they are ready instead of at the "
+                        "input's cadence (for comparisons)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("demo", help="play a clip through a real daemon and write a video",
@@ -551,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print a table (and JSON on request)",
                        description="transport: client-daemon round trips; video / image: "
                                    "the engines at real sizes with random weights.")
-    p.add_argument("suite", choices=["transport", "video", "image"], help="which benchmark")
+    p.add_argument("suite", choices=["transport", "video", "image", "stream"],
+                   help="which benchmark (stream: what hosts see through a real daemon)")
     p.add_argument("--c-client", action="store_true",
                    help="transport: also time the OBS plugin's C client (needs CMake, libzmq)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -583,8 +597,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "default"],
                    help="video: attention kernels: cuDNN first (auto on GPUs) or PyTorch's "
                         "default order (for A/B measurements)")
-    p.add_argument("--decoders", default="vae,tiny",
-                   help="video: decoders to measure, comma-separated (vae, tiny)")
+    p.add_argument("--decoders", default=None,
+                   help="video: decoders to measure, comma-separated (vae, tiny; default "
+                        "both; stream: vae)")
+    p.add_argument("--clients", default="1,2,4",
+                   help="stream: numbers of streams to run at once (default 1,2,4)")
+    p.add_argument("--fps", type=float, default=30.0,
+                   help="stream: frames per second each client sends (default 30)")
+    p.add_argument("--size", type=_size, default=None,
+                   help="stream: WxH (default 832x480 on a GPU, 64x64 for tiny)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="stream: steady-state seconds measured per case (default 10 GPU, "
+                        "6 CPU)")
+    p.add_argument("--policies", default="edf,rr",
+                   help="stream: scheduler policies to compare, each in a daemon of its own "
+                        "(edf = this one, rr = the previous round robin without pacing)")
+    p.add_argument("--cases", default=None,
+                   help="stream: decoder:steps pairs, comma-separated (e.g. vae:2,tiny:1; "
+                        "default: --decoders x --steps, vae and 2)")
+    p.add_argument("--no-events", action="store_true",
+                   help="stream: skip opening, closing and re-prompting streams mid-run")
+    p.add_argument("--no-engine-bench", action="store_true",
+                   help="stream: skip the engine's own throughput beside the daemon's")
+    p.add_argument("--poll-hz", type=float, default=None,
+                   help="stream: how often each host reads latest() (default 250, CPU 120)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("doctor", help="print versions, devices, extras, ports and weights",

@@ -198,28 +198,26 @@ class Scheduler:
 
     def admit(self, engine: str, key: tuple, fps: float, min_fps: float,
               steady_frames: int = 1, explicit: bool = True) -> float:
-        """The rate a new stream would be served at, or ``Refused`` if taking it would push
-        another stream below its ``min_fps`` (or, when the client named one, itself below
-        its own).  Unknown costs admit (optimistically)."""
+        """The rate a new stream would be served at, or ``Refused`` if the device cannot
+        give every other stream its ``min_fps`` (and, when the client named one, the new
+        stream its own).  Unknown costs admit (optimistically)."""
         if self.policy != "edf":
             return fps
         probe = Mailbox(-1, engine, 1, key=key, fps=fps, min_fps=min_fps if explicit else 0.0,
                         steady_frames=steady_frames)
         boxes = [b for b in self._boxes.values()
                  if self._resource(b.engine) == self._resource(engine)] + [probe]
-        rates = self._fair_rates(boxes)
-        short = [b for b in boxes if rates[b.stream_id] < b.min_fps * 0.999]
-        if not short:
-            return rates[probe.stream_id]
-        # what is left for the newcomer once every other stream keeps its minimum
         coef = self._coefficients(boxes)
-        used = sum(coef[b.stream_id] * b.min_fps for b in boxes if b is not probe)
-        spare = max(self.utilisation - used, 0.0)
+        floors = sum(coef[b.stream_id] * min(b.min_fps, b.demand) for b in boxes)
+        if floors <= self.utilisation:
+            return self._fair_rates(boxes)[probe.stream_id]
+        # what is left for the newcomer once every other stream keeps its minimum
+        others = floors - coef[probe.stream_id] * min(probe.min_fps, fps)
+        spare = max(self.utilisation - others, 0.0)
         own = coef[probe.stream_id]
         sustainable = min(fps, spare / own) if own > 0 else fps
-        who = "it" if short == [probe] else f"{len(short)} stream(s)"
-        raise Refused(f"the {engine} engine is full: taking this stream would serve {who} "
-                      f"below the lowest rate asked for; it could have "
+        raise Refused(f"the {engine} engine is full: it cannot serve one more stream and keep "
+                      f"the others at the lowest rates they asked for; this one could have "
                       f"{sustainable:.1f} FPS now (open with a lower min_fps to accept that).",
                       round(sustainable, 2))
 
@@ -232,30 +230,35 @@ class Scheduler:
         out = {}
         for b in boxes:
             n = counts[b.key]
-            # n streams of a key at the same rate: steps of n streams, one per chunk period
-            ms = self.costs.predict(b.key, min(n, max(1, self._max_batch(b.engine))))
-            per_batch = max(1, math.ceil(n / max(1, self._max_batch(b.engine))))
-            out[b.stream_id] = ms / 1000.0 * per_batch / (b.chunk() * n) \
-                if ms else 0.0
+            most = max(1, self._max_batch(b.engine))
+            # n streams of a key at the same rate: steps of up to `most` streams, one set of
+            # them per chunk period
+            ms = self.costs.predict(b.key, min(n, most))
+            batches = math.ceil(n / most)
+            out[b.stream_id] = ms / 1000.0 * batches / (b.chunk() * n) if ms else 0.0
         return out
 
     def _fair_rates(self, boxes: list[Mailbox]) -> dict[int, float]:
-        """Max-min fair rates: one common rate r, capped at each stream's demand, with
-        sum(coef * rate) <= utilisation (bisection; coefficients are fixed for the set)."""
+        """Max-min fair rates above each stream's floor: every stream gets its ``min_fps``
+        (as far as the device allows), then one common rate r shared by the rest, capped at
+        each stream's demand, with sum(coef * rate) <= utilisation (by bisection)."""
         coef = self._coefficients(boxes)
-        demand = {b.stream_id: b.demand for b in boxes}
+
+        def rates(r: float) -> dict[int, float]:
+            return {b.stream_id: min(max(b.min_fps, min(r, b.demand)), b.demand)
+                    for b in boxes}
 
         def load(r: float) -> float:
-            return sum(coef[i] * min(r, d) for i, d in demand.items())
+            return sum(coef[i] * v for i, v in rates(r).items())
 
-        top = max(demand.values(), default=0.0)
+        top = max((b.demand for b in boxes), default=0.0)
         if load(top) <= self.utilisation:
-            return demand
+            return rates(top)
         lo, hi = 0.0, top
         for _ in range(40):
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if load(mid) <= self.utilisation else (lo, mid)
-        return {i: min(lo, d) for i, d in demand.items()}
+        return rates(lo)
 
     def _allocate(self) -> None:
         """Recompute every stream's serve rate (on changes, and twice a second)."""

@@ -122,6 +122,7 @@ class Daemon:
         self.workers: list[InlineWorker | ThreadedWorker] = []
         self._worker_of: dict[str, InlineWorker | ThreadedWorker] = {}
         self._busy: dict[int, int | None] = {}  # id(worker) -> step id in flight
+        self._cold_logged: set[tuple] = set()
         self.sessions: dict[bytes, Session] = {}
         self.streams: dict[int, ServerStream] = {}
         self._names: dict[str, int] = {}
@@ -349,6 +350,14 @@ class Daemon:
                 continue
             self._busy[id(worker)] = plan.step_id
             any_plan = True
+            if worker.threaded and not plan.predicted_ms and len(plan.key) == 3 and \
+                    (plan.key, plan.batch_size) not in self._cold_logged:
+                self._cold_logged.add((plan.key, plan.batch_size))
+                _, width, height = plan.key
+                log.info("first step of %s at %dx%d for %d stream(s): no warm-up covered "
+                         "this shape, so on a GPU it compiles kernels now and may take tens "
+                         "of seconds (--warm-up %dx%d avoids that)", plan.engine, width,
+                         height, plan.batch_size, width, height)
             worker.submit(plan)
         return any_plan
 

@@ -422,3 +422,20 @@ def test_its_own_minimum_counts_only_when_the_client_names_one():
 def test_unknown_costs_admit():
     sched = Scheduler()
     assert sched.admit("video", ("video", 8, 8), 30.0, 30.0) == 30.0
+
+
+def test_floors_are_kept_before_the_rest_is_shared():
+    """One-frame steps of 60 ms, no batching: the device gives 15 FPS in all.  A stream that
+    asked for at least 10 keeps 10; a newcomer that accepts 4 gets the 5 left, not an equal
+    7.5 that would break the first one's floor."""
+    sched = Scheduler(max_batch=lambda engine: 1, clock=lambda: 0.0)
+    sched.costs.observe(("sleepy",), 1, 60.0)
+    sched.add_stream(1, "sleepy", 1, key=("sleepy",), fps=30.0, min_fps=10.0)
+    assert sched.info(1)["serve_fps"] == pytest.approx(15.0, rel=0.01)
+    assert sched.admit("sleepy", ("sleepy",), 30.0, 4.0) == pytest.approx(5.0, rel=0.01)
+    with pytest.raises(Refused) as refused:
+        sched.admit("sleepy", ("sleepy",), 30.0, 6.0)
+    assert refused.value.sustainable_fps == pytest.approx(5.0, rel=0.01)
+    sched.add_stream(2, "sleepy", 1, key=("sleepy",), fps=30.0, min_fps=4.0)
+    assert sched.info(1)["serve_fps"] == pytest.approx(10.0, rel=0.01)
+    assert sched.info(2)["serve_fps"] == pytest.approx(5.0, rel=0.01)
