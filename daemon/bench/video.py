@@ -220,7 +220,7 @@ def run_video_bench(args: argparse.Namespace) -> int:
     meta["vae_layout"] = "NCDHW" if engine.vae.memory_format == torch.contiguous_format \
         else "NDHWC"
     records = []
-    decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
+    decoders = [d.strip() for d in (args.decoders or "vae,tiny").split(",") if d.strip()]
     for decoder in decoders:
         for h, w in zip(heights, widths):
             for n in steps:
