@@ -1,12 +1,13 @@
 """The per-stream KV cache policy: slot order, sinks + FIFO ring, Stream Batch reuse, adaptive
 sink refresh, RoPE wrap, reset, row resizing, bounded bookkeeping, policy validation.
 
-The cache is driven the way the causal forward and the engine drive it: for each chunk,
-``pos = cache.admit(chunk)``; then for each of its steps ``cache.prepare([row], [chunk])`` and,
-per block, ``slot = cache.slot_for(block, chunk, k, v)`` and ``cache.store(block, row, slot,
-pos, k, v)`` (later steps use other rows with the same slot); ``cache.forget(chunk)`` after
-the chunk's last step.  A wrap re-rotates a row when ``prepare`` brings the first chunk of the
-new epoch to it.
+The cache is driven the way the engine and the causal forward drive it: for each chunk,
+``pos = cache.admit(chunk)``; then for each of its steps ``cache.prepare([row], [chunk])``,
+``plan = cache.plan([row], [chunk])``, the plan executed per block as the model does
+(``write_block``: keys/values written, a refresh rule evaluated) and ``cache.commit(plan,
+chosen)`` (later steps use other rows with the same slot); ``cache.forget(chunk)`` after the
+chunk's last step.  A wrap re-rotates a row when ``prepare`` brings the first chunk of the new
+epoch to it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import pytest
 import torch
 
 from livediffusion.daemon.engines.video.kv_cache import CachePolicy, KVCache
-from livediffusion.daemon.models.causal_wan import rope_cos_sin, rope_inv_freq, rotate_pairs
+from livediffusion.daemon.models.causal_wan import (AttentionPlan, RefreshRule, read_back,
+                                                   refresh_choice, rope_cos_sin, rope_inv_freq,
+                                                   rotate_pairs, write_block)
 
 HEADS, HEAD_DIM, TOKENS, T_DIM = 2, 16, 3, 4
 EMPTY = KVCache.EMPTY
@@ -54,6 +57,28 @@ def chunk_kv(seed: int, sign: float = 1.0, noise: float = 0.0
     return k, v
 
 
+def execute(cache: KVCache, plan: AttentionPlan, k: torch.Tensor, v: torch.Tensor
+            ) -> list[list[int]]:
+    """Run ``plan`` as the causal forward does, without the model: every block's keys/values
+    (the same in every block; one element: (tokens, heads, dim), else (elements, ...)) are
+    written, refresh rules evaluated; then the policy books it.  Returns the booked slots
+    [block][element]."""
+    if k.dim() == 3:
+        k, v = k[None], v[None]
+    chosen = {}
+    for block in range(cache.blocks):
+        decided = write_block(plan, block, k, v)
+        if decided is not None:
+            chosen[block] = decided
+    return cache.commit(plan, read_back([chosen])[0])
+
+
+def step(cache: KVCache, rows: list[int], chunks: list[int], k: torch.Tensor,
+         v: torch.Tensor) -> list[list[int]]:
+    """One forward over these elements: plan, execute, commit."""
+    return execute(cache, cache.plan(rows, chunks), k, v)
+
+
 def run_chunk(cache: KVCache, chunk: int, k: torch.Tensor, v: torch.Tensor, *,
               rows: tuple[int, ...] = (0,), forget: bool = True) -> tuple[int, list[int]]:
     """Admit a chunk and run its steps (rows) through every block, as the engine does with
@@ -64,11 +89,7 @@ def run_chunk(cache: KVCache, chunk: int, k: torch.Tensor, v: torch.Tensor, *,
     slots = []
     for row in rows:
         cache.prepare([row], [chunk])
-        row_slots = []
-        for block in range(cache.blocks):
-            slot = cache.slot_for(block, chunk, kr, v)
-            cache.store(block, row, slot, pos, kr, v)
-            row_slots.append(slot)
+        row_slots = [s[0] for s in step(cache, [row], [chunk], kr, v)]
         if slots:
             assert row_slots == slots
         slots = row_slots
@@ -183,11 +204,7 @@ def test_slot_decided_at_first_call_is_reused_for_later_rows_after_other_admissi
             if row:
                 k, v = -3.0 * k, -3.0 * v
             kr = rope(k, p)
-            got = []
-            for block in range(2):
-                slot = cache.slot_for(block, chunk, kr, v)
-                cache.store(block, row, slot, p, kr, v)
-                got.append(slot)
+            got = [s[0] for s in step(cache, [row], [chunk], kr, v)]
             if row == 0:
                 first_slot[chunk] = got
             else:
@@ -209,14 +226,13 @@ def test_stream_batch_rows_fill_as_lagging_prefixes():
     kr, v = chunk_kv(0)
     # chunk 0 at row 0; then chunk 1 at row 0 and chunk 0 at row 1.
     cache.admit(0)
-    s0 = cache.slot_for(0, 0, kr, v)
-    cache.store(0, 0, s0, 0, kr, v)
+    [[s0]] = step(cache, [0], [0], kr, v)
     assert [cache.filled_slots(0, r) for r in range(3)] == [1, 0, 0]
     cache.admit(1)
-    s1 = cache.slot_for(0, 1, kr, v)
-    cache.store(0, 0, s1, 1, kr, v)
-    assert cache.slot_for(0, 0, kr, v) == s0 == 0
-    cache.store(0, 1, s0, 0, kr, v)
+    [[s1]] = step(cache, [0], [1], kr, v)
+    plan = cache.plan([1], [0])
+    assert plan.slots[0][0] == s0 == 0
+    execute(cache, plan, kr, v)
     assert s1 == 1
     assert [cache.filled_slots(0, r) for r in range(3)] == [2, 1, 0]
     assert cache.positions[:, 0].tolist() == [[0, 1] + [EMPTY] * 4,
@@ -230,10 +246,12 @@ def test_later_call_with_dissimilar_keys_does_not_trigger_refresh():
         run_chunk(cache, c, *chunk_kv(c, sign=1.0))
     pos = cache.admit(4)
     k, v = chunk_kv(4, sign=1.0)
-    slot = cache.slot_for(0, 4, rope(k, pos), v)
+    plan = cache.plan([0], [4])
+    slot = int(refresh_choice(cache.k[0], cache.v[0], TOKENS, rope(k, pos), v,
+                              plan.slots[0][0]))
     assert slot == 2  # similar: ring
-    k2, v2 = chunk_kv(4, sign=-1.0)
-    assert cache.slot_for(0, 4, rope(k2, pos), v2) == 2  # decided already, no refresh
+    cache.commit(plan, {0: slot})
+    assert cache.plan([1], [4]).slots[0][0] == 2  # decided already, no refresh
     assert cache.books[0].chunk == [0, 1, 4, 3]
     assert cache.books[0].next_ring == 3
 
@@ -288,13 +306,21 @@ def test_exactly_opposite_chunk_replaces_the_sink_without_rope_dims():
     ones = torch.ones(TOKENS, HEADS, HEAD_DIM)
     for c in range(4):
         cache.admit(c)
-        assert cache.slot_for(0, c, ones, ones) == c
-        cache.store(0, 0, c, c, ones, ones)
+        assert step(cache, [0], [c], ones, ones) == [[c]]
         cache.forget(c)
+
+    def decide(chunk: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """The slot the chunk gets, booked without storing its keys (as if the model did not
+        write them yet): the next decision still sees the old sinks."""
+        plan = cache.plan([0], [chunk])
+        slot = int(refresh_choice(cache.k[0], cache.v[0], TOKENS, k, v, plan.slots[0][0]))
+        cache.commit(plan, {0: slot})
+        return slot
+
     cache.admit(4)
-    assert cache.slot_for(0, 4, -ones, -ones) == 0
+    assert decide(4, -ones, -ones) == 0
     cache.admit(5)
-    assert cache.slot_for(0, 5, ones, ones) == 1
+    assert decide(5, ones, ones) == 1
 
 
 def test_similar_chunk_goes_to_the_ring():
@@ -340,14 +366,16 @@ def test_refresh_is_decided_per_block():
     ones = torch.ones(TOKENS, HEADS, HEAD_DIM)
     for c in range(4):
         pos = cache.admit(c)
-        for block in range(2):
-            assert cache.slot_for(block, c, rope(ones, pos), ones) == c
-            cache.store(block, 0, c, pos, rope(ones, pos), ones)
+        assert step(cache, [0], [c], rope(ones, pos), ones) == [[c], [c]]
         cache.forget(c)
     pos = cache.admit(4)
     k_dis, k_sim = rope(-ones, pos), rope(ones, pos)
-    assert cache.slot_for(0, 4, k_dis, -ones) == 0   # block 0 sees an opposite chunk
-    assert cache.slot_for(1, 4, k_sim, ones) == 1    # block 1 a similar one
+    plan = cache.plan([0], [4])
+    chosen = {0: write_block(plan, 0, k_dis[None], -ones[None]),
+              1: write_block(plan, 1, k_sim[None], ones[None])}
+    assert chosen[0] == 0   # block 0 sees an opposite chunk
+    assert chosen[1] == 1   # block 1 a similar one
+    cache.commit(plan, chosen)
     assert cache.targets[4] == [0, 1]
     assert cache.filled == 4
 
@@ -440,14 +468,13 @@ def test_a_chunk_in_flight_at_a_wrap_finishes_against_rows_that_have_not_moved()
     k6, v6 = chunk_kv(6, noise=1.0)
     assert cache.admit(6) == 6
     cache.prepare([0], [6])
-    slot6 = cache.slot_for(0, 6, rope(k6, 6), v6)
-    cache.store(0, 0, slot6, 6, rope(k6, 6), v6)
+    [[slot6]] = step(cache, [0], [6], rope(k6, 6), v6)
     assert cache.admit(7) == 3                        # wrap: shift 4
     assert cache.chunk_position == {6: 6, 7: 3}       # positions never change after admission
     cache.prepare([0, 1], [7, 6])                     # one forward: 7 at row 0, 6 at row 1
     assert cache.positions[0, 0].tolist()[slot6] == 2  # row 0 re-anchored (6 -> 2)
     assert cache.positions[1, 0].tolist()[slot6] != 2  # row 1 not yet
-    cache.store(0, 1, slot6, 6, rope(k6, 6), v6)
+    assert step(cache, [1], [6], rope(k6, 6), v6) == [[slot6]]
     cache.prepare([1], [7])                           # chunk 7 reaches row 1
     assert cache.positions[1, 0].tolist()[slot6] == 2
     ks, _ = stored(cache, 0, 1, slot6)
@@ -573,10 +600,9 @@ def test_thousands_of_chunks_keep_bookkeeping_bounded():
     for c in range(5000):
         pos = cache.admit(c)
         in_flight.insert(0, (c, pos))
-        for row, (chunk, p) in enumerate(in_flight):
-            for block in range(2):
-                slot = cache.slot_for(block, chunk, k, v)
-                cache.store(block, row, slot, p, k, v)
+        n = len(in_flight)  # one Stream Batch forward: chunk at row r is in_flight[r]
+        step(cache, list(range(n)), [chunk for chunk, _ in in_flight],
+             k[None].expand(n, -1, -1, -1), v[None].expand(n, -1, -1, -1))
         max_targets = max(max_targets, len(cache.targets))
         max_positions = max(max_positions, len(cache.chunk_position))
         if len(in_flight) == rows:
@@ -624,9 +650,9 @@ def test_policy_validate_accepts_edges(kwargs):
 
 
 def test_deferred_refresh_decisions_equal_immediate_ones():
-    """With ``defer`` (the GPU path) the slot choice stays a device tensor until ``resolve``;
-    over a long run with refreshes, ring moves and wraps, and two denoising rows, it must book
-    and store exactly what the immediate path does."""
+    """With ``defer`` (the GPU path) the slot choice stays a device tensor until the end of
+    the forward; over a long run with refreshes, ring moves and wraps, and two denoising rows,
+    it must book and store exactly what the immediate path does."""
     caches = [make_cache(blocks=3, rows=2, frames=5, sinks=2, refresh=0.4, rope_max=9)
               for _ in range(2)]
     caches[1].defer = True
@@ -640,11 +666,14 @@ def test_deferred_refresh_decisions_equal_immediate_ones():
             kr = rope(k, pos)
             for row in (0, 1):
                 cache.prepare([row], [c])
+                plan = cache.plan([row], [c])
+                chosen = {}
                 for block in range(cache.blocks):
-                    slot = cache.slot_for(block, c, kr, v)
+                    slot = write_block(plan, block, kr[None], v[None])
                     deferred_seen += isinstance(slot, torch.Tensor)
-                    cache.store(block, row, slot, pos, kr, v)
-                cache.resolve()  # the causal forward resolves once per forward
+                    if slot is not None:
+                        chosen[block] = slot
+                cache.commit(plan, read_back([chosen])[0])  # once per forward
             cache.forget(c)
         a, b = caches
         assert [x.chunk for x in a.books] == [x.chunk for x in b.books]
@@ -654,3 +683,131 @@ def test_deferred_refresh_decisions_equal_immediate_ones():
             assert torch.equal(a.k[block], b.k[block]) and torch.equal(a.v[block], b.v[block])
     assert deferred_seen > 0
     assert any(x.chunk[:2] != [0, 1] for x in caches[0].books)  # some sink was refreshed
+
+
+# --- 10. plan and commit: the policy decides, the model executes -----------------------------
+
+
+def snapshot(cache: KVCache):
+    return ([(b.chunk[:], b.next_ring) for b in cache.books],
+            {c: t[:] for c, t in cache.targets.items()}, cache.positions.clone(),
+            [t.clone() for t in (*cache.k, *cache.v)])
+
+
+def same(a, b) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and \
+        all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+
+
+def test_plan_changes_nothing_and_commit_books_it():
+    cache = make_cache(blocks=2, rows=2, frames=4, sinks=1, refresh=0.5)
+    for c in range(5):
+        run_chunk(cache, c, *chunk_kv(c, noise=1.0), rows=(0, 1))
+    cache.admit(5)
+    before = snapshot(cache)
+    plans = [cache.plan([0], [5]) for _ in range(2)]
+    assert same(before, snapshot(cache))
+    a, b = plans
+    assert (a.rows, a.positions, a.slots, a.lengths, a.fixed, a.chunks) == \
+        (b.rows, b.positions, b.slots, b.lengths, b.fixed, b.chunks)
+    assert a.k is cache.k and a.v is cache.v and a.frames == 4
+    # a full cache with refresh on: the slot is a rule, as data (sinks, ring slot, threshold)
+    ring = [book.next_ring for book in cache.books]
+    assert a.slots == [[RefreshRule(sinks=1, ring=ring[0], threshold=0.5, row=0)],
+                       [RefreshRule(sinks=1, ring=ring[1], threshold=0.5, row=0)]]
+    assert a.lengths == [[4], [4]] and a.fixed
+    # the model chose the sink in block 0 and the ring in block 1
+    assert cache.commit(a, {0: 0, 1: ring[1]}) == [[0], [ring[1]]]
+    assert cache.books[0].chunk[0] == 5 and cache.books[0].next_ring == ring[0]
+    assert cache.books[1].chunk[ring[1]] == 5 and cache.books[1].next_ring != ring[1]
+    assert cache.targets[5] == [0, ring[1]]
+    assert cache.positions[0, 0, 0] == 5 and cache.positions[0, 1, ring[1]] == 5
+    assert cache.plan([1], [5]).slots == [[0], [ring[1]]]   # decided at its first step
+
+
+def test_plan_lengths_follow_the_lagging_rows_of_stream_batch():
+    cache = make_cache(blocks=1, rows=3, frames=6, sinks=3)
+    lengths = []
+    for c in range(4):
+        cache.admit(c)
+        chunks = list(range(c, max(c - 3, -1), -1))       # newest first: rows 0, 1, ...
+        plan = cache.plan(list(range(len(chunks))), chunks)
+        lengths.append(plan.lengths[0])
+        assert not plan.fixed                              # the cache is filling
+        execute(cache, plan, *(x[None].expand(len(chunks), -1, -1, -1)
+                               for x in chunk_kv(c)))
+    # each element attends to its row's filled prefix after its own write
+    assert lengths == [[1], [2, 1], [3, 2, 1], [4, 3, 2]]
+
+
+def test_the_fixed_shape_flag():
+    cache = make_cache(blocks=1, rows=2, frames=4, sinks=1)
+    for c in range(4):
+        run_chunk(cache, c, *chunk_kv(c), rows=(0, 1), forget=False)
+    cache.admit(4)
+    assert cache.plan([0, 1], [4, 3]).fixed          # steady Stream Batch: new chunk first
+    assert cache.plan([0], [4]).fixed                # a sequential step
+    assert cache.plan([1], [3]).fixed is False       # rows other than 0..B-1
+    assert cache.plan([0, 1], [3, 4]).fixed is False  # the new chunk is not element 0
+    cache.admit(5)
+    assert cache.plan([0, 1], [4, 5]).fixed is False  # two new chunks
+    cache.reset()
+    cache.admit(0)
+    assert cache.plan([0], [0]).fixed is False       # not full
+
+
+def test_one_stream_batch_forward_books_what_element_by_element_steps_book():
+    """The engine plans all chunks in flight in one forward; the same decisions, stores and
+    positions come out as when every element is its own forward (with refreshes, ring moves
+    and wraps)."""
+    rows = 3
+    caches = [make_cache(blocks=2, rows=rows, frames=5, sinks=2, refresh=0.4, rope_max=9)
+              for _ in range(2)]
+    kv = {c: chunk_kv(c, sign=-1.0 if c % 5 == 2 else 1.0, noise=0.8) for c in range(30)}
+    in_flight: list[int] = []
+    rules = 0
+    for c in range(30):
+        for cache in caches:
+            cache.admit(c)
+        in_flight.insert(0, c)
+        steps = list(range(len(in_flight)))
+        keys = [rope(kv[chunk][0], caches[0].chunk_position[chunk]) for chunk in in_flight]
+        values = [kv[chunk][1] for chunk in in_flight]
+        whole, single = caches
+        whole.prepare(steps, in_flight)
+        plan = whole.plan(steps, in_flight)
+        rules += isinstance(plan.slots[0][0], RefreshRule)
+        execute(whole, plan, torch.stack(keys), torch.stack(values))
+        for row, chunk in zip(steps, in_flight):
+            single.prepare([row], [chunk])
+            step(single, [row], [chunk], keys[row], values[row])
+        assert same(snapshot(whole), snapshot(single)), c
+        if len(in_flight) == rows:
+            for cache in caches:
+                cache.forget(in_flight[-1])
+            in_flight.pop()
+    assert rules > 10
+    assert any(b.chunk[:2] != [0, 1] for b in caches[0].books)  # some sink was refreshed
+    assert caches[0].shifts  # positions wrapped
+
+
+def test_a_rule_another_new_chunk_would_depend_on_is_refused():
+    """Two new chunks on a full cache with refresh: the second's ring slot would depend on
+    the first's decision on the device; the engine never asks for that."""
+    cache = make_cache(blocks=1, rows=2, frames=4, sinks=1, refresh=0.5)
+    for c in range(4):
+        run_chunk(cache, c, *chunk_kv(c))
+    cache.admit(4)
+    cache.admit(5)
+    with pytest.raises(ValueError, match="at most one new chunk"):
+        cache.plan([0, 1], [4, 5])
+    with pytest.raises(ValueError, match="at most once"):
+        cache.plan([0, 1], [4, 4])
+    # without refresh both decisions are known on the host: ring, then the next ring slot
+    plain = make_cache(blocks=1, rows=2, frames=4, sinks=1, refresh=0.0)
+    for c in range(6):
+        plain.admit(c)
+    for c in range(4):
+        plain.prepare([0], [c])
+        step(plain, [0], [c], *chunk_kv(c))
+    assert plain.plan([0, 1], [4, 5]).slots == [[1, 2]]

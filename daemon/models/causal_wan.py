@@ -2,14 +2,19 @@
 
 diffusers' modules and weights are used as they are (norms, modulation, FFN, projections); the
 block's forward is ours, in three dense regions around the two attention calls: self-attention
-rotates this chunk's queries/keys at its frame position, stores keys/values in the stream's
-cache and attends to the cache rows in place; cross-attention uses keys/values computed once
-per prompt.  The dense regions hold no Python state, so ``CausalWan.compile()`` can hand them
-to torch.compile (one graph reused by every block); the cache bookkeeping stays eager.  The forward can run over a
+rotates this chunk's queries/keys at its frame position, writes keys/values into the K/V
+storage it is handed and attends to those rows in place; cross-attention uses keys/values
+computed once per prompt.  The dense regions hold no Python state, so ``CausalWan.compile()``
+can hand them to torch.compile (one graph reused by every block).  The forward can run over a
 contiguous range of blocks (a *stage*) so pipeline parallelism can split blocks over ranks.
 
 One call processes a batch of latent frames (B, 16, 1, h, w): each batch element is one chunk
-at one denoising step, tagged with its cache row (= step), chunk id and frame position.
+at one denoising step.  What each element does in the self-attention of every block comes in
+an ``AttentionPlan`` (one per stream, made by the caller's cache policy before the forward):
+the storage, the row, the frame slot to write, the RoPE position, the prefix to attend to.
+A slot may be a ``RefreshRule`` instead of a number: the model evaluates it on the device
+(``refresh_choice``) and returns what it chose, for the policy to book afterwards.  The model
+knows nothing of streams, sinks bookkeeping or position wraps.
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ import contextlib
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,54 +50,150 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2).to(x.dtype)
 
 
-class FrameCache(Protocol):
-    """What the causal forward needs from a stream's KV cache (the engine owns the policy)."""
+@dataclass(frozen=True)
+class RefreshRule:
+    """A frame slot left to the device (adaptive sink refresh), as plain data.
 
-    k: list[torch.Tensor]
+    The new chunk's keys and values at this block are compared with each sink, frame slots
+    ``0 .. sinks - 1`` of row ``row``: cosine of the mean key and of the mean value, averaged.
+    The least similar sink is replaced if that similarity is below ``threshold``; otherwise
+    the chunk takes the ``ring`` slot.
+    """
+
+    sinks: int
+    ring: int
+    threshold: float
+    row: int = 0
+
+
+#: the frame slot one element writes in one block: known, or decided on the device
+Slot = int | RefreshRule
+
+
+@dataclass(eq=False)
+class AttentionPlan:
+    """One K/V storage's part of a forward (a stream's, in the engine), decided by the
+    owner's cache policy before the forward.
+
+    Per block ``b`` and batch element ``e`` (the stream's elements, in batch order): element
+    ``e`` writes its new keys/values into frame slot ``slots[b][e]`` (token range
+    ``[slot * tokens, (slot + 1) * tokens)``) of row ``rows[e]`` of ``k[b]``/``v[b]``, then
+    attends to the first ``lengths[b][e]`` frames of that row.  The model only executes this.
+    """
+
+    k: list[torch.Tensor]       # per block: (rows, heads, frames * tokens, head_dim), in place
     v: list[torch.Tensor]
+    frames: int                 # frame slots per row
+    rows: list[int]             # per element
+    positions: list[int]        # per element: RoPE frame position
+    slots: list[list[Slot]]     # [block][element]; a RefreshRule at most once per block
+    lengths: list[list[int]]    # [block][element]: frames attended to (a prefix of the row)
+    #: rows are 0..B-1 and every slot of them is filled, rules only at element 0 of every
+    #: block (or none): the whole forward has fixed shapes (``CausalWan._forward_fixed``)
+    fixed: bool = False
+    #: keep refresh decisions on the device until the end of the forward (one synchronisation)
+    #: instead of reading each back where it is taken
+    defer: bool = True
+    #: per element: the chunk id, for the policy's booking (the model does not read it)
+    chunks: list[int] = field(default_factory=list)
 
-    def slot_for(self, block: int, chunk: int, k_new: torch.Tensor,
-                 v_new: torch.Tensor) -> int: ...
 
-    def store(self, block: int, row: int, slot: int, position: int, k: torch.Tensor,
-              v: torch.Tensor) -> None: ...
-
-    def filled_slots(self, block: int, row: int) -> int: ...
-
-    def resolve(self) -> None:
-        """Book the slot decisions left on the device during a forward (one sync)."""
+#: per plan: block -> the slot its refresh rule chose (a 0-d device tensor until read back)
+Chosen = list[dict[int, int | torch.Tensor]]
 
 
 @dataclass
 class ChunkCall:
-    """What the attention processors need to know about the current call.
+    """One forward's batch: consecutive elements of one stream share a plan and a prompt.
 
-    Batch elements may belong to different streams (each with its own cache and prompt): the
-    linear layers run batched, attention runs once per group of consecutive elements sharing
-    a cache (or a prompt), reading that stream's cache rows in place.
+    The linear layers run batched over every element; attention runs once per plan, reading
+    that plan's storage in place, and cross-attention once per plan with its prompt's K/V.
     """
 
-    caches: list[FrameCache]   # per batch element: its stream's cache
-    rows: list[int]            # cache row (denoising step) of each batch element
-    chunks: list[int]          # chunk id of each batch element
-    positions: list[int]       # frame position of each batch element
-    cross_kv: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per element: per block (1,h,L,d)
+    plans: list[AttentionPlan]
+    cross_kv: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per plan: per block (1,h,L,d)
+    #: where the fixed-shape forwards of this set of plans' storages are kept (the caller
+    #: owns it and drops it whenever a storage is replaced); None: no fixed-shape forward
+    graphs: dict | None = None
 
-    @classmethod
-    def single(cls, cache: FrameCache, rows: list[int], chunks: list[int],
-               positions: list[int], cross_kv) -> ChunkCall:
-        """All elements from one stream."""
-        n = len(rows)
-        return cls([cache] * n, rows, chunks, positions, [cross_kv] * n)
+    @property
+    def positions(self) -> list[int]:
+        return [p for plan in self.plans for p in plan.positions]
+
+    def spans(self) -> list[tuple[int, int]]:
+        """[start, end) of each plan's elements in the batch."""
+        out, start = [], 0
+        for plan in self.plans:
+            out.append((start, start + len(plan.rows)))
+            start += len(plan.rows)
+        return out
 
 
-def _groups(items: list) -> list[tuple[int, int]]:
-    """[start, end) ranges of consecutive elements that are the same object."""
-    out, start = [], 0
-    for i in range(1, len(items) + 1):
-        if i == len(items) or items[i] is not items[start]:
-            out.append((start, i))
-            start = i
+def refresh_choice(k: torch.Tensor, v: torch.Tensor, tokens: int, k_new: torch.Tensor,
+                   v_new: torch.Tensor, rule: RefreshRule,
+                   ring: torch.Tensor | None = None) -> torch.Tensor:
+    """The frame slot ``rule`` picks for a new chunk, as a 0-d long tensor on the storage's
+    device (no host synchronisation).
+
+    ``k``/``v``: one block's storage (rows, heads, frames * tokens, dim); ``k_new``/``v_new``:
+    the chunk's keys/values (tokens, heads, dim); ``ring``: the ring slot as a device tensor
+    (a fixed-shape forward, whose ring slot changes between replays), else ``rule.ring``.
+    """
+    k_sinks = k[rule.row, :, :rule.sinks * tokens].unflatten(1, (-1, tokens))
+    v_sinks = v[rule.row, :, :rule.sinks * tokens].unflatten(1, (-1, tokens))
+    f32 = torch.float32  # accumulate in float32 without a float32 copy of the sinks
+    km = k_sinks.mean(2, dtype=f32).transpose(0, 1).flatten(1)   # sinks, heads*dim
+    vm = v_sinks.mean(2, dtype=f32).transpose(0, 1).flatten(1)
+    kn = k_new.mean(0, dtype=f32).flatten()
+    vn = v_new.mean(0, dtype=f32).flatten()
+    sim = 0.5 * (torch.cosine_similarity(km, kn[None], dim=-1) +
+                 torch.cosine_similarity(vm, vn[None], dim=-1))
+    low, worst = sim.min(0)
+    if ring is None:
+        ring = torch.full_like(worst, rule.ring)
+    return torch.where(low < rule.threshold, worst, ring)
+
+
+def write_block(plan: AttentionPlan, block: int, k: torch.Tensor, v: torch.Tensor
+                ) -> int | torch.Tensor | None:
+    """Write the plan's elements' new keys/values (elements, tokens, heads, dim) into their
+    frame slots of ``block``'s storage.
+
+    A refresh rule is evaluated here, from its element's keys/values, before that element's
+    write; returns its decision (a 0-d device tensor with ``plan.defer``, else an int), or
+    None when the block has no rule.
+    """
+    store_k, store_v = plan.k[block], plan.v[block]
+    tokens = store_k.shape[2] // plan.frames
+    decided = None
+    for e, slot in enumerate(plan.slots[block]):
+        if isinstance(slot, RefreshRule):
+            if decided is not None:
+                raise ValueError("a plan has at most one refresh rule per block.")
+            slot = decided = refresh_choice(store_k, store_v, tokens, k[e], v[e], slot)
+            if not plan.defer:
+                slot = decided = int(decided)
+        row = plan.rows[e]
+        if isinstance(slot, torch.Tensor):  # undecided on the host: index on the device
+            index = slot.view(1)
+            for store, new in ((store_k, k[e]), (store_v, v[e])):
+                frames = store[row].unflatten(1, (plan.frames, tokens))
+                frames.index_copy_(1, index, new.transpose(0, 1).unsqueeze(1))
+        else:
+            store_k[row, :, slot * tokens:(slot + 1) * tokens].copy_(k[e].transpose(0, 1))
+            store_v[row, :, slot * tokens:(slot + 1) * tokens].copy_(v[e].transpose(0, 1))
+    return decided
+
+
+def read_back(chosen: Chosen) -> list[dict[int, int]]:
+    """Every decision left on the device, as ints, in one synchronisation."""
+    waiting = [(j, block, slot) for j, part in enumerate(chosen)
+               for block, slot in part.items() if isinstance(slot, torch.Tensor)]
+    out = [dict(part) for part in chosen]
+    if waiting:
+        values = torch.stack([slot for _, _, slot in waiting]).tolist()
+        for (j, block, _), value in zip(waiting, values):
+            out[j][block] = value
     return out
 
 
@@ -140,24 +240,19 @@ def _cross_out_ffn(block, x: torch.Tensor, cross_out: torch.Tensor, proj: torch.
     return (x.float() + block.ffn(h).float() * c_gate).type_as(x)
 
 
-def _attend_cache(block: int, call: ChunkCall, lo: int, hi: int, q: torch.Tensor,
-                  k: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
-    """Store elements lo..hi's keys/values in their stream's cache and attend over its rows
-    in place (the filled prefix of each row; a mask where rows differ in length)."""
-    cache = call.caches[lo]
-    lengths = []
-    for i in range(lo, hi):
-        slot = cache.slot_for(block, call.chunks[i], k[i], v[i])
-        cache.store(block, call.rows[i], slot, call.positions[i], k[i], v[i])
-        lengths.append(cache.filled_slots(block, call.rows[i]) * t)
-    rows = call.rows[lo:hi]
+def _attend(plan: AttentionPlan, block: int, q: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Attend the plan's elements over the filled prefix of their rows, in place (a mask
+    where rows differ in length)."""
+    lengths = [n * tokens for n in plan.lengths[block]]
+    rows = plan.rows
     longest = max(lengths)
+    store_k, store_v = plan.k[block], plan.v[block]
     if rows == list(range(rows[0], rows[0] + len(rows))):
-        keys = cache.k[block][rows[0]:rows[0] + len(rows), :, :longest]
-        values = cache.v[block][rows[0]:rows[0] + len(rows), :, :longest]
+        keys = store_k[rows[0]:rows[0] + len(rows), :, :longest]
+        values = store_v[rows[0]:rows[0] + len(rows), :, :longest]
     else:  # rows out of order (not produced by the engine's schedules, kept for safety)
-        keys = cache.k[block][rows, :, :longest]
-        values = cache.v[block][rows, :, :longest]
+        keys = store_k[rows, :, :longest]
+        values = store_v[rows, :, :longest]
     mask = None
     if min(lengths) < longest:
         idx = torch.arange(longest, device=q.device)
@@ -285,8 +380,10 @@ class CausalWan:
         return x, temb, proj
 
     def blocks(self, x: torch.Tensor, proj: torch.Tensor, rope, call: ChunkCall,
-               start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Run blocks[start:end] (a pipeline stage) on tokens (B, T, dim)."""
+               start: int = 0, end: int | None = None) -> tuple[torch.Tensor, Chosen]:
+        """Run blocks[start:end] (a pipeline stage) on tokens (B, T, dim).  Returns the tokens
+        and, per plan, the slots its refresh rules chose in these blocks (still on the device:
+        ``read_back`` them once the last stage has run)."""
         with self._attention_kernels():
             return self._blocks(x, proj, rope, call, start, end)
 
@@ -294,26 +391,28 @@ class CausalWan:
         qkv, mid, post = self._regions
         cos, sin = rope
         t = x.shape[1]
-        cache_groups = _groups(call.caches)
-        prompt_groups = _groups(call.cross_kv)
+        spans = call.spans()
+        chosen: Chosen = [{} for _ in call.plans]
         end = self.num_blocks if end is None else end
         for i in range(start, end):
             block = self.model.blocks[i]
             q, k, v = qkv(block, x, proj, cos, sin)
-            attn = _cat([_attend_cache(i, call, lo, hi, q[lo:hi], k, v, t)
-                         for lo, hi in cache_groups])
-            x, q = mid(block, x, attn, proj)
             outs = []
-            for lo, hi in prompt_groups:
-                ck, cv = call.cross_kv[lo][i]
+            for plan, decided, (lo, hi) in zip(call.plans, chosen, spans):
+                slot = write_block(plan, i, k[lo:hi], v[lo:hi])
+                if slot is not None:
+                    decided[i] = slot
+                outs.append(_attend(plan, i, q[lo:hi], t))
+            x, q = mid(block, x, _cat(outs), proj)
+            outs = []
+            for kv, (lo, hi) in zip(call.cross_kv, spans):
+                ck, cv = kv[i]
                 n = hi - lo
                 outs.append(F.scaled_dot_product_attention(
                     q[lo:hi], ck.expand(n, -1, -1, -1).to(q.dtype),
                     cv.expand(n, -1, -1, -1).to(q.dtype)))
             x = post(block, x, _cat(outs), proj)
-        for cache in {id(c): c for c in call.caches}.values():
-            cache.resolve()
-        return x
+        return x, chosen
 
     def head(self, x: torch.Tensor, temb: torch.Tensor, latent_h: int, latent_w: int
              ) -> torch.Tensor:
@@ -329,8 +428,10 @@ class CausalWan:
 
     @torch.no_grad()
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, call: ChunkCall
-                ) -> torch.Tensor:
-        """Flow prediction for a batch of single latent frames (B, 16, 1, h, w)."""
+                ) -> tuple[torch.Tensor, list[dict[int, int]]]:
+        """Flow prediction for a batch of single latent frames (B, 16, 1, h, w), and per plan
+        the slots its refresh rules chose (block -> slot), read back in one synchronisation at
+        the end (the caller's policy books them)."""
         _, _, frames, h, w = latents.shape
         if frames != 1:
             raise ValueError("the causal forward takes one latent frame per batch element.")
@@ -340,42 +441,50 @@ class CausalWan:
                 return out
         x, temb, proj = self.embed(latents, timesteps)
         rope = self.rope(call.positions, h // self.patch[1], w // self.patch[2])
-        x = self.blocks(x, proj, rope, call)
-        return self.head(x, temb, h, w)
+        x, chosen = self.blocks(x, proj, rope, call)
+        return self.head(x, temb, h, w), read_back(chosen)
 
-
-    # --- the fixed-shape forward: one CUDA graph per stream and batch shape --------------------
+    # --- the fixed-shape forward: one CUDA graph per set of storages and batch shape -----------
 
     def _forward_fixed(self, latents: torch.Tensor, timesteps: torch.Tensor, call: ChunkCall,
-                       h: int, w: int) -> torch.Tensor | None:
-        """The forward of a stream whose cache is full: every slot index is a device tensor,
-        the sink-refresh decision is taken on the device, attention reads whole rows, so the
-        whole forward (embedding, every block, head) is one fixed sequence of kernels.  On
-        CUDA it is recorded once as a graph and replayed; elsewhere it runs directly (the
-        tests compare it with the general path).  None when the call is not of that kind."""
-        cache = call.caches[0]
-        if any(c is not cache for c in call.caches) or \
-                any(kv is not call.cross_kv[0] for kv in call.cross_kv) or \
-                not hasattr(cache, "static_plan"):
+                       h: int, w: int) -> tuple[torch.Tensor, list[dict[int, int]]] | None:
+        """The forward of a ``fixed`` plan (its cache is full): every slot index is a device
+        tensor, the refresh rule is evaluated on the device, attention reads whole rows, so
+        the whole forward (embedding, every block, head) is one fixed sequence of kernels.
+        On CUDA it is recorded once per shape as a graph (kept in ``call.graphs``) and
+        replayed; elsewhere it runs directly (the tests compare it with the general path).
+        None when the call is not of that kind (one plan only, for now)."""
+        if call.graphs is None or len(call.plans) != 1 or \
+                not all(plan.fixed for plan in call.plans):
             return None
-        plan = cache.static_plan(call.rows, call.chunks)
-        if plan is None:
+        layouts = [_fixed_layout(plan, self.num_blocks) for plan in call.plans]
+        if any(layout is None for layout in layouts):
             return None
-        b, dev = len(call.rows), self.device
+        dev = self.device
         cos, sin = self.rope(call.positions, h // self.patch[1], w // self.patch[2])
-        key = (b, h, w, plan.refresh, plan.new, cache.policy.refresh_threshold)
-        st = cache.graphs.get(key)
-        slots = torch.tensor(plan.slots, device=dev)
-        ring = torch.tensor(plan.ring, device=dev)
+        # (blocks, B) slot of every element (a rule's element: its ring slot), (blocks, plans)
+        slots = torch.tensor([[s for layout in layouts for s in layout[0][b]]
+                              for b in range(self.num_blocks)], device=dev)
+        ring = torch.tensor([[layout[1][b] for layout in layouts]
+                             for b in range(self.num_blocks)], device=dev)
+        key = (h, w) + tuple((len(plan.rows), plan.frames, layout[2])
+                             for plan, layout in zip(call.plans, layouts))
+        st = call.graphs.get(key)
         if st is None:
-            st = cache.graphs[key] = _Fixed(
+            parts = [_FixedPart(lo, hi, plan.frames, rule,
+                                rows=torch.arange(hi - lo, device=dev),
+                                cross=[(k.clone(), v.clone()) for k, v in kv], cross_src=kv)
+                     for plan, (_, _, rule), (lo, hi), kv in
+                     zip(call.plans, layouts, call.spans(), call.cross_kv)]
+            refreshing = sum(part.rule is not None for part in parts)
+            st = call.graphs[key] = _Fixed(
                 latents=latents.to(dev, self.dtype).clone(),
                 t=timesteps.to(dev).clone(), cos=cos.clone(), sin=sin.clone(), slots=slots,
-                ring=ring, rows=torch.arange(b, device=dev), refresh=plan.refresh,
-                cross=[(k.clone(), v.clone()) for k, v in call.cross_kv[0]],
-                cross_src=call.cross_kv[0],
-                out=torch.empty((b, latents.shape[1], 1, h, w), device=dev, dtype=self.dtype),
-                chosen=torch.zeros(self.num_blocks, dtype=torch.long, device=dev))
+                ring=ring, parts=parts,
+                out=torch.empty((len(call.positions), latents.shape[1], 1, h, w), device=dev,
+                                dtype=self.dtype),
+                chosen=torch.zeros((self.num_blocks, refreshing), dtype=torch.long,
+                                   device=dev))
         else:
             st.latents.copy_(latents)
             st.t.copy_(timesteps)
@@ -383,81 +492,132 @@ class CausalWan:
             st.sin.copy_(sin)
             st.slots.copy_(slots)
             st.ring.copy_(ring)
-            if st.cross_src is not call.cross_kv[0]:  # a new prompt
-                for (dk, dv), (k, v) in zip(st.cross, call.cross_kv[0]):
-                    dk.copy_(k)
-                    dv.copy_(v)
-                st.cross_src = call.cross_kv[0]
+            for part, kv in zip(st.parts, call.cross_kv):
+                if part.cross_src is not kv:  # a new prompt
+                    for (dk, dv), (k, v) in zip(part.cross, kv):
+                        dk.copy_(k)
+                        dv.copy_(v)
+                    part.cross_src = kv
         if not self.use_graphs:
-            self._fixed_body(st, cache, h, w)
+            self._fixed_body(st, call.plans, h, w)
         elif st.graph is None:
             # the first run is real work and the warm-up the capture needs; the capture
             # records the same kernels without running them
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._fixed_body(st, cache, h, w)
+                self._fixed_body(st, call.plans, h, w)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: a prompt being encoded on the text thread meanwhile is not an
             # error for this capture (its work is on its own stream and is not recorded)
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._fixed_body(st, cache, h, w)
+                self._fixed_body(st, call.plans, h, w)
             st.graph = graph
         else:
             st.graph.replay()
-        chosen = st.chosen.tolist() if plan.refresh else None  # the forward's one sync
-        cache.static_commit(plan, call.chunks, call.positions, chosen)
-        return st.out.clone()
+        chosen: list[dict[int, int]] = [{} for _ in call.plans]
+        if st.chosen.shape[1]:
+            picked = st.chosen.tolist()  # the forward's one synchronisation
+            refreshing = [j for j, part in enumerate(st.parts) if part.rule is not None]
+            for block, row in enumerate(picked):
+                for j, slot in zip(refreshing, row):
+                    chosen[j][block] = slot
+        return st.out.clone(), chosen
 
-    def _fixed_body(self, st: _Fixed, cache: FrameCache, h: int, w: int) -> None:
+    def _fixed_body(self, st: _Fixed, plans: list[AttentionPlan], h: int, w: int) -> None:
         with self._attention_kernels():
-            self._fixed_body_inner(st, cache, h, w)
+            self._fixed_body_inner(st, plans, h, w)
 
-    def _fixed_body_inner(self, st: _Fixed, cache: FrameCache, h: int, w: int) -> None:
+    def _fixed_body_inner(self, st: _Fixed, plans: list[AttentionPlan], h: int, w: int
+                          ) -> None:
         x, temb, proj = self.embed(st.latents, st.t)
-        b, t = x.shape[:2]
-        frames = cache.policy.frames
+        t = x.shape[1]
         qkv, mid, post = self._regions
         chosen = []
         for i, block in enumerate(self.model.blocks):
             q, k, v = qkv(block, x, proj, st.cos, st.sin)
-            slots = st.slots[i]
-            if st.refresh:  # element 0 is a new chunk: a sink or the ring slot, on the device
-                first = cache._refresh_choice(i, k[0], v[0], st.ring[i])
-                slots = torch.cat([first.view(1), slots[1:]])
-                chosen.append(first)
-            for store, new in ((cache.k[i], k), (cache.v[i], v)):
-                store.unflatten(2, (frames, t))[st.rows, :, slots] = new.transpose(1, 2)
-            attn = F.scaled_dot_product_attention(q, cache.k[i][:b], cache.v[i][:b])
-            x, q = mid(block, x, attn, proj)
-            ck, cv = st.cross[i]
-            x = post(block, x, F.scaled_dot_product_attention(
-                q, ck.expand(b, -1, -1, -1), cv.expand(b, -1, -1, -1)), proj)
+            outs, picks = [], []
+            for j, (part, plan) in enumerate(zip(st.parts, plans)):
+                lo, hi = part.lo, part.hi
+                slots = st.slots[i, lo:hi]
+                if part.rule is not None:  # element lo is a new chunk: a sink or the ring
+                    first = refresh_choice(plan.k[i], plan.v[i], t, k[lo], v[lo], part.rule,
+                                           st.ring[i, j])
+                    slots = torch.cat([first.view(1), slots[1:]])
+                    picks.append(first)
+                for store, new in ((plan.k[i], k), (plan.v[i], v)):
+                    store.unflatten(2, (part.frames, t))[part.rows, :, slots] = \
+                        new[lo:hi].transpose(1, 2)
+                # each element reads its own stream's rows only
+                outs.append(F.scaled_dot_product_attention(q[lo:hi], plan.k[i][:hi - lo],
+                                                           plan.v[i][:hi - lo]))
+            x, q = mid(block, x, _cat(outs), proj)
+            outs = []
+            for part in st.parts:
+                ck, cv = part.cross[i]
+                n = part.hi - part.lo
+                outs.append(F.scaled_dot_product_attention(
+                    q[part.lo:part.hi], ck.expand(n, -1, -1, -1), cv.expand(n, -1, -1, -1)))
+            x = post(block, x, _cat(outs), proj)
+            if picks:
+                chosen.append(torch.stack(picks))
         st.out.copy_(self.head(x, temb, h, w))
         if chosen:
             st.chosen.copy_(torch.stack(chosen))
 
 
+def _fixed_layout(plan: AttentionPlan, blocks: int
+                  ) -> tuple[list[list[int]], list[int], RefreshRule | None] | None:
+    """A fixed plan as the fixed-shape forward takes it: every slot an int (a rule's element:
+    its ring slot), each block's ring slot, and the refresh rule's shape (its ring left out:
+    that one is an input of the graph).  None if the plan does not have that form."""
+    if plan.rows != list(range(len(plan.rows))):
+        return None
+    first = [block_slots[0] for block_slots in plan.slots]
+    rules = [s for s in first if isinstance(s, RefreshRule)]
+    if any(isinstance(s, RefreshRule) for block_slots in plan.slots for s in block_slots[1:]):
+        return None
+    if not rules:
+        return [list(b) for b in plan.slots], first, None
+    shape = RefreshRule(rules[0].sinks, -1, rules[0].threshold, rules[0].row)
+    if len(rules) != blocks or any((r.sinks, r.threshold, r.row) !=
+                                   (shape.sinks, shape.threshold, shape.row) for r in rules):
+        return None
+    ring = [r.ring for r in rules]
+    return [[r] + list(b[1:]) for r, b in zip(ring, plan.slots)], ring, shape
+
+
+@dataclass(eq=False)
+class _FixedPart:
+    """One plan's (stream's) share of a fixed-shape forward: elements lo..hi of the batch."""
+
+    lo: int
+    hi: int
+    frames: int
+    rule: RefreshRule | None   # element lo's refresh rule (ring from _Fixed.ring), or none
+    rows: torch.Tensor         # (hi - lo,) = 0 .. hi - lo - 1
+    cross: list[tuple[torch.Tensor, torch.Tensor]]  # static copies of the prompt's K/V
+    cross_src: object          # the prompt K/V they were copied from
+
+
 @dataclass(eq=False)
 class _Fixed:
     """The static buffers of one fixed-shape forward (a CUDA graph reads and writes them).
-    Kept in the stream's cache (``cache.graphs``) and holding no reference back to it, so
-    closing a stream frees its graph and buffers at once, without waiting for the cyclic
-    garbage collector."""
+    Kept where the caller says (``ChunkCall.graphs``: a stream's own cache, or the engine for
+    several streams) and holding no reference to the K/V storage (the graph addresses it,
+    the plans hand it in at every run), so dropping it and closing a stream free everything
+    at once, without waiting for the cyclic garbage collector."""
 
     latents: torch.Tensor
     t: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     slots: torch.Tensor    # (blocks, B) frame slot of each element
-    ring: torch.Tensor     # (blocks,) the ring slot a new chunk takes unless it refreshes
-    rows: torch.Tensor     # (B,) = 0..B-1
-    refresh: bool
-    cross: list[tuple[torch.Tensor, torch.Tensor]]
-    cross_src: object
+    ring: torch.Tensor     # (blocks, plans) the ring slot a new chunk takes unless it refreshes
+    parts: list[_FixedPart]
     out: torch.Tensor
-    chosen: torch.Tensor   # (blocks,) slot chosen for element 0
+    chosen: torch.Tensor   # (blocks, plans with a rule) slot chosen for their first element
     graph: object = None
 
 

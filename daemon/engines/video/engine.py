@@ -342,22 +342,30 @@ class VideoEngine(Engine):
 
     def _forward(self, work: list[tuple[VideoStream, list[Chunk]]]) -> _Done:
         """One DiT forward over chunks of one or more streams (each stream's chunks at
-        distinct steps); advances each by one step and returns those that became clean."""
-        streams, chunks = [], []
+        distinct steps); advances each by one step and returns those that became clean.
+
+        Each stream's cache policy plans its part of the forward; the model executes the
+        plans and returns what it decided on the device (sink refreshes), which the policies
+        then book."""
+        streams, chunks, plans = [], [], []
         with self._stage("prepare"):
             for stream, items in work:
                 ordered = sorted(items, key=lambda c: c.step)
-                stream.cache.prepare([c.step for c in ordered], [c.id for c in ordered])
+                rows, ids = [c.step for c in ordered], [c.id for c in ordered]
+                stream.cache.prepare(rows, ids)
+                plans.append(stream.cache.plan(rows, ids))
                 streams += [stream] * len(ordered)
                 chunks += ordered
         x = torch.cat([c.x for c in chunks], 0)
         t = torch.tensor([c.schedule[c.step] for c in chunks], device=x.device)
-        positions = [s.cache.chunk_position[c.id] for s, c in zip(streams, chunks)]
-        call = ChunkCall([s.cache for s in streams], rows=[c.step for c in chunks],
-                         chunks=[c.id for c in chunks], positions=positions,
-                         cross_kv=[s.cross_kv for s in streams])
+        # a stream's fixed-shape forwards live in its cache, dropped with it
+        graphs = work[0][0].cache.graphs if len(work) == 1 else None
+        call = ChunkCall(plans, [s.cross_kv for s, _ in work], graphs=graphs)
         with self._stage("dit"):
-            flow = self.wan.forward(x, t, call).to(x.dtype)
+            flow, chosen = self.wan.forward(x, t, call)
+            flow = flow.to(x.dtype)
+            for (stream, _), plan, decided in zip(work, plans, chosen):
+                stream.cache.commit(plan, decided)
         with self._stage("step"):
             return self._step(streams, chunks, flow)
 

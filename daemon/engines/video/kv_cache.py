@@ -22,18 +22,24 @@ Policy, per block, decided once per chunk (at its first step) and reused at its 
     Each row is re-rotated when the first chunk admitted after the wrap reaches it (``prepare``),
     so Stream Batch and the sequential schedule stay identical across wraps.
 
-On GPUs the refresh decision stays on the device (``defer``): the chosen slot is a 0-d tensor,
-the store indexes with it, and ``resolve()`` reads every decision of a forward back in one
-synchronisation at its end, instead of one per block.  The bookkeeping is the same either way.
+The policy decides, the model executes: before a forward, ``plan(rows, chunks)`` says for every
+block what each element does (``AttentionPlan``: storage, row, frame slot, RoPE position,
+attended prefix), without touching the cache.  Where the slot depends on the chunk's own keys
+(adaptive refresh of a full cache) the plan holds a ``RefreshRule`` (the sinks, the ring slot,
+the threshold) which the model evaluates on the device; after the forward ``commit(plan,
+chosen)`` books what it chose and every stored position.  On GPUs the decisions stay on the
+device until one synchronisation at the end of the forward (``defer``), instead of one per
+block.  The bookkeeping is the same either way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from ...models.causal_wan import rope_cos_sin, rotate_pairs
+from ...models.causal_wan import AttentionPlan, RefreshRule, Slot, rope_cos_sin, rotate_pairs
 
 
 @dataclass
@@ -52,17 +58,6 @@ class CachePolicy:
             raise ValueError("sink_refresh must be 0 (off) .. 1.")
         if self.rope_max < self.frames:
             raise ValueError("rope_max must be at least cache_frames.")
-
-
-@dataclass
-class StaticPlan:
-    """Slots of a fixed-shape forward: per block, per element (element 0's is the ring slot
-    when it is a new chunk; with ``refresh`` the device may pick a sink instead)."""
-
-    slots: list[list[int]]
-    ring: list[int]
-    refresh: bool
-    new: bool
 
 
 @dataclass
@@ -101,10 +96,8 @@ class KVCache:
     row_epoch: list[int] = field(default_factory=list)
     t_dim: int = 0
     inv_freq_t: torch.Tensor | None = None
-    #: keep refresh decisions on the device until resolve() (None: on CUDA devices)
+    #: keep refresh decisions on the device until the end of the forward (None: on CUDA)
     defer: bool | None = None
-    #: (block, chunk) -> [chosen slot (0-d device tensor), ring slot, row, position]
-    pending: dict[tuple[int, int], list] = field(default_factory=dict)
     #: fixed-shape forwards (CUDA graphs) recorded against this cache's storage
     graphs: dict = field(default_factory=dict)
 
@@ -138,7 +131,6 @@ class KVCache:
         self.shifts = []
         self.row_epoch = [0] * self.rows
         self.next_position = 0
-        self.pending.clear()
 
     def reset(self) -> None:
         """Forget every frame (explicit stream reset); storage is kept and zeroed."""
@@ -218,39 +210,97 @@ class KVCache:
                                        sin[None, :, None, :].to(k.device))
         self.positions[row] = new
 
-    def slot_for(self, block: int, chunk: int, k_new: torch.Tensor, v_new: torch.Tensor
-                 ) -> int | torch.Tensor:
-        """The frame slot this chunk occupies in ``block`` (decided at its first call): an int,
-        or with ``defer`` a 0-d device tensor while a refresh decision is unresolved.
+    # --- one forward: plan before it, commit after it -----------------------------------
 
-        ``k_new``/``v_new``: this chunk's keys/values at its first step, (tokens, heads, dim).
+    def plan(self, rows: list[int], chunks: list[int]) -> AttentionPlan:
+        """What a forward over chunk ``chunks[e]`` at row ``rows[e]`` does in every block
+        (call ``prepare`` first).  The cache is not changed; ``commit`` books the forward.
+
+        A chunk keeps the slot it got at its first call (its first step); a new chunk takes
+        the first free slot, or once the cache is full the ring slot, or with adaptive
+        refresh a ``RefreshRule`` the model evaluates.  One forward may admit any number of
+        new chunks, but a rule at most once per block: the next new chunk's ring slot would
+        depend on its outcome (the engine's schedules admit one new chunk per forward).
         """
-        waiting = self.pending.get((block, chunk))
-        if waiting is not None:
-            return waiting[0]
-        targets = self.targets.get(chunk)
-        if targets is not None and targets[block] >= 0:
-            return targets[block]
-        if any(b == block for b, _ in self.pending):
-            self.resolve()  # another chunk's decision in this block comes first
-        if targets is None:
-            targets = self.targets[chunk] = [-1] * self.blocks
-        p, book = self.policy, self.books[block]
-        if -1 in book.chunk:
-            slot = book.chunk.index(-1)
-        elif p.refresh_threshold > 0 and p.sinks > 0:
-            choice = self._refresh_choice(block, k_new, v_new, book.next_ring)
-            if self.defer:
-                self.pending[(block, chunk)] = [choice, book.next_ring, None, None]
-                return choice
-            slot = int(choice)
-            self._advance_ring(book, slot)
-        else:
-            slot = book.next_ring
+        if len(set(chunks)) != len(chunks):
+            raise ValueError("a chunk appears at most once in a forward.")
+        p = self.policy
+        refresh = p.refresh_threshold > 0 and p.sinks > 0
+        # which slots of each row hold keys, updated with this forward's writes as they
+        # happen: an element attends to its row's filled prefix after its own write
+        occupied = {row: (self.positions[row] != self.EMPTY).tolist() for row in set(rows)}
+        new = [e for e, c in enumerate(chunks) if c not in self.targets or
+               min(self.targets[c]) < 0]
+        full = all(all(all(block) for block in occupied[row]) for row in rows)
+        # Stream Batch's steady state (or a sequential step) on a full cache: the same
+        # shapes at every forward
+        fixed = rows == list(range(len(rows))) and full and new in ([], [0])
+        slots: list[list[Slot]] = []
+        lengths: list[list[int]] = []
+        for block in range(self.blocks):
+            book = self.books[block]
+            scratch = _BlockBook(list(book.chunk), book.next_ring)  # this forward's bookings
+            block_slots: list[Slot] = []
+            block_lengths = []
+            ruled = False
+            for row, chunk in zip(rows, chunks):
+                target = self.targets.get(chunk)
+                if target is not None and target[block] >= 0:
+                    slot = target[block]
+                elif -1 in scratch.chunk:
+                    slot = scratch.chunk.index(-1)
+                    self._book(scratch, chunk, slot)
+                elif refresh:
+                    if ruled:
+                        raise ValueError("with sink refresh, a full cache takes at most one "
+                                         "new chunk per forward.")
+                    slot = RefreshRule(p.sinks, scratch.next_ring, p.refresh_threshold)
+                    ruled = True
+                else:
+                    slot = scratch.next_ring
+                    self._book(scratch, chunk, slot)
+                if isinstance(slot, int):
+                    occupied[row][block][slot] = True
+                # (a rule's write fills no new slot: rules come once the cache is full)
+                block_slots.append(slot)
+                block_lengths.append(sum(occupied[row][block]))
+            slots.append(block_slots)
+            lengths.append(block_lengths)
+        return AttentionPlan(self.k, self.v, p.frames, list(rows),
+                             [self.chunk_position[c] for c in chunks], slots, lengths,
+                             fixed=fixed, defer=bool(self.defer), chunks=list(chunks))
+
+    def commit(self, plan: AttentionPlan, chosen: Mapping[int, int]) -> list[list[int]]:
+        """Book a forward run from ``plan``: each new chunk's slot per block (``chosen[block]``
+        where the plan left it to a refresh rule) and the position of every key stored.
+        Returns the slot of every element, per block."""
+        booked = []
+        stored: dict[tuple[int, int, int], int] = {}
+        for block in range(self.blocks):
+            book = self.books[block]
+            block_slots = []
+            for e, (row, chunk) in enumerate(zip(plan.rows, plan.chunks)):
+                slot = plan.slots[block][e]
+                if isinstance(slot, RefreshRule):
+                    slot = int(chosen[block])
+                target = self.targets.setdefault(chunk, [-1] * self.blocks)
+                if target[block] < 0:  # the chunk's first call
+                    self._book(book, chunk, slot)
+                    target[block] = slot
+                stored[(row, block, slot)] = plan.positions[e]
+                block_slots.append(slot)
+            booked.append(block_slots)
+        if stored:
+            index = torch.tensor(list(stored)).T
+            self.positions[index[0], index[1], index[2]] = torch.tensor(list(stored.values()))
+        return booked
+
+    def _book(self, book: _BlockBook, chunk: int, slot: int) -> None:
+        """A new chunk takes ``slot``; a free slot leaves the ring alone, a full cache's
+        choice (the ring slot or a refreshed sink) goes through ``_advance_ring``."""
+        if -1 not in book.chunk:
             self._advance_ring(book, slot)
         book.chunk[slot] = chunk
-        targets[block] = slot
-        return slot
 
     def _advance_ring(self, book: _BlockBook, slot: int) -> None:
         """The ring's victim moves on only when the ring (not a sink) took the chunk."""
@@ -259,95 +309,6 @@ class KVCache:
         p = self.policy
         ring = p.frames - p.sinks
         book.next_ring = p.sinks + (book.next_ring - p.sinks + 1) % ring if ring else p.sinks
-
-    def _refresh_choice(self, block: int, k_new: torch.Tensor, v_new: torch.Tensor,
-                        ring_slot: int | torch.Tensor) -> torch.Tensor:
-        """The least similar sink if its similarity is below the threshold, else the ring
-        slot; a 0-d long tensor on the cache's device (no host synchronisation)."""
-        t = self.tokens
-        k_sinks = self.k[block][0, :, :self.policy.sinks * t].unflatten(1, (-1, t))
-        v_sinks = self.v[block][0, :, :self.policy.sinks * t].unflatten(1, (-1, t))
-        f32 = torch.float32  # accumulate in float32 without a float32 copy of the sinks
-        km = k_sinks.mean(2, dtype=f32).transpose(0, 1).flatten(1)   # sinks, heads*dim
-        vm = v_sinks.mean(2, dtype=f32).transpose(0, 1).flatten(1)
-        kn = k_new.mean(0, dtype=f32).flatten()
-        vn = v_new.mean(0, dtype=f32).flatten()
-        sim = 0.5 * (torch.cosine_similarity(km, kn[None], dim=-1) +
-                     torch.cosine_similarity(vm, vn[None], dim=-1))
-        low, worst = sim.min(0)
-        ring = ring_slot if isinstance(ring_slot, torch.Tensor) else \
-            torch.full_like(worst, ring_slot)
-        return torch.where(low < self.policy.refresh_threshold, worst, ring)
-
-    def store(self, block: int, row: int, slot: int | torch.Tensor, position: int,
-              k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write one chunk's keys/values (tokens, heads, dim) into a row's frame slot."""
-        t = self.tokens
-        if isinstance(slot, torch.Tensor):  # an unresolved decision: index on the device
-            index = slot.view(1)
-            for cache, new in ((self.k, k), (self.v, v)):
-                frames = cache[block][row].unflatten(1, (self.policy.frames, t))
-                frames.index_copy_(1, index, new.transpose(0, 1).unsqueeze(1))
-            for key, entry in self.pending.items():
-                if key[0] == block and entry[0] is slot:
-                    entry[2], entry[3] = row, position
-            return
-        self.k[block][row, :, slot * t:(slot + 1) * t].copy_(k.transpose(0, 1))
-        self.v[block][row, :, slot * t:(slot + 1) * t].copy_(v.transpose(0, 1))
-        self.positions[row, block, slot] = position
-
-    def resolve(self) -> None:
-        """Read back every deferred decision (one synchronisation) and book it."""
-        if not self.pending:
-            return
-        items = list(self.pending.items())
-        self.pending.clear()
-        slots = torch.stack([entry[0] for _, entry in items]).tolist()
-        for ((block, chunk), (_, ring, row, position)), slot in zip(items, slots):
-            book = self.books[block]
-            self._advance_ring(book, slot)
-            book.chunk[slot] = chunk
-            self.targets.setdefault(chunk, [-1] * self.blocks)[block] = slot
-            if row is not None:
-                self.positions[row, block, slot] = position
-
-    # --- the fixed-shape forward (one CUDA graph per stream and batch shape) -------------------
-
-    def static_plan(self, rows: list[int], chunks: list[int]) -> StaticPlan | None:
-        """The slots of a forward whose shape never changes: rows 0..B-1 all full, at most one
-        new chunk and it is element 0 (Stream Batch's steady state, or a sequential step).
-        None when the forward is not of that kind (the cache is still filling, say)."""
-        b = len(rows)
-        if rows != list(range(b)) or self.pending:
-            return None
-        if not bool((self.positions[:b] != self.EMPTY).all()):
-            return None
-        new = [e for e, c in enumerate(chunks)
-               if c not in self.targets or min(self.targets[c]) < 0]
-        if new not in ([], [0]):
-            return None
-        ring = [book.next_ring for book in self.books]
-        slots = [[ring[block] if e in new else self.targets[c][block]
-                  for e, c in enumerate(chunks)] for block in range(self.blocks)]
-        p = self.policy
-        return StaticPlan(slots, ring, refresh=bool(new) and p.refresh_threshold > 0 and
-                          p.sinks > 0, new=bool(new))
-
-    def static_commit(self, plan: StaticPlan, chunks: list[int], positions: list[int],
-                      chosen: list[int] | None) -> None:
-        """Book a fixed-shape forward: the new chunk's slots (``chosen`` per block when the
-        refresh decision was taken on the device) and every stored position."""
-        for block in range(self.blocks):
-            slots = plan.slots[block]
-            if plan.new:
-                slot = chosen[block] if plan.refresh else slots[0]
-                slots = [slot] + slots[1:]
-                book = self.books[block]
-                self._advance_ring(book, slot)
-                book.chunk[slot] = chunks[0]
-                self.targets.setdefault(chunks[0], [-1] * self.blocks)[block] = slot
-            for row, (slot, position) in enumerate(zip(slots, positions)):
-                self.positions[row, block, slot] = position
 
     def filled_slots(self, block: int, row: int) -> int:
         """Frame slots of a row holding keys (always a prefix)."""
