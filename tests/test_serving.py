@@ -105,10 +105,28 @@ class SleepyEngine(PassthroughEngine):
         return super().submit(batch)
 
 
+class ChunkyEngine(SleepyEngine):
+    """Takes chunks of 4 frames per step, as the video engine does (120 + 40 n ms)."""
+
+    name = "chunky"
+
+    def capabilities(self):
+        return {**super().capabilities(), "frames_per_step": 4}
+
+    def frames_per_step(self, stream_id: int) -> int:
+        return 4
+
+    def submit(self, batch):
+        time.sleep(0.100 + 0.030 * len(batch))
+        return PassthroughEngine.submit(self, batch)
+
+
 @pytest.fixture
 def sleepy(monkeypatch):
     monkeypatch.setitem(REGISTRY, "sleepy", (lambda device: SleepyEngine(device), "test"))
-    daemon = Daemon(port=0, engines=("sleepy", "passthrough"), heartbeat_timeout=2.0).start()
+    monkeypatch.setitem(REGISTRY, "chunky", (lambda device: ChunkyEngine(device), "test"))
+    daemon = Daemon(port=0, engines=("sleepy", "chunky", "passthrough"),
+                    heartbeat_timeout=2.0).start()
     yield daemon
     daemon.stop()
 
@@ -129,6 +147,19 @@ def test_overloaded_streams_share_the_device_fairly(sleepy):
     assert all(s["serve_fps"] < 30.0 and s["decimated"] > 0 for s in stats)
     # 4 streams at one step each would be 4 x 30 ms per round: batching beats it
     assert sum(rates) > 1000.0 / 30.0 * 1.2
+
+
+def test_a_chunked_stream_served_below_its_rate_loses_no_chunk(sleepy):
+    """Served at a fair share below 30 FPS, a stream's 4-frame chunk spans more input frames
+    than its input ring holds: the daemon takes each kept frame out of its slot at once, so
+    no chunk arrives torn (before, every chunk did and such streams showed nothing)."""
+    with Client(sleepy.endpoint) as c:
+        streams = [c.open_stream(f"c{k}", 64, 64, engine="chunky") for k in range(3)]
+        seen = drive(c, streams, 4.0)
+        stats = [c.stats()[f"c{k}"]["daemon"] for k in range(3)]
+    assert all(s["serve_fps"] < 20.0 and s["decimated"] > 0 for s in stats), stats
+    assert all(s["torn"] == 0 for s in stats), stats
+    assert all(len(v) >= 10 for v in seen.values()), {k: len(v) for k, v in seen.items()}
 
 
 def test_admission_refuses_with_the_rate_it_could_give(sleepy):
