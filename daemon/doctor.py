@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import platform
 import socket
@@ -87,6 +88,13 @@ def run_doctor(args: argparse.Namespace) -> int:
     lines.append("")
     port_state = "free" if _port_free(args.port) else "IN USE (a daemon running, or another program)"
     lines.append(f"control port 127.0.0.1:{args.port}: {port_state}")
+    lines.append("")
+    from .config import ENVIRONMENT, env
+    lines.append("settings (environment variables; * = set here):")
+    for name, (default, about) in ENVIRONMENT.items():
+        value = env(name)
+        mark = "*" if name in os.environ else " "
+        lines.append(f" {mark}{name:<28} {value or '-':<6} {about}")
     lines.append("")
     lines.append("weights (Hugging Face cache; fetch with 'livediffusion models pull NAME'):")
     try:

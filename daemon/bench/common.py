@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..config import env
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -21,7 +22,7 @@ def provenance() -> dict[str, Any]:
     """Date, machine and commit, printed beside every result."""
     # a copy of the tree (a remote GPU machine, say) may carry stale git metadata: the
     # variable, when set, names the commit that was copied
-    commit = os.environ.get("LIVEDIFFUSION_COMMIT", "")
+    commit = env("LIVEDIFFUSION_COMMIT")
     if not commit:
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],

@@ -16,7 +16,6 @@ re-derives only what depends on it (``update_params``).
 
 from __future__ import annotations
 
-import os
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from ..base import (Engine, EngineError, OutputFrame, StreamConfig, StreamInput,
 from ..graphs import GraphedCall
 from . import lcm
 from . import params as P
+from ...config import env_flag
 
 
 @dataclass
@@ -69,7 +69,7 @@ class ImageEngine(Engine):
         #: the UNet call replayed as a CUDA graph per batch shape on GPUs
         #: (LIVEDIFFUSION_CUDA_GRAPHS=0 turns it off)
         cuda = self.device.type == "cuda" and \
-            os.environ.get("LIVEDIFFUSION_CUDA_GRAPHS", "1") != "0"
+            env_flag("LIVEDIFFUSION_CUDA_GRAPHS")
         self.unet_call = GraphedCall(self._unet_raw, enabled=cuda, name="the UNet")
 
     # --- interface ---------------------------------------------------------------------------

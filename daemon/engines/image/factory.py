@@ -6,6 +6,7 @@ import torch
 
 from ...models import sd
 from .engine import ImageEngine
+from ...config import env
 
 #: real models: (registry name of the pipeline, of the tiny VAE, of a LoRA fused at load)
 REAL = {"sd-turbo": ("sd-turbo", "taesd", None),
@@ -31,7 +32,7 @@ def build_real_image_engine(model: str = "sd-turbo", *, device: str = "cuda",
     single-file checkpoint of a model fine-tuned from this one, whose UNet is used instead."""
     import os
 
-    unet_file = unet_file or os.environ.get("LIVEDIFFUSION_IMAGE_UNET") or None
+    unet_file = unet_file or env("LIVEDIFFUSION_IMAGE_UNET") or None
     from ...models import registry
 
     pipe_name, tiny_name, lora_name = REAL[model]
