@@ -27,7 +27,7 @@ class _MaskedSelfAttention:
 
 def make_cache(wan: CausalWan, rows: int, h: int, w: int, policy: CachePolicy) -> KVCache:
     cache = KVCache(wan.num_blocks, rows, wan.heads, wan.head_dim, wan.tokens_per_frame(h, w),
-                    policy)
+                    policy, dtype=wan.dtype, device=wan.device)
     cache.t_dim, cache.inv_freq_t = wan.t_dim, wan.inv_freq[0]
     return cache
 
@@ -119,8 +119,8 @@ def test_a_forward_split_into_stages_equals_the_whole(models):
 def storage(wan: CausalWan, rows: int, frames: int, tokens: int
             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     shape = (rows, wan.heads, frames * tokens, wan.head_dim)
-    return ([torch.zeros(shape) for _ in range(wan.num_blocks)],
-            [torch.zeros(shape) for _ in range(wan.num_blocks)])
+    return ([torch.zeros(shape, device=wan.device) for _ in range(wan.num_blocks)],
+            [torch.zeros(shape, device=wan.device) for _ in range(wan.num_blocks)])
 
 
 def test_a_forward_runs_from_a_hand_built_plan_as_from_the_policy(models):
@@ -130,7 +130,7 @@ def test_a_forward_runs_from_a_hand_built_plan_as_from_the_policy(models):
     h, w, frames = 8, 12, 3
     tokens = wan.tokens_per_frame(h, w)
     cross = wan.cross_kv(torch.randn(1, TEXT_LEN, reference.config.text_dim))
-    latents = torch.randn(frames, 16, 1, h, w)
+    latents = torch.randn(frames, 16, 1, h, w).to(wan.device)
     t = torch.tensor([600.0])
     cache = make_cache(wan, 1, h, w, CachePolicy(frames=frames, sinks=1, refresh_threshold=0))
     k, v = storage(wan, 1, frames, tokens)
@@ -163,7 +163,7 @@ def test_the_model_follows_a_refresh_rule_given_as_data(models, threshold, expec
     k, v = storage(wan, 1, frames, tokens)
     for x in (*k, *v):
         x.copy_(torch.randn(x.shape, generator=g))   # a full row of past frames
-    latents = torch.randn(1, 16, 1, h, w, generator=g)
+    latents = torch.randn(1, 16, 1, h, w, generator=g).to(wan.device)
     t = torch.tensor([600.0])
     rule = RefreshRule(sinks=sinks, ring=ring, threshold=threshold)
     results = []
@@ -190,3 +190,217 @@ def test_the_model_follows_a_refresh_rule_given_as_data(models, threshold, expec
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for x, y in zip(ka, kb):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+
+
+# --- several streams in one fixed-shape forward -----------------------------------------------
+
+
+class Stream:
+    """One stream as the engine drives it, at the model's level: a cache, a prompt, Stream
+    Batch over ``steps`` rows (chunk c at step s is in flight with c - 1 at s + 1, ...)."""
+
+    def __init__(self, wan: CausalWan, sid: int, steps: int, h: int, w: int) -> None:
+        self.sid, self.steps = sid, steps
+        policy = CachePolicy(frames=4, sinks=2, refresh_threshold=0.9, rope_max=6)
+        self.cache = make_cache(wan, steps, h, w, policy)
+        g = torch.Generator().manual_seed(100 + sid)
+        text_dim = wan.model.config.text_dim
+        self.cross = wan.cross_kv(torch.randn(1, TEXT_LEN, text_dim, generator=g))
+        self.in_flight: list[int] = []   # newest first: element e is at step e
+        self.next = 0
+        self.h, self.w, self.device = h, w, wan.device
+
+    def admit(self) -> None:
+        self.cache.admit(self.next)
+        self.in_flight.insert(0, self.next)
+        self.next += 1
+
+    def plan(self):
+        rows = list(range(len(self.in_flight)))
+        self.cache.prepare(rows, self.in_flight)
+        return self.cache.plan(rows, self.in_flight)
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and timesteps of the elements in flight (seeded per chunk and step)."""
+        x = [torch.randn(1, 16, 1, self.h, self.w,
+                         generator=torch.Generator().manual_seed(1000 * self.sid + 10 * c + s))
+             for s, c in enumerate(self.in_flight)]
+        return (torch.cat(x).to(self.device),
+                torch.tensor([800.0 - 300.0 * s for s in range(len(x))]))
+
+    def retire(self) -> None:
+        if len(self.in_flight) == self.steps:
+            self.cache.forget(self.in_flight.pop())
+
+
+def run_streams(wan: CausalWan, steps: tuple[int, ...], together: bool, fixed: bool,
+                chunks: int = 14) -> tuple[dict, list[Stream], dict]:
+    """Feed every stream ``chunks`` chunks; one forward per tick over all streams (together)
+    or one per stream.  Returns the flow of every (stream, chunk, step), the streams and the
+    several-stream graphs."""
+    h, w = 8, 12
+    streams = [Stream(wan, sid, n, h, w) for sid, n in enumerate(steps)]
+    shared: dict = {}
+    flows = {}
+    wan.fixed_shape = fixed
+    try:
+        for _ in range(chunks):
+            for s in streams:
+                s.admit()
+            groups = [streams] if together else [[s] for s in streams]
+            for group in groups:
+                plans = [s.plan() for s in group]
+                inputs = [s.inputs() for s in group]
+                graphs = shared if len(group) > 1 else group[0].cache.graphs
+                out, chosen = wan.forward(torch.cat([x for x, _ in inputs]),
+                                          torch.cat([t for _, t in inputs]),
+                                          ChunkCall(plans, [s.cross for s in group], graphs))
+                start = 0
+                for s, plan, decided in zip(group, plans, chosen):
+                    s.cache.commit(plan, decided)
+                    for step, c in enumerate(s.in_flight):
+                        flows[(s.sid, c, step)] = out[start + step]
+                    start += len(s.in_flight)
+            for s in streams:
+                s.retire()
+    finally:
+        wan.fixed_shape = False
+    return flows, streams, shared
+
+
+@pytest.mark.parametrize("steps", [(1, 1), (2, 2), (1, 2, 2), (2, 2, 2)])
+def test_several_streams_in_one_fixed_shape_forward_equal_each_alone(models, steps):
+    """Streams with full caches batched into one fixed-shape forward (one graph for the set on
+    GPUs): each element writes and reads only its stream's cache rows and attends to its own
+    prompt, so every flow equals that of the stream run alone, through sink refreshes and RoPE
+    wraps, with the same books."""
+    _, wan = models
+    together, streams, shared = run_streams(wan, steps, together=True, fixed=True)
+    alone_general, reference, _ = run_streams(wan, steps, together=False, fixed=False)
+    alone_fixed, _, _ = run_streams(wan, steps, together=False, fixed=True)
+    assert together.keys() == alone_general.keys() == alone_fixed.keys()
+    for key, flow in together.items():
+        torch.testing.assert_close(flow, alone_general[key], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(flow, alone_fixed[key], atol=2e-5, rtol=1e-5)
+    for a, b in zip(streams, reference):
+        assert [x.chunk for x in a.cache.books] == [x.chunk for x in b.cache.books]
+        assert torch.equal(a.cache.positions, b.cache.positions)
+        for x, y in zip(a.cache.k, b.cache.k):
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+    # the several-stream fixed-shape forward ran, with every stream's part in one record
+    assert [len(st.parts) for st in shared.values()] == [len(steps)] * len(shared)
+    assert len(shared) >= 1
+    # the run went through what makes the cache hard: refreshes and wraps, in every stream
+    for s in streams:
+        assert s.cache.shifts
+    assert any(x.chunk[:2] != [0, 1] for s in streams for x in s.cache.books)
+
+
+def test_several_streams_keep_their_own_prompts_in_the_fixed_shape_forward(models):
+    """A prompt change of one stream reaches only that stream's elements of the shared
+    record (its static copy of the cross-attention K/V is refreshed)."""
+    reference, wan = models
+    _, streams, shared = run_streams(wan, (1, 2), together=True, fixed=True, chunks=6)
+    g = torch.Generator().manual_seed(7)
+    streams[1].cross = wan.cross_kv(torch.randn(1, TEXT_LEN, reference.config.text_dim,
+                                                generator=g))
+    for s in streams:
+        s.admit()
+    plans = [s.plan() for s in streams]
+    inputs = [s.inputs() for s in streams]
+    # each stream alone, from copies of its storage as it is before the shared forward
+    alone = []
+    for s, plan, (x, t) in zip(streams, plans, inputs):
+        copy_ = AttentionPlan([k.clone() for k in plan.k], [v.clone() for v in plan.v],
+                              plan.frames, plan.rows, plan.positions, plan.slots, plan.lengths)
+        alone.append(wan.forward(x, t, ChunkCall([copy_], [s.cross]))[0])
+    wan.fixed_shape = True
+    try:
+        out, _ = wan.forward(torch.cat([x for x, _ in inputs]),
+                             torch.cat([t for _, t in inputs]),
+                             ChunkCall(plans, [s.cross for s in streams], shared))
+    finally:
+        wan.fixed_shape = False
+    [record] = shared.values()   # the same record, replayed with the new prompt
+    assert record.parts[1].cross_src is streams[1].cross
+    torch.testing.assert_close(out, torch.cat(alone), atol=2e-5, rtol=1e-5)
+
+
+def _engine_with_streams(steps: int, sids=(1, 2)):
+    import numpy as np
+
+    from livediffusion.daemon.engines.base import InputFrame, StreamConfig, StreamInput
+    from livediffusion.daemon.engines.video.factory import build_video_engine
+    from livediffusion.shared.protocol import FrameSpec
+
+    spec = FrameSpec(64, 48)
+    engine = build_video_engine("tiny")
+    engine.wan.fixed_shape = True
+    for sid in sids:
+        engine.open_stream(StreamConfig(sid, spec, spec, 30.0,
+                                        {"steps": steps, "prompt": f"prompt {sid}",
+                                         "seed": sid, "sink_refresh": 0.9}))
+    engine.settle()
+    rngs = {sid: np.random.default_rng(sid) for sid in sids}
+    seqs = {sid: 0 for sid in sids}
+
+    def tick(order) -> dict[int, list]:
+        inputs = []
+        for sid in order:
+            frames = []
+            for _ in range(engine.frames_per_step(sid)):
+                seqs[sid] += 1
+                frames.append(InputFrame(seqs[sid], rngs[sid].integers(
+                    0, 256, spec.shape, dtype=np.uint8), spec, seqs[sid]))
+            inputs.append(StreamInput(sid, frames))
+        return {o.stream_id: o.frames for o in engine.submit(inputs)}
+
+    return engine, tick
+
+
+def test_the_engine_keeps_one_record_per_set_of_streams_and_drops_it_with_them():
+    import gc
+    import weakref
+
+    engine, tick = _engine_with_streams(steps=2)
+    alone, tick_alone = _engine_with_streams(steps=2)
+    together, separate = {1: {}, 2: {}}, {1: {}, 2: {}}
+    for i in range(12):
+        # the scheduler's order changes from tick to tick: still one record for the set
+        for sid, frames in tick((1, 2) if i % 2 else (2, 1)).items():
+            together[sid].update({f.in_seq: f.pixels for f in frames})
+        for sid in (1, 2):
+            for f in tick_alone((sid,))[sid]:
+                separate[sid][f.in_seq] = f.pixels
+    for sid in (1, 2):
+        assert together[sid].keys() == separate[sid].keys() and len(separate[sid]) > 30
+        for seq, pixels in separate[sid].items():
+            assert (together[sid][seq].int() - pixels.int()).abs().max() <= 1
+    shared = vars(engine)["_shared_graphs"]
+    assert list(shared) == [(1, 2)]
+    [(storages, records)] = shared.values()
+    assert records and all(len(st.parts) == 2 for st in records.values())
+    assert not any(s.cache.graphs for s in engine.streams.values())  # not in either cache
+
+    # a steps change replaces stream 1's storage: the record is stale, the next forward of
+    # the set records a new one against the new storage
+    engine.update_params(1, {"steps": 1})
+    for _ in range(8):
+        tick((1, 2))
+    [new_storages] = [storage for storage, _ in shared.values()]
+    assert new_storages != storages and new_storages[1] == storages[1]
+
+    # closing a stream frees the set's buffers by reference counting alone
+    buffers = [weakref.ref(st.out) for _, records in shared.values()
+               for st in records.values()]
+    assert buffers
+    del records
+    gc.disable()
+    try:
+        engine.close_stream(2)
+        engine._drop_stale_graphs()   # what close_stream calls (or the next forward does)
+        assert not shared
+        assert all(ref() is None for ref in buffers)
+    finally:
+        gc.enable()
+    tick((1,))  # the remaining stream goes on alone

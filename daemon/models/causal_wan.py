@@ -444,18 +444,19 @@ class CausalWan:
         x, chosen = self.blocks(x, proj, rope, call)
         return self.head(x, temb, h, w), read_back(chosen)
 
-    # --- the fixed-shape forward: one CUDA graph per set of storages and batch shape -----------
+    # --- the fixed-shape forward: one CUDA graph per set of storages and batch shape --------
 
     def _forward_fixed(self, latents: torch.Tensor, timesteps: torch.Tensor, call: ChunkCall,
                        h: int, w: int) -> tuple[torch.Tensor, list[dict[int, int]]] | None:
-        """The forward of a ``fixed`` plan (its cache is full): every slot index is a device
-        tensor, the refresh rule is evaluated on the device, attention reads whole rows, so
-        the whole forward (embedding, every block, head) is one fixed sequence of kernels.
-        On CUDA it is recorded once per shape as a graph (kept in ``call.graphs``) and
-        replayed; elsewhere it runs directly (the tests compare it with the general path).
-        None when the call is not of that kind (one plan only, for now)."""
-        if call.graphs is None or len(call.plans) != 1 or \
-                not all(plan.fixed for plan in call.plans):
+        """The forward of plans that are all ``fixed`` (their caches are full): every slot
+        index is a device tensor, refresh rules are evaluated on the device, attention reads
+        whole rows, so the whole forward (embedding, every block, head) is one fixed sequence
+        of kernels, however many plans (streams) it batches: each plan's elements write and
+        read only that plan's storage and attend to its own prompt.  On CUDA it is recorded
+        once per set of plans' shapes as a graph (kept in ``call.graphs``) and replayed;
+        elsewhere it runs directly (the tests compare it with the general path).  None when
+        the call is not of that kind."""
+        if call.graphs is None or not all(plan.fixed for plan in call.plans):
             return None
         layouts = [_fixed_layout(plan, self.num_blocks) for plan in call.plans]
         if any(layout is None for layout in layouts):

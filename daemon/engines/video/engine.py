@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +39,7 @@ from . import params as P
 from .kv_cache import CachePolicy, KVCache
 from .noise import MotionController, chunk_noise, sigma, timesteps
 from .vae_stream import StreamingVAE, VAEStreamState
+from ...config import env_flag
 
 log = logging.getLogger("livediffusion.video")
 
@@ -101,6 +101,17 @@ class VideoStream:
         return self.cache.nbytes() + self.vae.nbytes()
 
 
+def _room_for(module: torch.nn.Module, device: torch.device,
+              headroom: float = 16 * 2**30) -> bool:
+    """True if ``module`` can live on ``device`` and still leave ``headroom`` bytes free (or
+    a quarter of the card, whichever is more) for streams' caches."""
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    on_device = sum(p.numel() * p.element_size() for p in module.parameters()
+                    if p.device.type == device.type)
+    free, total = torch.cuda.mem_get_info(device)
+    return free - (size - on_device) >= max(headroom, total / 4)
+
+
 class VideoEngine(Engine):
     """Serves many streams with one set of weights (see the module docstring)."""
 
@@ -116,7 +127,7 @@ class VideoEngine(Engine):
         self.vae = StreamingVAE(vae, channels_last=channels_last)
         if compile is None:  # on GPUs unless LIVEDIFFUSION_COMPILE=0
             compile = self.device.type == "cuda" and \
-                os.environ.get("LIVEDIFFUSION_COMPILE", "1") != "0"
+                env_flag("LIVEDIFFUSION_COMPILE")
         if compile:
             # torch.compile of the DiT's dense block regions and the VAE's steady-state
             # chunk: kernels are generated for each new frame size / batch on first use
@@ -133,9 +144,15 @@ class VideoEngine(Engine):
                 self.device.type == "cuda"
         self.tokenizer, self.text_encoder = text_encoder
         if text_offload is None:
-            text_offload = self.device.type == "cuda"
-        #: the umT5 encoder lives in host memory and visits the GPU per new prompt
+            text_offload = self.device.type == "cuda" and not _room_for(self.text_encoder,
+                                                                        self.device)
+        #: on a GPU with room (an H200: 11 GB of 141) umT5 stays resident, so a new prompt
+        #: is a ~10 ms encode beside the stream; on smaller cards it lives in host memory and
+        #: visits the GPU per new prompt (an 11 GB copy that shares the copy engines with the
+        #: frames' uploads)
         self.text_home = Offloaded(self.text_encoder, self.device) if text_offload else None
+        if not text_offload and self.device.type == "cuda":
+            self.text_encoder.to(self.device)
         self.tiny_decoder = tiny_decoder  # TAEHV-layout fast decoder, if its weights exist
         self.min_side, self.max_side = min_side, max_side
         self.description = description
@@ -347,6 +364,8 @@ class VideoEngine(Engine):
         Each stream's cache policy plans its part of the forward; the model executes the
         plans and returns what it decided on the device (sink refreshes), which the policies
         then book."""
+        # one order per set of streams, so that a set has one fixed-shape forward per shape
+        work = sorted(work, key=lambda item: item[0].config.stream_id)
         streams, chunks, plans = [], [], []
         with self._stage("prepare"):
             for stream, items in work:
@@ -358,9 +377,8 @@ class VideoEngine(Engine):
                 chunks += ordered
         x = torch.cat([c.x for c in chunks], 0)
         t = torch.tensor([c.schedule[c.step] for c in chunks], device=x.device)
-        # a stream's fixed-shape forwards live in its cache, dropped with it
-        graphs = work[0][0].cache.graphs if len(work) == 1 else None
-        call = ChunkCall(plans, [s.cross_kv for s, _ in work], graphs=graphs)
+        call = ChunkCall(plans, [s.cross_kv for s, _ in work],
+                         graphs=self._graphs_for([s for s, _ in work]))
         with self._stage("dit"):
             flow, chosen = self.wan.forward(x, t, call)
             flow = flow.to(x.dtype)
@@ -368,6 +386,32 @@ class VideoEngine(Engine):
                 stream.cache.commit(plan, decided)
         with self._stage("step"):
             return self._step(streams, chunks, flow)
+
+    def _graphs_for(self, streams: list[VideoStream]) -> dict:
+        """Where the fixed-shape forwards (CUDA graphs) of this set of streams are kept.
+
+        One stream: its cache, which drops them with its storage.  Several: here, keyed by
+        their stream ids and valid only for the storages they were recorded against (a steps
+        or cache change replaces a storage, a closed stream's id may come back), so that no
+        graph is replayed against freed memory nor keeps a closed stream's buffers."""
+        self._drop_stale_graphs()
+        if len(streams) == 1:
+            return streams[0].cache.graphs
+        shared = vars(self).setdefault("_shared_graphs", {})
+        key = tuple(s.config.stream_id for s in streams)
+        storages = tuple(s.cache.storage_id for s in streams)
+        if key not in shared:
+            shared[key] = (storages, {})
+        return shared[key][1]
+
+    def _drop_stale_graphs(self) -> None:
+        """Drop the several-stream graphs of any stream that closed or replaced its storage
+        (every forward checks; close_stream calling this frees them at once)."""
+        shared = vars(self).get("_shared_graphs", {})
+        for key, (storages, _) in list(shared.items()):
+            if any(sid not in self.streams or self.streams[sid].cache.storage_id != storage
+                   for sid, storage in zip(key, storages)):
+                del shared[key]
 
     @staticmethod
     def _step(streams: list[VideoStream], chunks: list[Chunk], flow: torch.Tensor) -> _Done:

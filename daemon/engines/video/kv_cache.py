@@ -34,12 +34,16 @@ block.  The bookkeeping is the same either way.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from ...models.causal_wan import AttentionPlan, RefreshRule, Slot, rope_cos_sin, rotate_pairs
+
+#: numbers of K/V storages, never reused (see ``KVCache.storage_id``)
+_storage_ids = itertools.count()
 
 
 @dataclass
@@ -100,6 +104,10 @@ class KVCache:
     defer: bool | None = None
     #: fixed-shape forwards (CUDA graphs) recorded against this cache's storage
     graphs: dict = field(default_factory=dict)
+    #: a process-unique number of the current storage, renewed whenever it is replaced, so
+    #: that a forward recorded against it elsewhere (several streams' graphs, kept by the
+    #: engine) is known to be stale and never replayed against other memory
+    storage_id: int = -1
 
     EMPTY = -10**9
 
@@ -113,6 +121,7 @@ class KVCache:
 
     def allocate(self) -> None:
         self.graphs.clear()  # they point at the storage being replaced
+        self.storage_id = next(_storage_ids)
         shape = (self.rows, self.heads, self.policy.frames * self.tokens, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                   for _ in range(self.blocks)]
@@ -153,6 +162,7 @@ class KVCache:
         if rows == self.rows:
             return
         self.graphs.clear()
+        self.storage_id = next(_storage_ids)
         for i in range(self.blocks):
             self.k[i] = _resize_rows(self.k[i], rows)
             self.v[i] = _resize_rows(self.v[i], rows)
