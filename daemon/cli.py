@@ -57,11 +57,25 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         daemon = Daemon(args.host, args.port, engines=engines,
                         device=_resolve_device(args.device), ipc_path=args.ipc,
                         heartbeat_timeout=args.heartbeat_timeout, max_streams=args.max_streams,
-                        keys_dir=args.keys, warm_up=tuple(args.warm_up or ()), serve=serve)
+                        keys_dir=args.keys, warm_up=tuple(args.warm_up or ()),
+                        warm_up_params=_param_sets(args.warm_up_params), serve=serve)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     daemon.serve_forever()
     return 0
+
+
+def _param_sets(text: str | None) -> tuple[dict, ...]:
+    """'steps=1,decoder=tiny;steps=2' -> ({'steps': 1, 'decoder': 'tiny'}, {'steps': 2})."""
+    from .demo import _params
+
+    if not text:
+        return ()
+    try:
+        return tuple(_params([kv for kv in group.split(",") if kv.strip()])
+                     for group in text.split(";") if group.strip())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -435,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each engine at these frame sizes before serving, so the first "
                         "stream does not wait for GPU kernel compilation (tens of seconds "
                         "per new size)")
+    p.add_argument("--warm-up-params", metavar="K=V[,K=V][;...]", default=None,
+                   help="video engines: warm up with these parameter sets too, each a batch "
+                        "shape of its own (e.g. 'steps=1,decoder=tiny;steps=2'); the "
+                        "passthrough engine skips them")
     p.add_argument("--policy", choices=["edf", "rr"], default=None,
                    help="scheduler: edf (deadline-aware, fair rates, admission; default) or "
                         "rr (the previous round robin, for comparisons)")

@@ -97,6 +97,7 @@ class Daemon:
                  ipc_path: str | None = None, heartbeat_timeout: float = P.HEARTBEAT_TIMEOUT_S,
                  max_streams: int = MAX_STREAMS, keys_dir: str | Path | None = None,
                  warm_up: tuple[tuple[int, int], ...] = (),
+                 warm_up_params: tuple[dict[str, Any], ...] = (),
                  serve: ServeConfig | None = None) -> None:
         if not is_loopback(host) and keys_dir is None:
             raise ValueError(f"binding to {host} exposes the daemon beyond this machine; "
@@ -116,6 +117,7 @@ class Daemon:
             raise ValueError(f"unknown engine {unknown[0]!r}; available: {', '.join(REGISTRY)}.")
         self._engine_names = names
         self._warm_up = tuple(warm_up)
+        self._warm_up_params = tuple(warm_up_params)
         self.serve = serve or ServeConfig.from_env()
         #: each engine's capabilities, as its worker reported them
         self.capabilities: dict[str, dict[str, Any]] = {}
@@ -197,7 +199,7 @@ class Daemon:
         if threaded:
             self.workers.append(ThreadedWorker(EngineWorker(
                 threaded, self.device, explicit=self._explicit_engines,
-                warm_up=self._warm_up), wake))
+                warm_up=self._warm_up, warm_up_params=self._warm_up_params), wake))
         for worker in self.workers:
             ready: WorkerReady = worker.start()
             self.capabilities.update(ready.capabilities)

@@ -56,11 +56,14 @@ class EngineWorker:
     """Builds engines and executes commands and plans on them (see the module docstring)."""
 
     def __init__(self, engine_names: tuple[str, ...], device: str = "cpu", *,
-                 explicit: bool = True, warm_up: tuple[tuple[int, int], ...] = ()) -> None:
+                 explicit: bool = True, warm_up: tuple[tuple[int, int], ...] = (),
+                 warm_up_params: tuple[dict[str, Any], ...] = ()) -> None:
         self.engine_names = engine_names
         self.device = device
         self.explicit = explicit
         self.warm_up_sizes = warm_up
+        #: parameter sets to warm up with (each compiles its own shapes: steps, decoder)
+        self.warm_up_params = warm_up_params or ({},)
         self.engines: dict[str, Engine] = {}
         self.streams: dict[int, WorkerStream] = {}
         #: "opened" answers held back until the engine has the stream ready
@@ -81,7 +84,8 @@ class EngineWorker:
                 log.error("engine %s could not be loaded and is left out: %s", name, exc)
         for width, height in self.warm_up_sizes:  # before serving: nobody waits on compiling
             for name, engine in self.engines.items():
-                self._warm_up(name, engine, width, height)
+                for params in self.warm_up_params:
+                    self._warm_up(name, engine, width, height, params)
         return WorkerReady({name: self.capabilities(engine)
                             for name, engine in self.engines.items()}, list(self.warm_costs))
 
@@ -93,17 +97,21 @@ class EngineWorker:
         caps.setdefault("max_batch", engine.max_batch())
         return caps
 
-    def _warm_up(self, name: str, engine: Engine, width: int, height: int) -> None:
+    def _warm_up(self, name: str, engine: Engine, width: int, height: int,
+                 params: dict[str, Any]) -> None:
         sizes = sorted(set(self.capabilities(engine).get("batch_sizes") or [1]))
+        with_params = "".join(f", {k}={v}" for k, v in params.items())
         for n in sizes:
             try:
-                seconds, step_ms = engine.warm_up(FrameSpec(width, height), streams=n)
-            except Exception as exc:  # noqa: BLE001 - a size an engine cannot take
-                log.warning("no warm-up of %s at %dx%d: %s", name, width, height, exc)
+                seconds, step_ms = engine.warm_up(FrameSpec(width, height), params, streams=n)
+            except Exception as exc:  # noqa: BLE001 - a size or parameter it cannot take
+                log.warning("no warm-up of %s at %dx%d%s: %s", name, width, height, with_params,
+                            exc)
                 return
             self.warm_costs.append(((name, width, height), n, step_ms))
-            log.info("warmed up %s at %dx%d%s in %.1f s (steady step %.1f ms)", name, width,
-                     height, f" for {n} streams" if n > 1 else "", seconds, step_ms)
+            log.info("warmed up %s at %dx%d%s%s in %.1f s (steady step %.1f ms)", name, width,
+                     height, with_params, f" for {n} streams" if n > 1 else "", seconds,
+                     step_ms)
 
     def shutdown(self) -> None:
         """Close every stream and release the engines' devices."""

@@ -121,7 +121,8 @@ def host(conn, endpoint: str, name: str, width: int, height: int, fps: float, en
 class DaemonProcess:
     """``livediffusion daemon`` in a process of its own, its log in a file."""
 
-    def __init__(self, engine: str, device: str, policy: str, warm_up: str | None) -> None:
+    def __init__(self, engine: str, device: str, policy: str, warm_up: str | None,
+                 warm_up_params: str | None = None) -> None:
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.log = Path(tempfile.mkdtemp(prefix="ld-bench-")) / f"daemon-{policy}.log"
@@ -131,6 +132,8 @@ class DaemonProcess:
             cmd.append("--no-pacing")  # the previous daemon published chunks at once
         if warm_up:
             cmd += ["--warm-up", warm_up]
+        if warm_up_params:
+            cmd += ["--warm-up-params", warm_up_params]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -304,7 +307,9 @@ def run_stream_bench(args: argparse.Namespace) -> int:
           f"({meta['date']}, commit {meta['commit']}; RANDOM weights)", flush=True)
     records = []
     for policy in policies:
-        daemon = DaemonProcess(engine, device, policy, f"{width}x{height}")
+        # every case's shapes compiled before serving, as a user would with --warm-up
+        daemon = DaemonProcess(engine, device, policy, f"{width}x{height}",
+                               ";".join(f"steps={s},decoder={d}" for d, s in cases))
         try:
             daemon.wait_ready(1200 if cuda else 300)
             print(f"  daemon ({policy}) ready; log {daemon.log}", flush=True)
