@@ -227,7 +227,7 @@ class Scheduler:
         raise Refused(f"the {engine} engine is full: it cannot serve one more stream and keep "
                       f"the others at the lowest rates they asked for; this one could have "
                       f"{sustainable:.1f} FPS now (open with a lower min_fps to accept that).",
-                      round(sustainable, 2))
+                      math.floor(sustainable * 100) / 100)  # asking for it then fits
 
     def _coefficients(self, boxes: list[Mailbox]) -> dict[int, float]:
         """Seconds of device time per second, per unit of a stream's frame rate, with the
@@ -238,15 +238,15 @@ class Scheduler:
         return {b.stream_id: self.best_per_stream_ms(b.engine, b.key, counts[b.key]) /
                 1000.0 / b.chunk() for b in boxes}
 
-    def _fair_rates(self, boxes: list[Mailbox]) -> dict[int, float]:
+    def _fair_rates(self, boxes: list[Mailbox], floors: bool = True) -> dict[int, float]:
         """Max-min fair rates above each stream's floor: every stream gets its ``min_fps``
         (as far as the device allows), then one common rate r shared by the rest, capped at
         each stream's demand, with sum(coef * rate) <= utilisation (by bisection)."""
         coef = self._coefficients(boxes)
 
         def rates(r: float) -> dict[int, float]:
-            return {b.stream_id: min(max(b.min_fps, min(r, b.demand)), b.demand)
-                    for b in boxes}
+            return {b.stream_id: min(max(b.min_fps if floors else 0.0, min(r, b.demand)),
+                                     b.demand) for b in boxes}
 
         def load(r: float) -> float:
             return sum(coef[i] * v for i, v in rates(r).items())
@@ -254,6 +254,11 @@ class Scheduler:
         top = max((b.demand for b in boxes), default=0.0)
         if load(top) <= self.utilisation:
             return rates(top)
+        if floors and load(0.0) > self.utilisation:
+            # the floors themselves do not fit (admitted before costs were known, or the
+            # engine slowed down): plain max-min shares, so the plan stays what the device
+            # can do instead of promising every floor
+            return self._fair_rates(boxes, floors=False)
         lo, hi = 0.0, top
         for _ in range(40):
             mid = 0.5 * (lo + hi)

@@ -395,9 +395,11 @@ class Client:
         self.capabilities: dict[str, Any] = {}
         self.heartbeat_interval = P.HEARTBEAT_INTERVAL_S
         self.heartbeat_timeout = P.HEARTBEAT_TIMEOUT_S
-        #: how long a daemon whose connection is still up may stay silent (one long engine
-        #: step, such as compiling kernels for a new frame size) before it counts as hung;
-        #: a daemon that exits closes the connection and is noticed at once
+        #: how long a daemon whose connection is still up may stay silent before it counts
+        #: as hung.  Today's daemon answers while its engines work (they run on a thread of
+        #: their own), so this only tolerates a daemon of protocol version 1 that ran engine
+        #: steps on its loop, or a host machine that stalled; a daemon that exits closes
+        #: the connection and is noticed at once
         self.busy_timeout = busy_timeout
         self.last_error: DaemonError | None = None
         self.reconnects = 0
@@ -535,7 +537,7 @@ class Client:
     @property
     def daemon_busy(self) -> bool:
         """Connected, the connection up, but the daemon silent for longer than a heartbeat
-        timeout: it is inside a long engine step (kernel compilation for a new size, say)."""
+        timeout (an older daemon inside a long engine step, or a stalled machine)."""
         return self.state == "connected" and self._link_up and \
             time.monotonic() - self._last_heard > self.heartbeat_timeout
 

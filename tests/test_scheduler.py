@@ -459,3 +459,15 @@ def test_the_batch_size_is_the_cheapest_per_stream_by_the_cost_model():
         cheap.add_stream(sid, "video", 1, key=("video", 832, 480))
         cheap.offer(sid, ref(sid, arrived=float(sid)))
     assert len(take(cheap)) == 4
+
+
+def test_floors_the_device_cannot_meet_give_way_to_plain_fair_shares():
+    """Streams admitted before any cost was known can ask for more than the device gives:
+    the plan then shares what there is instead of promising every floor."""
+    sched = Scheduler(max_batch=lambda engine: 1, clock=lambda: 0.0)
+    for sid in (1, 2):
+        sched.add_stream(sid, "sleepy", 1, key=("sleepy",), fps=30.0, min_fps=20.0)
+    sched.costs.observe(("sleepy",), 1, 60.0)   # 15 FPS in all
+    sched._allocate()
+    rates = [sched.info(sid)["serve_fps"] for sid in (1, 2)]
+    assert rates[0] == rates[1] == pytest.approx(7.5, rel=0.01)

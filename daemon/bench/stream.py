@@ -230,6 +230,15 @@ def run_case(endpoint: str, engine: str, n: int, width: int, height: int, fps: f
                                            for r in streams), default=0.0), 1),
         "drops": drops, "late": late, "chunk_ms": round(1000 * chunk, 1),
         "refused": len(refused), "errors": errors,
+        # what each host saw (ms after the case began: distinct frame, its input seq, its
+        # latency) and each stream's daemon stats at the end: for reading a case afterwards
+        "timeline": {r["name"]: [[round(1000 * (s[0] - t0)), s[2], round(s[3], 1)]
+                                 for s in r.get("seen", [])] for r in results.values()},
+        "events_ms": {"steady": [round(1000 * (steady0 - t0)), round(1000 * (steady1 - t0))],
+                      "open": round(1000 * (open_at - t0)),
+                      "prompt": round(1000 * (prompt_at - t0)),
+                      "close": round(1000 * (close_at - t0))} if events else {},
+        "daemon_stats": {r["name"]: r.get("daemon", {}) for r in results.values()},
     }
     if events:
         joiner = results.get("joiner", {})

@@ -157,6 +157,8 @@ class VideoEngine(Engine):
         self.min_side, self.max_side = min_side, max_side
         self.description = description
         self.streams: dict[int, VideoStream] = {}
+        #: fixed-shape forwards of several streams, keyed by their sorted stream ids
+        self._shared_graphs: dict = {}
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._prompt_lock = threading.Lock()   # the cache is shared with the text thread
         self._text_lock = threading.Lock()     # one encode at a time (the offloaded weights)
@@ -276,6 +278,7 @@ class VideoEngine(Engine):
 
     def close_stream(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self._drop_stale_graphs()  # its several-stream graphs and their buffers go now
 
     def shutdown(self) -> None:
         if self._texts is not None:
@@ -397,7 +400,7 @@ class VideoEngine(Engine):
         self._drop_stale_graphs()
         if len(streams) == 1:
             return streams[0].cache.graphs
-        shared = vars(self).setdefault("_shared_graphs", {})
+        shared = self._shared_graphs
         key = tuple(s.config.stream_id for s in streams)
         storages = tuple(s.cache.storage_id for s in streams)
         if key not in shared:
@@ -407,7 +410,7 @@ class VideoEngine(Engine):
     def _drop_stale_graphs(self) -> None:
         """Drop the several-stream graphs of any stream that closed or replaced its storage
         (every forward checks; close_stream calling this frees them at once)."""
-        shared = vars(self).get("_shared_graphs", {})
+        shared = self._shared_graphs
         for key, (storages, _) in list(shared.items()):
             if any(sid not in self.streams or self.streams[sid].cache.storage_id != storage
                    for sid, storage in zip(key, storages)):
