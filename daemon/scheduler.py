@@ -181,13 +181,14 @@ class Scheduler:
             box.dropped += 1
         return True
 
-    def holds_long(self, stream_id: int, ref: FrameRef) -> bool:
-        """True if ``ref`` was just queued for a stream served below its input rate: its
-        chunk then spans more input frames than the input ring has slots, so the frame must
-        be copied out of its slot now (the client will overwrite it before the step)."""
+    def held_long(self, stream_id: int) -> list[FrameRef]:
+        """The queued frames of a stream served below its input rate: its chunk then spans
+        more input frames than the input ring has slots, so the front must copy each out of
+        its slot at once (the client overwrites it before the step).  Empty otherwise."""
         box = self._boxes.get(stream_id)
-        return box is not None and math.isfinite(box.serve_fps) and bool(box.frames) and \
-            box.frames[-1] is ref
+        if box is None or not math.isfinite(box.serve_fps):
+            return []
+        return list(box.frames)
 
     def dropped(self, stream_id: int) -> int:
         box = self._boxes.get(stream_id)

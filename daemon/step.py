@@ -57,6 +57,7 @@ class OpenStream:
     params: dict[str, Any]
     #: the input ring's segment name (None: inline frames); the worker attaches it itself
     ring_in: str | None = None
+    paced: bool = True
 
 
 @dataclass
@@ -123,6 +124,10 @@ class OutFrame:
     in_seq: int
     ts: int
     arrived: float
+    #: (slot, seq) of input slots ``pixels`` is still a view of (an unpaced stream of an
+    #: engine that borrows its input, published at once): the front re-checks them after
+    #: its copy into the output ring, instead of the worker copying the frame once more
+    borrowed: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass

@@ -43,6 +43,7 @@ class WorkerStream:
     config: StreamConfig
     engine: Engine
     ring_in: FrameRing | None
+    paced: bool = True
     #: input seq -> arrival time, for the frames the engine may still return
     arrivals: dict[int, float] = field(default_factory=dict)
 
@@ -178,7 +179,7 @@ class EngineWorker:
             return CommandResult("error", sid, command.request,
                                  {"code": code, "message": f"cannot open stream: {exc}"})
         config.params = dict(effective)
-        self.streams[sid] = WorkerStream(config, engine, ring_in)
+        self.streams[sid] = WorkerStream(config, engine, ring_in, command.paced)
         return CommandResult("opened", sid, command.request,
                              {"params": dict(effective),
                               "frames_per_step": engine.frames_per_step(sid)})
@@ -341,8 +342,8 @@ class EngineWorker:
             pixels = pixels.detach().cpu().numpy()
             if on_host:  # its storage may be the engine's: the frame waits for its time
                 pixels = pixels.copy()
-        elif stream.engine.borrows_input:
-            pixels = np.array(pixels)  # it may be a view of the input slot
+        elif stream.engine.borrows_input and (stream.paced or not inputs_used):
+            pixels = np.array(pixels)  # it may be a view of the input: it waits for its time
         if pixels.shape != spec.shape or pixels.dtype != spec.np_dtype:
             raise EngineError(f"engine {stream.engine.name} produced {pixels.shape} "
                               f"{pixels.dtype}, not {spec.shape} {spec.dtype}.")
@@ -353,7 +354,9 @@ class EngineWorker:
         arrived = stream.arrivals.pop(in_seq, None)
         if arrived is None:
             arrived = time.monotonic()
-        return OutFrame(pixels, in_seq, ts, arrived)
+        borrowed = tuple(inputs_used) if stream.engine.borrows_input and not stream.paced \
+            else ()
+        return OutFrame(pixels, in_seq, ts, arrived, borrowed)
 
 
 def _release_device_cache() -> None:

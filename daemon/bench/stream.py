@@ -24,7 +24,6 @@ Weights are random: speed is real, pictures are not.
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing as mp
 import os
 import subprocess
@@ -37,24 +36,13 @@ from typing import Any
 import numpy as np
 
 from ..server import free_port
-from .common import percentile, print_table, provenance, write_json
+from .common import percentile, print_table, provenance, moving_pattern, write_json
 
 #: seconds a fresh case runs before its steady window starts (first chunks, rates settle)
 SETTLE_S = 3.0
 
 
 # --- the host: one client process per stream ----------------------------------------------
-
-def _pattern(height: int, width: int, period: int = 48) -> list[np.ndarray]:
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    frames = []
-    for i in range(period):
-        t = 2 * math.pi * i / period
-        img = np.stack([np.sin(xx / 40 + t), np.sin(yy / 50 + 2 * t),
-                        np.sin((xx + yy) / 70 - t)], -1)
-        frames.append(((img * 0.5 + 0.5) * 255).astype(np.uint8))
-    return frames
-
 
 def host(conn, endpoint: str, name: str, width: int, height: int, fps: float, engine: str,
          params: dict, start_at: float, stop_at: float, poll_hz: float,
@@ -64,7 +52,7 @@ def host(conn, endpoint: str, name: str, width: int, height: int, fps: float, en
     Sends back what it saw (monotonic times are one clock across processes here)."""
     from livediffusion.shared import Client, DaemonError
 
-    frames = _pattern(height, width)
+    frames = moving_pattern(height, width)
     out: dict[str, Any] = {"name": name, "seen": [], "sent": 0, "first_sent": None,
                            "refused": None, "prompt_times": []}
     try:

@@ -14,7 +14,6 @@ not either).  Weights are random: speed and memory are real, the pictures are no
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ from ..engines.base import InputFrame, StreamConfig, StreamInput
 from ..engines.video.engine import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, VideoEngine
 from ..models import wan as W
 from ..models.causal_wan import flops_per_chunk
-from .common import percentile, print_table, provenance, write_json
+from .common import percentile, print_table, provenance, moving_pattern, write_json
 from livediffusion.shared.protocol import FrameSpec
 
 INPUT_FPS = 30.0
@@ -75,15 +74,8 @@ def build_bench_engine(model: str, device: torch.device,
 
 
 def _clip(height: int, width: int, period: int = 48):
-    """A moving test pattern, made once (``period`` frames) and then cycled, so drawing it
-    stays out of the timings (drawing 4 frames at 480x832 takes ~16 ms on a CPU core)."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    frames = []
-    for i in range(period):
-        t = 2 * math.pi * i / period
-        img = np.stack([np.sin(xx / 40 + t), np.sin(yy / 50 + 2 * t),
-                        np.sin((xx + yy) / 70 - t)], -1)
-        frames.append(((img * 0.5 + 0.5) * 255).astype(np.uint8))
+    """The moving test pattern, cycled for ever."""
+    frames = moving_pattern(height, width, period)
     i = 0
     while True:
         yield frames[i % period]
