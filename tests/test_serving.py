@@ -242,3 +242,36 @@ def test_the_rr_policy_and_unpaced_delivery_are_still_there():
             assert wait_until(lambda: daemon_stat(daemon, s.id, "frames_out") == 1)
     finally:
         daemon.stop()
+
+
+class BrittleEngine(SleepyEngine):
+    """Fails a whole step when any frame of it starts with the value 13."""
+
+    name = "brittle"
+
+    def submit(self, batch):
+        if any(item.frames[-1].pixels[0, 0, 0] == 13 for item in batch):
+            raise RuntimeError("simulated failure mid-batch")
+        return super().submit(batch)
+
+
+def test_a_step_that_fails_mid_batch_loses_only_that_step(monkeypatch):
+    """A failed step of several streams: each of them gets one error and carries on with
+    its next frame; a stream of another engine never notices."""
+    monkeypatch.setitem(REGISTRY, "brittle", (lambda device: BrittleEngine(device), "test"))
+    daemon = Daemon(port=0, engines=("brittle", "passthrough")).start()
+    try:
+        with Client(daemon.endpoint) as c:
+            streams = [c.open_stream(f"b{k}", 64, 48, engine="brittle") for k in range(3)]
+            other = c.open_stream("other", 64, 48)
+            poison = np.full((48, 64, 3), 13, np.uint8)
+            for s in streams:
+                s.send(poison)
+            assert wait_until(lambda: (c.poll(0.02), all(s.last_error for s in streams))[1])
+            assert {s.last_error.code for s in streams} == {"engine_error"}
+            frame = rgb(seed=7)
+            assert np.array_equal(round_trip(other, frame).pixels, frame)
+            for s in streams:
+                assert np.array_equal(round_trip(s, frame).pixels, frame)
+    finally:
+        daemon.stop()

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ..config import env_flag
 
 
 
@@ -281,8 +282,7 @@ class CausalWan:
         self.compiled = False
         #: use the fixed-shape forward once a stream's cache is full (default: on CUDA, as
         #: CUDA graphs); LIVEDIFFUSION_CUDA_GRAPHS=0 turns both off
-        cuda = self.device.type == "cuda" and os.environ.get("LIVEDIFFUSION_CUDA_GRAPHS",
-                                                             "1") != "0"
+        cuda = self.device.type == "cuda" and env_flag("LIVEDIFFUSION_CUDA_GRAPHS")
         self.fixed_shape = cuda
         self.use_graphs = cuda
         #: attention kernels, best first: "cudnn" (measured 1.7x faster than flash for these
