@@ -218,6 +218,27 @@ def test_python_writes_a_ring_c_reads(selftest, tmp_path):
         ring.close()
 
 
+def test_a_stride_that_is_not_whole_samples_is_refused_like_python_does(selftest, tmp_path):
+    """A slot header whose stride splits a float32 sample: the Python ring refuses it, and so
+    does the C reader (it copied rows at byte offsets before)."""
+    import struct
+
+    from livediffusion.shared.ring import RingError, SLOT_HEADER
+    ring = FrameRing.create(2, 8 * 4 * 16 * 4 + 64, tag="t")
+    try:
+        spec = FrameSpec(8, 4, "rgba", "float32", "top", stride=8 * 16 + 16)
+        ring.write(1, 3, np.zeros((4, 8, 4), np.float32), spec)
+        base = 64 + 1 * ring.slot_stride   # ring header, then slot 1
+        struct.pack_into("<I", ring._buf, base + 16, 8 * 16 + 2)   # the stride field
+        assert SLOT_HEADER.unpack_from(ring._buf, base)[3] == 8 * 16 + 2
+        with pytest.raises(RingError):
+            ring.read(1, 3)
+        assert run(selftest, "ring-read", ring.name, "1", "3", str(tmp_path / "f")) \
+            .startswith("bad")
+    finally:
+        ring.close()
+
+
 def test_attaching_something_that_is_not_a_ring_fails(selftest):
     from multiprocessing import shared_memory
     shm = shared_memory.SharedMemory(create=True, size=4096)

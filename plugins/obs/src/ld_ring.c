@@ -322,8 +322,10 @@ int ld_ring_read(const ld_ring *r, uint32_t slot, uint64_t seq, ld_slot_info *in
 	int want_ch = ld_format_channels(spec.format);
 	int isz = ld_dtype_size(spec.dtype);
 	uint64_t row = (uint64_t)spec.width * (uint64_t)want_ch * (uint64_t)isz;
+	/* a stride must be a whole number of samples, as the Python ring and the daemon ask */
 	if (!want_ch || !isz || spec.origin > 1 || ch != want_ch || !spec.width || !spec.height ||
-	    spec.stride < row || (uint64_t)spec.stride * spec.height > r->capacity)
+	    spec.stride < row || spec.stride % (uint32_t)isz ||
+	    (uint64_t)spec.stride * spec.height > r->capacity)
 		return LD_RING_BAD;
 	if (dst_stride == 0)
 		dst_stride = (uint32_t)row;
