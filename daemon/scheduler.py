@@ -155,6 +155,13 @@ class Scheduler:
                                          steady_frames=max(1, steady_frames))
         self._allocate()
 
+    def set_key(self, stream_id: int, key: tuple) -> None:
+        """A stream's batch key changed (its steps or decoder did): its rate is re-planned."""
+        box = self._boxes.get(stream_id)
+        if box is not None and box.key != key:
+            box.key = key
+            self._allocate()
+
     def remove_stream(self, stream_id: int) -> None:
         if self._boxes.pop(stream_id, None) is not None:
             self._allocate()

@@ -34,7 +34,7 @@ from .engines import INLINE, REGISTRY
 from .playout import Playout
 from .scheduler import Refused, Scheduler
 from .step import (CloseStream, CommandResult, FrameRef, OpenStream, StepResult, UpdateParams,
-                   WorkerReady)
+                   WorkerReady, batch_key)
 from .worker import EngineWorker, InlineWorker, ThreadedWorker
 
 log = logging.getLogger("livediffusion.daemon")
@@ -78,6 +78,8 @@ class ServerStream:
     engine_ms: float = 0.0
     out_seq: int = 0
     frames_per_step: int = 1
+    #: the scheduler's counters, kept when the stream starts closing (it forgets the stream)
+    final: dict[str, Any] = field(default_factory=dict)
 
 
 def is_loopback(host: str) -> bool:
@@ -352,10 +354,10 @@ class Daemon:
                 continue
             self._busy[id(worker)] = plan.step_id
             any_plan = True
-            if worker.threaded and not plan.predicted_ms and len(plan.key) == 3 and \
+            if worker.threaded and not plan.predicted_ms and len(plan.key) >= 3 and \
                     (plan.key, plan.batch_size) not in self._cold_logged:
                 self._cold_logged.add((plan.key, plan.batch_size))
-                _, width, height = plan.key
+                _, width, height = plan.key[:3]
                 log.info("first step of %s at %dx%d for %d stream(s): no warm-up covered "
                          "this shape, so on a GPU it compiles kernels now and may take tens "
                          "of seconds (--warm-up %dx%d avoids that)", plan.engine, width,
@@ -545,7 +547,8 @@ class Daemon:
         paced = msg.get("paced", per_step > 1)
         if not isinstance(paced, bool):
             raise ProtocolError(ErrorCode.BAD_SPEC, "paced must be true or false.")
-        key = (engine_name, in_spec.width, in_spec.height)
+        key = batch_key(engine_name, in_spec.width, in_spec.height, caps,
+                        dict(msg.get("params") or {}))
         try:
             serve_fps = self.scheduler.admit(engine_name, key, fps, float(min_fps),
                                              steady_frames=per_step, explicit=explicit_min)
@@ -676,7 +679,7 @@ class Daemon:
     def stream_stats(self, sid: int) -> dict[str, Any]:
         stream = self.streams[sid]
         age = max(time.monotonic() - stream.opened_at, 1e-6)
-        sched = self.scheduler.info(sid)
+        sched = self.scheduler.info(sid) or stream.final
         return {
             "name": stream.name, "engine": stream.engine, "state": stream.state,
             "frames_in": stream.frames_in, "frames_out": stream.frames_out,
@@ -695,6 +698,7 @@ class Daemon:
     def _begin_close(self, stream: ServerStream, request: Any) -> None:
         stream.state = "closing"
         self._names.pop(stream.name, None)
+        stream.final = self.scheduler.info(stream.id)
         self.scheduler.remove_stream(stream.id)
         stream.playout.clear()
         stream.worker.submit(CloseStream(request, stream.id))
@@ -846,6 +850,10 @@ class Daemon:
         elif result.kind == "params_ok":
             if "frames_per_step" in result.body:
                 self.scheduler.set_frames_per_step(stream.id, result.body["frames_per_step"])
+            # a change of steps or decoder changes what the stream's steps cost
+            self.scheduler.set_key(stream.id, batch_key(
+                stream.engine, stream.input.width, stream.input.height,
+                self.capabilities[stream.engine], result.body.get("params")))
             self._send(identity, {"type": "params_ok", "re": rid, "stream": stream.id,
                                   "params": result.body.get("params", {})})
         elif result.kind == "closed":

@@ -29,6 +29,17 @@ import numpy as np
 from livediffusion.shared.protocol import FrameSpec
 
 
+def batch_key(engine: str, width: int, height: int, capabilities: dict[str, Any],
+              params: dict[str, Any] | None = None) -> tuple:
+    """The key of a stream's steps: streams with the same key may share a step and share an
+    entry of the cost model.  Besides the engine and the frame size, the parameters the
+    engine names in ``capabilities["cost_params"]`` (video: steps, decoder, stream_batch),
+    with the engine's defaults for those not given."""
+    values = {**(capabilities.get("params") or {}), **(params or {})}
+    return (engine, width, height,
+            *(values.get(name) for name in capabilities.get("cost_params", ())))
+
+
 @dataclass
 class FrameRef:
     """An input frame waiting in a ring slot (``slot``) or inline (``data``).

@@ -31,7 +31,7 @@ from livediffusion.shared.ring import FrameRing, RingError, TornRead
 from .engines import REGISTRY
 from .engines.base import Engine, EngineError, InputFrame, StreamConfig, StreamInput
 from .step import (CloseStream, CommandResult, FrameRef, OpenStream, OutFrame, StepPlan,
-                   StepResult, StreamReport, UpdateParams, WorkerReady)
+                   StepResult, StreamReport, UpdateParams, WorkerReady, batch_key)
 
 log = logging.getLogger("livediffusion.worker")
 
@@ -109,7 +109,8 @@ class EngineWorker:
                 log.warning("no warm-up of %s at %dx%d%s: %s", name, width, height, with_params,
                             exc)
                 return
-            self.warm_costs.append(((name, width, height), n, step_ms))
+            key = batch_key(name, width, height, self.capabilities(engine), params)
+            self.warm_costs.append((key, n, step_ms))
             log.info("warmed up %s at %dx%d%s%s in %.1f s (steady step %.1f ms)", name, width,
                      height, with_params, f" for {n} streams" if n > 1 else "", seconds,
                      step_ms)

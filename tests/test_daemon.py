@@ -182,7 +182,10 @@ def test_warm_up_runs_every_engine_before_serving(monkeypatch, caplog):
         assert "for 4 streams" in text
         assert "no warm-up of video-tiny at 30x30" in text and "multiple of 16" in text
         # the warm-up's steady steps seed the scheduler's cost model
-        measured = daemon.scheduler.costs.measured(("video-tiny", 64, 48))
+        from livediffusion.daemon.step import batch_key
+        key = batch_key("video-tiny", 64, 48, daemon.capabilities["video-tiny"])
+        assert key == ("video-tiny", 64, 48, 2, "vae", True)  # the default steps and decoder
+        measured = daemon.scheduler.costs.measured(key)
         assert sorted(measured) == sizes and all(ms > 0 for ms in measured.values())
     finally:
         daemon.stop()

@@ -471,3 +471,27 @@ def test_floors_the_device_cannot_meet_give_way_to_plain_fair_shares():
     sched._allocate()
     rates = [sched.info(sid)["serve_fps"] for sid in (1, 2)]
     assert rates[0] == rates[1] == pytest.approx(7.5, rel=0.01)
+
+
+def test_a_stream_whose_cost_changes_moves_to_its_own_key():
+    """A live steps change makes the stream's steps cost something else: it leaves the
+    batch key (and cost entry) of the streams it shared steps with."""
+    sched = Scheduler()
+    old, new = ("video", 64, 48, 2, "vae", True), ("video", 64, 48, 1, "vae", True)
+    for sid in (1, 2):
+        sched.add_stream(sid, "video", 1, key=old)
+    sched.set_key(2, new)
+    for sid in (1, 2):
+        sched.offer(sid, ref(sid, arrived=float(sid)))
+    assert take(sched) == [(1, [1])]
+    assert take(sched) == [(2, [2])]
+
+
+def test_batch_keys_carry_the_parameters_that_change_the_cost():
+    from livediffusion.daemon.step import batch_key
+    caps = {"params": {"steps": 2, "decoder": "vae", "prompt": "x"},
+            "cost_params": ["steps", "decoder"]}
+    assert batch_key("video", 64, 48, caps) == ("video", 64, 48, 2, "vae")
+    assert batch_key("video", 64, 48, caps, {"steps": 1, "prompt": "y"}) == \
+        ("video", 64, 48, 1, "vae")
+    assert batch_key("passthrough", 8, 8, {"params": {"mode": []}}) == ("passthrough", 8, 8)

@@ -193,6 +193,8 @@ class VideoEngine(Engine):
                 "batch_sizes": list(range(1, self.max_batch() + 1)),
                 "sizes": {"min": self.min_side, "max": self.max_side, "multiple": 16},
                 "params": P.VideoParams().to_dict(), "device": str(self.device),
+                # what changes a step's cost: streams differing in these get keys of their own
+                "cost_params": ["steps", "decoder", "stream_batch"],
                 "description": self.description}
 
     def frames_per_step(self, stream_id: int) -> int:
