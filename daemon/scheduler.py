@@ -7,15 +7,19 @@ frames-per-step of each stream).  All calls come from the daemon's front thread.
 
 Policy "edf" (the default):
   * every stream has a serve rate.  While the GPU keeps up it is the stream's own input rate;
-    under overload it is a fair share (max-min fair: equal rates, capped at each stream's
-    demand) computed from the online cost model, so every stream keeps an even cadence
-    instead of bursts and gaps, and no stream starves.  Frames above the serve rate are
-    skipped evenly at the mailbox (counted as ``decimated``);
+    under overload it is a fair share computed from the online cost model: each stream's
+    floor (``min_fps``) first, then max-min fair (equal rates, capped at each stream's real
+    input rate) for the rest, or plain max-min shares when the floors do not fit.  Every
+    stream keeps an even cadence instead of bursts and gaps, and no stream starves.  Frames
+    above the serve rate are skipped evenly at the mailbox (counted as ``decimated``), and
+    the front copies the kept ones out of the input ring (``held_long``);
   * a mailbox holds at most the frames one step consumes; a newer frame pushes the oldest
     out (``dropped``): no queue grows, the newest frames win;
   * among ready streams, earliest deadline first (deadline = the oldest waiting frame's
-    arrival + the stream's chunk period); the streams of the same batch key (engine and
-    frame size) that are ready join it in one step, up to the engine's largest batch;
+    arrival + the stream's chunk period); the ready streams of the same batch key (engine,
+    frame size and the parameters that change a step's cost, ``step.batch_key``) join it,
+    as many as the cost model says is cheapest per stream (a step of several streams is not
+    always cheaper than several steps);
   * admission: a new stream that would push any stream below its ``min_fps`` is refused with
     the rate it could have (``Refused.sustainable_fps``); otherwise it is accepted, at a
     lower rate when the GPU is full.
@@ -27,7 +31,6 @@ engines take turns, streams of one engine go oldest-first, no rates, no admissio
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import time
 from collections import deque
@@ -37,7 +40,6 @@ from typing import Callable, Collection
 from .costs import CostModel
 from .step import FrameRef, StepPlan, PlanItem, StepResult
 
-log = logging.getLogger("livediffusion.scheduler")
 
 POLICIES = ("edf", "rr")
 
