@@ -477,3 +477,37 @@ def test_an_out_of_memory_step_leaves_every_stream_usable(engine):
         engine.unet_call = real
         engine.close_stream(1)
         engine.close_stream(2)
+
+
+def test_a_new_prompt_is_encoded_beside_the_stream(monkeypatch):
+    """With the text thread (the default on GPUs), a prompt change returns at once, the
+    stream keeps its old conditioning until the new one is encoded, then switches."""
+    import time as _time
+
+    from livediffusion.daemon.engines.image import engine as image_engine
+
+    real = image_engine.encode_prompt
+
+    def slow(models, prompt, device):
+        if prompt.startswith("slow"):
+            _time.sleep(0.5)
+        return real(models, prompt, device)
+
+    monkeypatch.setattr(image_engine, "encode_prompt", slow)
+    engine = build_image_engine("tiny")
+    engine.text_thread = True
+    try:
+        open_stream(engine, 1)
+        engine.settle()                        # its first prompt, encoded beside it
+        assert engine.stream_ready(1)
+        old = engine.streams[1].cond
+        started = _time.monotonic()
+        engine.update_params(1, {"prompt": "slow: a lighthouse"})
+        assert _time.monotonic() - started < 0.2
+        frame = np.zeros((SPEC.height, SPEC.width, 3), np.uint8)
+        out = engine.submit([StreamInput(1, [InputFrame(1, frame, SPEC, 1)])])
+        assert len(out[0].frames) == 1 and engine.streams[1].cond is old
+        engine.settle()
+        assert engine.streams[1].cond is not old
+    finally:
+        engine.shutdown()

@@ -275,3 +275,35 @@ def test_a_step_that_fails_mid_batch_loses_only_that_step(monkeypatch):
                 assert np.array_equal(round_trip(s, frame).pixels, frame)
     finally:
         daemon.stop()
+
+
+def test_a_prompt_change_never_freezes_the_stream(monkeypatch):
+    """With a text encoder that takes a whole second (umT5-XXL visiting a small card takes
+    about 0.4 s), a re-prompted video stream keeps its cadence on its old prompt and the new
+    one applies once encoded; encoded on the step's path it froze the stream for the encode."""
+    from livediffusion.daemon.engines.video.engine import VideoEngine
+
+    real = VideoEngine._encode_text
+    encodes = []
+
+    def slow(self, text):
+        encodes.append(text)
+        if text.startswith("slow"):
+            time.sleep(1.0)
+        return real(self, text)
+
+    monkeypatch.setattr(VideoEngine, "_encode_text", slow)
+    daemon = Daemon(port=0, engines=("video-tiny",)).start(timeout=60)
+    try:
+        with Client(daemon.endpoint) as c:
+            s = c.open_stream("v", 64, 64, engine="video-tiny", timeout=60)
+            drive(c, [s], 1.5)
+            s.update(prompt="slow: a harbour at dusk")
+            changed = time.monotonic()
+            seen = drive(c, [s], 2.5)["v"]
+        after = [t for t, _ in seen if t >= changed]
+        gaps = [b - a for a, b in zip([changed] + after, after)]
+        assert "slow: a harbour at dusk" in encodes
+        assert len(after) >= 30 and max(gaps) < 0.5, max(gaps)
+    finally:
+        daemon.stop()

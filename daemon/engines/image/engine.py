@@ -16,8 +16,11 @@ re-derives only what depends on it (``update_params``).
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -26,10 +29,13 @@ import torch
 from ...frames import as_tensor, from_canonical, to_canonical
 from ..base import (Engine, EngineError, OutputFrame, StreamConfig, StreamInput, StreamOutput,
                     check_size)
+from ..beside import Beside
 from ..graphs import GraphedCall
 from . import lcm
 from . import params as P
 from ...config import env_flag
+
+log = logging.getLogger("livediffusion.image")
 
 
 @dataclass
@@ -40,8 +46,9 @@ class ImageStream:
     latent_w: int
     sched: lcm.Schedule
     noise: torch.Tensor                 # (n, 4, h, w) seeded stage noise
-    cond: dict[str, torch.Tensor]       # prompt conditioning (embeddings [, pooled, time ids])
-    uncond: dict[str, torch.Tensor]     # negative prompt conditioning
+    #: prompt conditioning (embeddings [, pooled, time ids]); None until the first is encoded
+    cond: dict[str, torch.Tensor] | None
+    uncond: dict[str, torch.Tensor] | None  # negative prompt conditioning
     buf_x: torch.Tensor | None = None   # (n-1, 4, h, w) latents at stages 1..n-1
     buf_r: torch.Tensor | None = None   # their residual noise
     last_z: torch.Tensor | None = None  # the newest input latent (re-derives buffers)
@@ -51,11 +58,13 @@ class ImageStream:
     rng: random.Random = field(default_factory=random.Random)
     fresh: torch.Generator | None = None
     counters: dict[str, int] = field(default_factory=lambda: {"processed": 0, "skipped": 0})
+    pending: Future | None = None       # conditioning being encoded beside the stream
 
 
 class ImageEngine(Engine):
     def __init__(self, name: str, models, *, device: str = "cpu", min_side: int = 256,
-                 max_side: int = 1024, description: str = "") -> None:
+                 max_side: int = 1024, description: str = "",
+                 text_thread: bool | None = None) -> None:
         self.name = name
         self.device = torch.device(device)
         self.models = models
@@ -66,6 +75,11 @@ class ImageEngine(Engine):
         self.description = description
         self.streams: dict[int, ImageStream] = {}
         self._text_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._text_lock = threading.Lock()  # the cache is shared with the text thread
+        #: new prompts are encoded beside the streams (default on GPUs, where the CLIP
+        #: encode would hold up every stream's step; a toy CPU encoder takes a millisecond)
+        self.text_thread = self.device.type == "cuda" if text_thread is None else text_thread
+        self._beside = Beside(self.device)
         #: the UNet call replayed as a CUDA graph per batch shape on GPUs
         #: (LIVEDIFFUSION_CUDA_GRAPHS=0 turns it off)
         cuda = self.device.type == "cuda" and \
@@ -88,7 +102,8 @@ class ImageEngine(Engine):
         check_size(self.name, config.input, self.min_side, self.max_side, 8)
         params, _ = P.apply(P.ImageParams(), config.params)
         stream = ImageStream(config, params, h // 8, w // 8, self._schedule(params),
-                             torch.empty(0), *self._conditioning(params, h, w))
+                             torch.empty(0), None, None)
+        self._want_conditioning(stream, params)
         self._renoise(stream)
         self.streams[config.stream_id] = stream
         return params.to_dict()
@@ -99,10 +114,9 @@ class ImageEngine(Engine):
         new, reset = P.apply(old, changes)
         changed = {k for k in P.ImageParams.__dataclass_fields__
                    if getattr(old, k) != getattr(new, k)}
-        if changed & P.PROMPT_FIELDS:
-            cfg = stream.config.input
-            stream.cond, stream.uncond = self._conditioning(new, cfg.height, cfg.width)
         stream.params = new
+        if changed & P.PROMPT_FIELDS:
+            self._want_conditioning(stream, new)
         if new.indices() != old.indices():
             stream.sched = self._schedule(new)
             self._renoise(stream)
@@ -123,12 +137,27 @@ class ImageEngine(Engine):
     def close_stream(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
 
+    def shutdown(self) -> None:
+        self._beside.shutdown()
+
+    def stream_ready(self, stream_id: int) -> bool:
+        stream = self.streams.get(stream_id)
+        return stream is None or self._take_conditioning(stream)
+
+    def settle(self, timeout: float | None = 30.0) -> None:
+        for stream in self.streams.values():
+            if stream.pending is not None:
+                stream.pending.exception(timeout)
+                self._take_conditioning(stream)
+
     @torch.no_grad()
     def submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
         outputs: dict[int, list[OutputFrame]] = {item.stream_id: [] for item in batch}
         todo: list[tuple[ImageStream, Any, torch.Tensor]] = []
         for item in batch:
             stream = self.streams[item.stream_id]
+            if not self._take_conditioning(stream):
+                continue  # its first prompt is still being encoded: the frame is let go
             if len(item.frames) != 1:
                 raise EngineError(f"expected 1 frame per step, got {len(item.frames)}.")
             frame = item.frames[0]
@@ -295,15 +324,47 @@ class ImageEngine(Engine):
             cond["time_ids"] = uncond["time_ids"] = ids
         return cond, uncond
 
+    def _want_conditioning(self, stream: ImageStream, p: P.ImageParams) -> None:
+        """Ask for the stream's conditioning: at once when every text is cached (or without
+        a text thread), else encoded beside the streams; the stream keeps its old prompt
+        until the new one is ready."""
+        cfg = stream.config.input
+        with self._text_lock:
+            cached = all(text in self._text_cache for text, w in p.weighted_prompts()
+                         if w > 0) and p.negative_prompt in self._text_cache
+        if cached or not self.text_thread:
+            stream.pending = None
+            stream.cond, stream.uncond = self._conditioning(p, cfg.height, cfg.width)
+        else:
+            stream.pending = self._beside.submit(self._conditioning, p, cfg.height, cfg.width)
+
+    def _take_conditioning(self, stream: ImageStream) -> bool:
+        """Apply encoded conditioning that is ready; False while the stream has none yet."""
+        future = stream.pending
+        if future is not None and future.done():
+            stream.pending = None
+            try:
+                stream.cond, stream.uncond = future.result()
+            except Exception as exc:  # noqa: BLE001 - the stream keeps its old prompt
+                log.error("could not encode the prompt of stream %d: %s: %s",
+                          stream.config.stream_id, type(exc).__name__, exc)
+                if stream.cond is None:  # nothing to keep: once more, here, or fail
+                    cfg = stream.config.input
+                    stream.cond, stream.uncond = self._conditioning(stream.params, cfg.height,
+                                                                    cfg.width)
+        return stream.cond is not None
+
     def _text(self, prompt: str) -> dict[str, torch.Tensor]:
-        hit = self._text_cache.get(prompt)
-        if hit is not None:
-            self._text_cache.move_to_end(prompt)
-            return hit
+        with self._text_lock:
+            hit = self._text_cache.get(prompt)
+            if hit is not None:
+                self._text_cache.move_to_end(prompt)
+                return hit
         out = encode_prompt(self.models, prompt, self.device)
-        self._text_cache[prompt] = out
-        while len(self._text_cache) > 64:
-            self._text_cache.popitem(last=False)
+        with self._text_lock:
+            self._text_cache[prompt] = out
+            while len(self._text_cache) > 64:
+                self._text_cache.popitem(last=False)
         return out
 
 

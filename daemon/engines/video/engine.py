@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -35,6 +35,7 @@ from ...models.causal_wan import CausalWan, ChunkCall
 from ...models.offload import Offloaded
 from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
                     StreamOutput, check_size)
+from ..beside import Beside
 from . import params as P
 from .kv_cache import CachePolicy, KVCache
 from .noise import MotionController, chunk_noise, sigma, timesteps
@@ -167,8 +168,7 @@ class VideoEngine(Engine):
         #: the first chunk after it is ready (measured: a synchronous umT5-XXL encode froze
         #: the output 0.38-0.44 s per prompt change)
         self.text_thread = text_thread
-        self._texts: ThreadPoolExecutor | None = None
-        self._text_stream = None
+        self._beside = Beside(self.device)
         #: benchmarks set this to a dict to collect per-stage times (seconds, synchronised)
         self.stage_times: dict[str, list[float]] | None = None
 
@@ -283,9 +283,7 @@ class VideoEngine(Engine):
         self._drop_stale_graphs()  # its several-stream graphs and their buffers go now
 
     def shutdown(self) -> None:
-        if self._texts is not None:
-            self._texts.shutdown(wait=True, cancel_futures=True)
-            self._texts = None
+        self._beside.shutdown()
 
     def submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
         """Encode every stream's chunk, run ONE DiT forward over all Stream Batch streams of
@@ -511,9 +509,7 @@ class VideoEngine(Engine):
             stream.cross_kv = self.wan.cross_kv(emb if emb is not None
                                                 else self._embed_prompts(p))
             return
-        if self._texts is None:
-            self._texts = ThreadPoolExecutor(1, thread_name_prefix="livediffusion-text")
-        stream.pending_prompt = self._texts.submit(self._embed_prompts, p)
+        stream.pending_prompt = self._beside.submit(self._embed_prompts, p)
 
     def _take_prompt(self, stream: VideoStream) -> bool:
         """Apply an encoded prompt that is ready (called at the start of each step); False
@@ -552,14 +548,6 @@ class VideoEngine(Engine):
 
     def _embed_prompts(self, p: P.VideoParams) -> torch.Tensor:
         """Blend the umT5 embeddings of the weighted prompts (linearly, weights normalised)."""
-        if self.device.type == "cuda" and threading.current_thread() is not \
-                threading.main_thread():
-            if self._text_stream is None:
-                self._text_stream = torch.cuda.Stream(self.device)
-            # its own stream: the encode overlaps the DiT's steps instead of queueing
-            # behind or ahead of them
-            with torch.cuda.stream(self._text_stream):
-                return self._blend(p, self._prompt_embedding)
         return self._blend(p, self._prompt_embedding)
 
     @staticmethod
