@@ -1,0 +1,1 @@
+"""Splitting one engine's network over GPU ranks (torch.distributed); see partition.py."""
