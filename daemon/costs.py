@@ -66,7 +66,3 @@ class CostModel:
     def per_stream_ms(self, key: tuple, n: int) -> float:
         """GPU time one stream costs per step when ``n`` streams of ``key`` share it."""
         return self.predict(key, n) / max(n, 1)
-
-    def snapshot(self) -> dict[str, dict[int, float]]:
-        return {"/".join(map(str, key)): {n: round(e.ms, 3) for n, e in sorted(v.items())}
-                for key, v in self._table.items()}

@@ -51,7 +51,6 @@ class Playout:
     lags: deque[float] = field(default_factory=deque)
     last_due: float = 0.0
     late: int = 0       # frames that were ready after their due time (deadline misses)
-    played: int = 0
     pushed: int = 0
 
     def push(self, frame: Any, now: float) -> None:
@@ -94,7 +93,6 @@ class Playout:
         while self.queue and (self.queue[0].due <= now + tolerance or
                               len(self.queue) > self.max_pending):
             out.append(self.queue.popleft().frame)
-        self.played += len(out)
         return out
 
     def next_due(self) -> float | None:

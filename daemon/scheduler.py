@@ -65,7 +65,6 @@ class Mailbox:
     frames: deque[FrameRef] = field(default_factory=deque)
     dropped: int = 0
     decimated: int = 0
-    steps: int = 0
     #: frames per second this stream is served at (inf: every frame)
     serve_fps: float = math.inf
     _credit: float = 1.0
@@ -318,7 +317,6 @@ class Scheduler:
             frames = [box.frames.popleft() for _ in range(box.frames_per_step)]
             items.append(PlanItem(box.stream_id, frames))
             box.busy = True
-            box.steps += 1
         plan = StepPlan(next(self._steps), chosen[0].engine, key, items,
                         deadline=min(b.deadline_of(i.frames) for b, i in zip(chosen, items)),
                         predicted_ms=self.costs.predict(key, len(items)))
@@ -382,12 +380,3 @@ class Scheduler:
                 self._allocate()
         if self._clock() >= self._next_allocation:
             self._allocate()
-
-    def release(self, step_id: int) -> None:
-        """Forget a plan that will not come back (its worker failed)."""
-        plan = self._in_flight.pop(step_id, None)
-        if plan is not None:
-            for item in plan.items:
-                box = self._boxes.get(item.stream_id)
-                if box is not None:
-                    box.busy = False

@@ -77,7 +77,6 @@ class ServerStream:
     bad_frames: int = 0
     engine_ms: float = 0.0
     out_seq: int = 0
-    frames_per_step: int = 1
     #: the scheduler's counters, kept when the stream starts closing (it forgets the stream)
     final: dict[str, Any] = field(default_factory=dict)
 
@@ -125,7 +124,6 @@ class Daemon:
         self.capabilities: dict[str, dict[str, Any]] = {}
         self.workers: list[InlineWorker | ThreadedWorker] = []
         self._worker_of: dict[str, InlineWorker | ThreadedWorker] = {}
-        self._busy: dict[int, int | None] = {}  # id(worker) -> step id in flight
         self._cold_logged: set[tuple] = set()
         self.sessions: dict[bytes, Session] = {}
         self.streams: dict[int, ServerStream] = {}
@@ -209,7 +207,6 @@ class Daemon:
                 self._worker_of[name] = worker
             for key, n, ms in ready.costs:
                 self.scheduler.costs.observe(key, n, ms)
-            self._busy[id(worker)] = None
         if not self.capabilities:
             raise RuntimeError("no engine could be loaded.")
 
@@ -307,7 +304,7 @@ class Daemon:
 
     def _poll_timeout_ms(self) -> int:
         """Sleep until a message, a worker's result, or the next paced frame's time."""
-        if any(self._busy[id(w)] is None and not w.threaded and
+        if any(w.in_flight is None and not w.threaded and
                self.scheduler.has_work(w.engines) for w in self.workers):
             return 0
         wait = 0.1
@@ -335,7 +332,7 @@ class Daemon:
                 result = box.popleft()
                 try:
                     if isinstance(result, StepResult):
-                        self._busy[id(worker)] = None
+                        worker.in_flight = None
                         self._on_step(result)
                     else:
                         self._on_result(result)
@@ -347,12 +344,12 @@ class Daemon:
         """Give every idle worker its next plan; True if any got one."""
         any_plan = False
         for worker in self.workers:
-            if self._busy[id(worker)] is not None:
+            if worker.in_flight is not None:
                 continue
             plan = self.scheduler.next_plan(worker.engines)
             if plan is None:
                 continue
-            self._busy[id(worker)] = plan.step_id
+            worker.in_flight = plan.step_id
             any_plan = True
             if worker.threaded and not plan.predicted_ms and len(plan.key) >= 3 and \
                     (plan.key, plan.batch_size) not in self._cold_logged:
@@ -544,9 +541,7 @@ class Daemon:
         # engine's chunks): for one-frame engines it only turns step jitter into delay
         # (measured: a paced passthrough round trip took the worst recent lag, 0.8-15 ms
         # instead of 0.3-3 ms)
-        paced = msg.get("paced", per_step > 1)
-        if not isinstance(paced, bool):
-            raise ProtocolError(ErrorCode.BAD_SPEC, "paced must be true or false.")
+        paced = msg.get("paced", per_step > 1)  # a non-bool was refused by the schema
         key = batch_key(engine_name, in_spec.width, in_spec.height, caps,
                         dict(msg.get("params") or {}))
         try:
@@ -571,8 +566,7 @@ class Daemon:
                 raise ProtocolError(ErrorCode.OUT_OF_MEMORY,
                                     f"cannot create shared memory for the stream: {exc}") from None
         stream = ServerStream(sid, name, session, engine_name, in_spec, out_spec, fps, transport,
-                              ring_in, ring_out, worker=self._worker_of[engine_name],
-                              frames_per_step=most)
+                              ring_in, ring_out, worker=self._worker_of[engine_name])
         stream.playout.paced = paced and self.serve.pacing
         self.streams[sid] = stream
         self._names[name] = sid
@@ -649,8 +643,7 @@ class Daemon:
         except RingError:
             return
         spec = stream.input
-        if (hdr.width, hdr.height, hdr.format, hdr.dtype, hdr.origin) != \
-                (spec.width, spec.height, spec.format, spec.dtype, spec.origin):
+        if not hdr.spec.same_picture(spec):
             return
         ref.data = pixels.reshape(-1).view(np.uint8).data
         ref.stride = spec.row_bytes
@@ -743,7 +736,6 @@ class Daemon:
             stream.frames_in += report.frames_in
             stream.torn += report.torn
             stream.bad_frames += report.bad_frames
-            stream.frames_per_step = report.frames_per_step
             if report.frames_in:
                 ms = result.elapsed_ms
                 stream.engine_ms = ms if stream.engine_ms == 0 else \
@@ -826,14 +818,14 @@ class Daemon:
             if stream.state == "closing":
                 return
             stream.state = "open"
-            stream.frames_per_step = int(result.body.get("frames_per_step", 1))
-            self.scheduler.set_frames_per_step(stream.id, stream.frames_per_step)
+            per_step = int(result.body.get("frames_per_step", 1))
+            self.scheduler.set_frames_per_step(stream.id, per_step)
             serve = self.scheduler.info(stream.id).get("serve_fps", stream.fps)
             reply = {"type": "opened", "re": rid, "stream": stream.id, "name": stream.name,
                      "engine": stream.engine, "transport": stream.transport,
                      "input": stream.input.to_msg(), "output": stream.output.to_msg(),
                      "params": result.body.get("params", {}),
-                     "frames_per_step": stream.frames_per_step,
+                     "frames_per_step": per_step,
                      "serve_fps": serve, "paced": stream.playout.paced}
             if stream.ring_in is not None and stream.ring_out is not None:
                 reply["ring_in"] = {"name": stream.ring_in.name, "slots": stream.ring_in.slots,

@@ -150,9 +150,6 @@ class StreamReport:
     frames_in: int = 0
     torn: int = 0
     bad_frames: int = 0
-    #: input frames the engine took but set aside (a stream whose first prompt is still
-    #: being encoded, say)
-    skipped: int = 0
     #: input frames the engine takes next step (first chunk 1 + 4, and again after a reset)
     frames_per_step: int = 1
     errors: list[tuple[str, str]] = field(default_factory=list)  # (code, message)
@@ -168,7 +165,6 @@ class StepResult:
     started: float          # monotonic seconds
     elapsed_ms: float       # the whole step as the worker saw it (reads, engine, download)
     engine_ms: float = 0.0  # the engine's submit alone
-    stage_ms: dict[str, float] = field(default_factory=dict)
     failed: bool = False
 
 

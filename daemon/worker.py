@@ -245,8 +245,7 @@ class EngineWorker:
             self._bad_frame(report, str(exc))
             return None
         got = hdr.spec
-        if (got.width, got.height, got.format, got.dtype, got.origin) != \
-                (spec.width, spec.height, spec.format, spec.dtype, spec.origin):
+        if not got.same_picture(spec):
             self._bad_frame(report, f"frame is {got.width}x{got.height} {got.format} "
                             f"{got.dtype} origin {got.origin}; stream {sid} was opened for "
                             f"{spec.width}x{spec.height} {spec.format} {spec.dtype} origin "
@@ -377,6 +376,7 @@ class InlineWorker:
     def __init__(self, worker: EngineWorker) -> None:
         self.worker = worker
         self.outbox: deque = deque()
+        self.in_flight: int | None = None  # the front's bookkeeping: step id handed over
 
     @property
     def engines(self) -> tuple[str, ...]:
@@ -401,6 +401,7 @@ class ThreadedWorker:
     def __init__(self, worker: EngineWorker, wake: Callable[[], None]) -> None:
         self.worker = worker
         self.outbox: deque = deque()
+        self.in_flight: int | None = None  # the front's bookkeeping: step id handed over
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = wake
         self._thread: threading.Thread | None = None

@@ -238,6 +238,11 @@ class FrameSpec:
     def shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, self.channels)
 
+    def same_picture(self, other: FrameSpec) -> bool:
+        """Same width, height, format, dtype and origin (the row stride may differ)."""
+        return (self.width, self.height, self.format, self.dtype, self.origin) == \
+            (other.width, other.height, other.format, other.dtype, other.origin)
+
     def to_msg(self) -> dict[str, Any]:
         return {"width": self.width, "height": self.height, "format": self.format,
                 "channels": self.channels, "dtype": self.dtype, "origin": self.origin,
