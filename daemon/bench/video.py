@@ -51,26 +51,13 @@ def build_bench_engine(model: str, device: torch.device,
                        compile: bool | None = None,
                        cuda_graphs: bool | None = None,
                        attention: str | None = None) -> VideoEngine:
-    preset = W.PRESETS[model]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    transformer = W.build_transformer(preset, dtype, device)
-    vae = W.build_vae(preset, dtype, device)
-    text_dim = preset.transformer["text_dim"]
-    stand_in = W.WanPreset("text-stand-in", {}, text_encoder=dict(
-        vocab_size=384, d_model=text_dim, d_kv=64, d_ff=256, num_layers=1,
-        num_heads=max(1, text_dim // 64), relative_attention_num_buckets=8,
-        relative_attention_max_distance=32, feed_forward_proj="gated-gelu", pad_token_id=0,
-        eos_token_id=1, decoder_start_token_id=0))
-    text = W.build_text_encoder(stand_in, dtype, device)
-    from ..models.tiny_decoder import TinyVideoDecoder
-    widths = (16, 8, 8, 8) if model == "tiny" else (256, 128, 64, 64)
-    tiny = TinyVideoDecoder(widths=widths).to(device, dtype).eval()
-    return VideoEngine(f"video-{model}", transformer, vae, text, device=str(device),
-                       min_side=32 if model == "tiny" else 256,
-                       description=f"Wan 2.1 {model}, RANDOM weights", tiny_decoder=tiny,
-                       channels_last=channels_last, compile=compile,
-                       cuda_graphs=cuda_graphs, attention=attention)
+    from ..engines.video.factory import build_video_parts
+    parts = build_video_parts(model, device=str(device), text="stand-in")
+    return VideoEngine(f"video-{model}", parts.transformer, parts.vae, parts.text,
+                       device=str(device), min_side=parts.min_side,
+                       description=f"Wan 2.1 {model}, RANDOM weights",
+                       tiny_decoder=parts.tiny_decoder, channels_last=channels_last,
+                       compile=compile, cuda_graphs=cuda_graphs, attention=attention)
 
 
 def _clip(height: int, width: int, period: int = 48):

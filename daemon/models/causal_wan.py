@@ -355,12 +355,17 @@ class CausalWan:
         return full(ct, spatial[0]), full(st, spatial[1])
 
     @torch.no_grad()
-    def cross_kv(self, prompt_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per block cross-attention K/V for umT5 embeddings (1, L, text_dim)."""
+    def cross_kv(self, prompt_embeds: torch.Tensor, blocks: range | None = None
+                 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per block cross-attention K/V for umT5 embeddings (1, L, text_dim); with
+        ``blocks`` (a pipeline stage) only for those, None for the others."""
         context = self.model.condition_embedder.text_embedder(
             prompt_embeds.to(self.device, self.dtype))
         out = []
-        for block in self.model.blocks:
+        for i, block in enumerate(self.model.blocks):
+            if blocks is not None and i not in blocks:
+                out.append(None)
+                continue
             attn = block.attn2
             k = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
             v = attn.to_v(context).unflatten(2, (attn.heads, -1)).transpose(1, 2)

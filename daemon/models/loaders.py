@@ -208,7 +208,8 @@ def load_text_encoder(directory: str | Path, *, dtype: torch.dtype = torch.bfloa
 
 def load_diffusers_dir(directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                        device: str = "cpu", generator: str | Path | None = None,
-                       preset: str = "1.3b", text_device: str | None = None) -> WanWeights:
+                       preset: str = "1.3b", text_device: str | None = None,
+                       text: bool = True) -> WanWeights:
     """Everything from a diffusers-layout directory; ``generator`` swaps in the causal DiT.
     ``text_device``: where the umT5 encoder is loaded (default ``device``; the video engine
     loads it to the CPU and lets it visit the GPU per new prompt)."""
@@ -226,5 +227,6 @@ def load_diffusers_dir(directory: str | Path, *, dtype: torch.dtype = torch.bflo
         source = root.name
     vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32)
     vae = cast(vae.to(device), dtype).eval().requires_grad_(False)
-    text = load_text_encoder(root, dtype=dtype, device=text_device or device)
-    return WanWeights(transformer, vae, text, source)
+    text_parts = load_text_encoder(root, dtype=dtype, device=text_device or device) \
+        if text else None
+    return WanWeights(transformer, vae, text_parts, source)

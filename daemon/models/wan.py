@@ -49,6 +49,10 @@ PRESETS: dict[str, WanPreset] = {
                           relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
                           pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
 }
+#: the tiny preset with six blocks, so that pipeline tests can split it over three ranks and
+#: move blocks between them
+PRESETS["tiny6"] = WanPreset("tiny6", dict(PRESETS["tiny"].transformer, num_layers=6),
+                             PRESETS["tiny"].vae, PRESETS["tiny"].text_encoder)
 
 
 #: umT5-XXL's architecture (google/umt5-xxl, the encoder Wan 2.1 uses): 24 layers of width

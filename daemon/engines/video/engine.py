@@ -214,7 +214,8 @@ class VideoEngine(Engine):
         params, _ = P.apply(P.VideoParams(), config.params)
         self._check_decoder(params)
         stream = VideoStream(config, params, h // 8, w // 8, self.vae.new_state(),
-                             self._new_cache(params, params.steps, h // 8, w // 8))
+                             self._new_cache(params, params.steps, h // 8, w // 8,
+                                             config.stream_id))
         self._want_prompt(stream, params)
         self._configure_motion(stream)
         self.streams[config.stream_id] = stream
@@ -230,11 +231,12 @@ class VideoEngine(Engine):
         self._want_prompt(stream, new)
         reshaped = (new.steps, new.cache_frames, new.stream_batch) != \
             (old.steps, old.cache_frames, old.stream_batch)
-        if reshaped and stream.in_flight:
+        if reshaped and self._pending(stream):
             self._flush(stream)  # finish what is in flight under the old schedule and cache
         stream.params = new
         if new.cache_frames != old.cache_frames or reset:
-            stream.cache = self._new_cache(new, new.steps, stream.latent_h, stream.latent_w)
+            stream.cache = self._new_cache(new, new.steps, stream.latent_h, stream.latent_w,
+                                           stream_id)
         else:
             stream.cache.policy = self._policy(new)
             stream.cache.set_rows(new.steps)
@@ -242,6 +244,10 @@ class VideoEngine(Engine):
             self.reset_stream(stream_id)
         self._configure_motion(stream)
         return new.to_dict()
+
+    def _pending(self, stream: VideoStream) -> bool:
+        """Chunks of the stream not yet clean."""
+        return bool(stream.in_flight)
 
     def _check_decoder(self, p: P.VideoParams) -> None:
         if p.decoder == "tiny" and self.tiny_decoder is None:
@@ -479,7 +485,8 @@ class VideoEngine(Engine):
         return CachePolicy(frames=p.cache_frames, sinks=p.sinks,
                            refresh_threshold=p.sink_refresh, rope_max=p.rope_max)
 
-    def _new_cache(self, p: P.VideoParams, rows: int, latent_h: int, latent_w: int) -> KVCache:
+    def _new_cache(self, p: P.VideoParams, rows: int, latent_h: int, latent_w: int,
+                   stream_id: int) -> KVCache:
         wan = self.wan
         cache = KVCache(wan.num_blocks, rows, wan.heads, wan.head_dim,
                         wan.tokens_per_frame(latent_h, latent_w), self._policy(p),
@@ -506,8 +513,7 @@ class VideoEngine(Engine):
         emb = self._cached_blend(p)
         if emb is not None or not self.text_thread:
             stream.pending_prompt = None
-            stream.cross_kv = self.wan.cross_kv(emb if emb is not None
-                                                else self._embed_prompts(p))
+            self._use_prompt(stream, emb if emb is not None else self._embed_prompts(p))
             return
         stream.pending_prompt = self._beside.submit(self._embed_prompts, p)
 
@@ -526,8 +532,12 @@ class VideoEngine(Engine):
                     emb = self._embed_prompts(stream.params)
                 else:
                     return True
-            stream.cross_kv = self.wan.cross_kv(emb)
+            self._use_prompt(stream, emb)
         return stream.cross_kv is not None
+
+    def _use_prompt(self, stream: VideoStream, emb: torch.Tensor) -> None:
+        """Switch the stream to an encoded prompt (at the start of a step)."""
+        stream.cross_kv = self.wan.cross_kv(emb)
 
     def stream_ready(self, stream_id: int) -> bool:
         stream = self.streams.get(stream_id)

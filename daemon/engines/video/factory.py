@@ -10,46 +10,93 @@ from ...models import wan as W
 from .engine import VideoEngine
 
 
-def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                       weights=None, seed: int = 0) -> VideoEngine:
-    """``weights``: a loaders.WanWeights with real networks; None builds random weights of the
-    preset's size (the tiny preset always does)."""
+@dataclasses.dataclass
+class VideoParts:
+    """What a video engine (or one pipeline rank of it) is built from."""
+
+    transformer: object
+    vae: object
+    text: tuple | None          # (tokenizer, encoder), or None where no text is encoded
+    tiny_decoder: object
+    description: str
+    min_side: int
+
+
+def _text_stand_in(preset: W.WanPreset, dtype: torch.dtype, device: str):
+    """A one-layer random umT5 of the real output width (benchmarks: the text encoder runs
+    once per prompt, never per chunk)."""
+    text_dim = preset.transformer["text_dim"]
+    stand_in = W.WanPreset("text-stand-in", {}, text_encoder=dict(
+        vocab_size=384, d_model=text_dim, d_kv=64, d_ff=256, num_layers=1,
+        num_heads=max(1, text_dim // 64), relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, feed_forward_proj="gated-gelu", pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0))
+    return W.build_text_encoder(stand_in, dtype, device)
+
+
+def build_video_parts(preset_name: str, *, device: str = "cpu",
+                      dtype: torch.dtype | None = None, weights=None, seed: int = 0,
+                      text: str | None = "real") -> VideoParts:
+    """``weights``: a loaders.WanWeights with real networks; None builds random weights of
+    the preset's size (the tiny preset always does), the same for a seed on every process
+    (pipeline ranks build their own).  ``text``: "real" (umT5 of the preset's size, random
+    unless loaded), "stand-in" (one random layer of the real width) or None (no text
+    encoder: a pipeline rank that never encodes prompts)."""
     preset = W.PRESETS[preset_name]
+    small = preset_name.startswith("tiny")
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     if weights is not None:
-        transformer, vae, text = weights.transformer, weights.vae, weights.text
+        transformer, vae, text_parts = weights.transformer, weights.vae, weights.text
         description = f"Wan 2.1 {preset.name} ({weights.source})"
     else:
         torch.manual_seed(seed)
         transformer = W.build_transformer(preset, dtype, device)
         vae = W.build_vae(preset, torch.float32 if dtype == torch.float32 else dtype, device)
-        # the text tower in the engine's dtype: random umT5-XXL in float32 would be 22 GB
-        # real sizes get a random umT5-XXL of the real size (the engine keeps it in host
-        # memory), so a prompt change costs what it costs with the real weights
-        text_preset = preset if preset.text_encoder else \
-            dataclasses.replace(preset, text_encoder=W.UMT5_XXL)
-        text = W.build_text_encoder(text_preset, torch.float32 if preset_name == "tiny"
-                                    else dtype, device)
+        text_parts = None
+        if text == "stand-in":
+            text_parts = _text_stand_in(preset, dtype, device)
+        elif text is not None:
+            # the text tower in the engine's dtype: random umT5-XXL in float32 would be
+            # 22 GB; real sizes get a random umT5-XXL of the real size (the engine keeps it
+            # in host memory), so a prompt change costs what it costs with the real weights
+            text_preset = preset if preset.text_encoder else \
+                dataclasses.replace(preset, text_encoder=W.UMT5_XXL)
+            text_parts = W.build_text_encoder(text_preset, torch.float32 if small else dtype,
+                                              device)
         description = f"Wan 2.1 {preset.name} architecture with RANDOM weights"
-    if text is None:
+    if text is not None and text_parts is None:
         raise ValueError("a text encoder is needed; load real weights for this preset.")
-    min_side = 32 if preset_name == "tiny" else 256
+    min_side = 32 if small else 256
     if weights is not None:
         tiny_decoder = weights.tiny_decoder
-    elif preset_name == "tiny":
-        from ...models.tiny_decoder import TinyVideoDecoder
-        tiny_decoder = TinyVideoDecoder(widths=(16, 8, 8, 8)).to(device).eval()
     else:
         from ...models.tiny_decoder import TinyVideoDecoder
-        tiny_decoder = TinyVideoDecoder().to(device, dtype).eval()
+        torch.manual_seed(seed + 1)  # the same weights whether a text encoder was built
+        if small:
+            tiny_decoder = TinyVideoDecoder(widths=(16, 8, 8, 8)).to(device).eval()
+        else:
+            tiny_decoder = TinyVideoDecoder().to(device, dtype).eval()
+    return VideoParts(transformer, vae, text_parts if text is not None else None,
+                      tiny_decoder, description, min_side)
+
+
+def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                       weights=None, seed: int = 0) -> VideoEngine:
+    """``weights``: a loaders.WanWeights with real networks; None builds random weights of the
+    preset's size (the tiny preset always does)."""
+    parts = build_video_parts(preset_name, device=device, dtype=dtype, weights=weights,
+                              seed=seed)
     return VideoEngine(f"video-{preset_name}" if preset_name == "tiny" else "video",
-                       transformer, vae, text, device=device, min_side=min_side,
-                       description=description, tiny_decoder=tiny_decoder)
+                       parts.transformer, parts.vae, parts.text, device=device,
+                       min_side=parts.min_side, description=parts.description,
+                       tiny_decoder=parts.tiny_decoder)
 
 
-def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda") -> VideoEngine:
-    """The video engine on the downloaded Wan 2.1 weights and StreamDiffusionV2 generator."""
+def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
+                          text: bool = True) -> VideoParts:
+    """The downloaded Wan 2.1 weights and StreamDiffusionV2 generator (``text=False``: no
+    umT5, for pipeline ranks that never encode a prompt)."""
     from ...models import loaders, registry
 
     wan_dir = registry.require(f"wan-{size}")
@@ -57,12 +104,33 @@ def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda") -> Vide
     generator = gen_dir / registry.MODELS[f"sdv2-{size}"].allow[0]
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     weights = loaders.load_diffusers_dir(wan_dir, dtype=dtype, device=device,
-                                         generator=generator, preset=size, text_device="cpu")
+                                         generator=generator, preset=size, text_device="cpu",
+                                         text=text)
     tiny_dir = registry.local_path("taew2_1")
     if tiny_dir is not None:
         from ...models.tiny_decoder import load_tiny_decoder
         weights.tiny_decoder = load_tiny_decoder(tiny_dir / "taew2_1.pth", dtype=dtype,
                                                  device=device)
-    engine = build_video_engine(size, device=device, dtype=dtype, weights=weights)
-    engine.name = "video" if size == "1.3b" else f"video-{size}"
-    return engine
+    return build_video_parts(size, device=device, dtype=dtype, weights=weights,
+                             text="real" if text else None)
+
+
+def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda") -> VideoEngine:
+    """The video engine on the downloaded Wan 2.1 weights and StreamDiffusionV2 generator."""
+    parts = load_real_video_parts(size, device=device)
+    return VideoEngine("video" if size == "1.3b" else f"video-{size}", parts.transformer,
+                       parts.vae, parts.text, device=device, min_side=parts.min_side,
+                       description=parts.description, tiny_decoder=parts.tiny_decoder)
+
+
+def build_parts(spec: str, device: str, *, text: bool = True) -> VideoParts:
+    """Parts by name, as a pipeline rank is told to build them: ``random:<preset>``,
+    ``bench:<preset>`` (random, one-layer text stand-in) or ``real:<size>``."""
+    kind, _, preset = spec.partition(":")
+    if kind == "real":
+        return load_real_video_parts(preset, device=device, text=text)
+    if kind in ("random", "bench"):
+        return build_video_parts(preset, device=device,
+                                 text=None if not text else
+                                 ("stand-in" if kind == "bench" else "real"))
+    raise ValueError(f"unknown video parts {spec!r} (random:, bench: or real:<preset>).")

@@ -108,6 +108,10 @@ class KVCache:
     #: that a forward recorded against it elsewhere (several streams' graphs, kept by the
     #: engine) is known to be stale and never replayed against other memory
     storage_id: int = -1
+    #: the blocks whose keys/values this cache holds (a pipeline rank's stage); None: all.
+    #: Lists stay indexed by block number; other blocks' entries are None and their books
+    #: are not kept
+    owned: range | tuple[int, ...] | None = None
 
     EMPTY = -10**9
 
@@ -115,6 +119,8 @@ class KVCache:
         self.policy.validate()
         if self.defer is None:
             self.defer = torch.device(self.device).type == "cuda"
+        if self.owned is None:
+            self.owned = range(self.blocks)
         self.allocate()
 
     # --- storage ---------------------------------------------------------------------
@@ -124,9 +130,9 @@ class KVCache:
         self.storage_id = next(_storage_ids)
         shape = (self.rows, self.heads, self.policy.frames * self.tokens, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                  for _ in range(self.blocks)]
+                  if b in self.owned else None for b in range(self.blocks)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                  for _ in range(self.blocks)]
+                  if b in self.owned else None for b in range(self.blocks)]
         self.positions = torch.full((self.rows, self.blocks, self.policy.frames), self.EMPTY,
                                     dtype=torch.long)
         self._clear_books()
@@ -143,7 +149,7 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every frame (explicit stream reset); storage is kept and zeroed."""
-        for t in (*self.k, *self.v):
+        for t in self._storages():
             t.zero_()
         self.positions.fill_(self.EMPTY)
         self._clear_books()
@@ -151,10 +157,13 @@ class KVCache:
     @property
     def filled(self) -> int:
         """Frame slots holding a chunk in every block (row 0's view), at most policy.frames."""
-        return sum(c >= 0 for c in self.books[-1].chunk)
+        return sum(c >= 0 for c in self.books[max(self.owned)].chunk)
+
+    def _storages(self) -> list[torch.Tensor]:
+        return [t for t in (*self.k, *self.v) if t is not None]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t.numel() * t.element_size() for t in self._storages())
 
     def set_rows(self, rows: int) -> None:
         """Change the number of denoising steps: new rows start as copies of the last row
@@ -163,7 +172,7 @@ class KVCache:
             return
         self.graphs.clear()
         self.storage_id = next(_storage_ids)
-        for i in range(self.blocks):
+        for i in self.owned:
             self.k[i] = _resize_rows(self.k[i], rows)
             self.v[i] = _resize_rows(self.v[i], rows)
         self.positions = _resize_rows(self.positions, rows)
@@ -210,7 +219,7 @@ class KVCache:
         new[:, :p.sinks] = torch.where(filled[:, :p.sinks], sink_pos, new[:, :p.sinks])
         delta = torch.where(filled, new - old, torch.zeros_like(new))
         td = self.t_dim
-        for block in range(self.blocks):
+        for block in self.owned:
             d = delta[block]
             if not d.any():
                 continue
@@ -240,14 +249,18 @@ class KVCache:
         # happen: an element attends to its row's filled prefix after its own write
         occupied = {row: (self.positions[row] != self.EMPTY).tolist() for row in set(rows)}
         new = [e for e, c in enumerate(chunks) if c not in self.targets or
-               min(self.targets[c]) < 0]
-        full = all(all(all(block) for block in occupied[row]) for row in rows)
+               min(self.targets[c][b] for b in self.owned) < 0]
+        full = all(all(occupied[row][block]) for row in rows for block in self.owned)
         # Stream Batch's steady state (or a sequential step) on a full cache: the same
         # shapes at every forward
         fixed = rows == list(range(len(rows))) and full and new in ([], [0])
         slots: list[list[Slot]] = []
         lengths: list[list[int]] = []
         for block in range(self.blocks):
+            if block not in self.owned:  # another rank's: nothing to plan here
+                slots.append([])
+                lengths.append([])
+                continue
             book = self.books[block]
             scratch = _BlockBook(list(book.chunk), book.next_ring)  # this forward's bookings
             block_slots: list[Slot] = []
@@ -287,6 +300,9 @@ class KVCache:
         booked = []
         stored: dict[tuple[int, int, int], int] = {}
         for block in range(self.blocks):
+            if block not in self.owned:
+                booked.append([])
+                continue
             book = self.books[block]
             block_slots = []
             for e, (row, chunk) in enumerate(zip(plan.rows, plan.chunks)):
@@ -320,6 +336,43 @@ class KVCache:
         ring = p.frames - p.sinks
         book.next_ring = p.sinks + (book.next_ring - p.sinks + 1) % ring if ring else p.sinks
 
+    # --- pipeline ranks: blocks move between caches with their history --------------------
+
+    def block_state(self, block: int) -> BlockState:
+        """Everything this cache holds for ``block`` (to hand over; nothing changes here)."""
+        if block not in self.owned:
+            raise ValueError(f"block {block} is not held here ({self.owned}).")
+        book = self.books[block]
+        return BlockState(block, self.k[block], self.v[block],
+                          self.positions[:, block].clone(), list(book.chunk), book.next_ring,
+                          {c: t[block] for c, t in self.targets.items()})
+
+    def drop_block(self, block: int) -> None:
+        """Stop holding ``block`` (handed over to another rank)."""
+        self.k[block] = self.v[block] = None
+        self._hold([b for b in self.owned if b != block])
+
+    def put_block(self, state: BlockState) -> None:
+        """Take over a block with its keys, values and books (a pipeline rebalance)."""
+        block = state.block
+        self.k[block] = state.k.to(self.device, self.dtype)
+        self.v[block] = state.v.to(self.device, self.dtype)
+        self.positions[:, block] = state.positions
+        self.books[block] = _BlockBook(list(state.chunk), state.next_ring)
+        for chunk, slot in state.targets.items():
+            self.targets.setdefault(chunk, [-1] * self.blocks)[block] = slot
+        self._hold(sorted({*self.owned, block}))
+
+    def _hold(self, blocks: list[int]) -> None:
+        """The blocks held now: a range when contiguous (what a stage runs), else a tuple
+        (only while blocks move)."""
+        if not blocks:
+            raise ValueError("a cache holds at least one block.")
+        contiguous = blocks == list(range(blocks[0], blocks[-1] + 1))
+        self.owned = range(blocks[0], blocks[-1] + 1) if contiguous else tuple(blocks)
+        self.graphs.clear()
+        self.storage_id = next(_storage_ids)
+
     def filled_slots(self, block: int, row: int) -> int:
         """Frame slots of a row holding keys (always a prefix)."""
         return int((self.positions[row, block] != self.EMPTY).sum())
@@ -329,6 +382,19 @@ class KVCache:
         self.targets.pop(chunk, None)
         self.chunk_position.pop(chunk, None)
         self.chunk_epoch.pop(chunk, None)
+
+
+@dataclass
+class BlockState:
+    """One block's share of a stream's cache, as it moves between pipeline ranks."""
+
+    block: int
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor    # (rows, frames)
+    chunk: list[int]           # the block's book: chunk per frame slot
+    next_ring: int
+    targets: dict[int, int]    # live chunk -> its slot in this block
 
 
 def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
