@@ -53,12 +53,22 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     serve = ServeConfig.from_env(policy=args.policy,
                                  pacing=False if args.no_pacing else None)
+    gpus: tuple[str, ...] = ()
+    if args.gpus is not None:
+        from .parallel.pipeline import parse_gpus, torchrun_rank
+        try:
+            gpus = tuple(parse_gpus(args.gpus))
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        if torchrun_rank(engines, gpus):  # a rank other than 0 started by torchrun: done
+            return 0
     try:
         daemon = Daemon(args.host, args.port, engines=engines,
                         device=_resolve_device(args.device), ipc_path=args.ipc,
                         heartbeat_timeout=args.heartbeat_timeout, max_streams=args.max_streams,
                         keys_dir=args.keys, warm_up=tuple(args.warm_up or ()),
-                        warm_up_params=_param_sets(args.warm_up_params), serve=serve)
+                        warm_up_params=_param_sets(args.warm_up_params), serve=serve,
+                        gpus=gpus)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     daemon.serve_forever()
@@ -349,6 +359,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "transport":
         from .bench.transport import run_transport_bench
         return run_transport_bench(args)
+    if args.suite == "video" and args.gpus is not None:
+        from .bench.pipeline import run_pipeline_bench
+        if args.model not in (None, "1.3b", "14b", "tiny", "tiny6"):
+            raise CliError(f"video models: 1.3b, 14b, tiny, tiny6; not {args.model!r}.")
+        try:
+            return run_pipeline_bench(args)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     if args.suite == "video":
         from .bench.video import run_video_bench
         args.model = args.model or "1.3b"
@@ -459,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pacing", action="store_true",
                    help="publish output frames as soon as they are ready instead of at the "
                         "input's cadence (for comparisons)")
+    p.add_argument("--gpus", metavar="all|N|I,J,..", default=None,
+                   help="split the video engine's DiT over several GPUs (pipeline parallel, "
+                        "one process per GPU, started by the daemon or by torchrun): 'all', "
+                        "a count, or device indices such as 0,1 (one index: '2,'); on a "
+                        "machine without GPUs a count starts that many CPU ranks")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("demo", help="play a clip through a real daemon and write a video",
@@ -637,6 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream: skip opening, closing and re-prompting streams mid-run")
     p.add_argument("--no-engine-bench", action="store_true",
                    help="stream: skip the engine's own throughput beside the daemon's")
+    p.add_argument("--gpus", metavar="all|N|I,J,..", default=None,
+                   help="video, stream: split the video engine over pipeline ranks (as the "
+                        "daemon's --gpus; a count gives CPU ranks where there is no GPU); "
+                        "video with one device also runs the plain engine beside it")
     p.add_argument("--poll-hz", type=float, default=None,
                    help="stream: how often each host reads latest() (default 250, CPU 120)")
     p.set_defaults(func=cmd_bench)

@@ -99,13 +99,15 @@ class Daemon:
                  max_streams: int = MAX_STREAMS, keys_dir: str | Path | None = None,
                  warm_up: tuple[tuple[int, int], ...] = (),
                  warm_up_params: tuple[dict[str, Any], ...] = (),
-                 serve: ServeConfig | None = None) -> None:
+                 serve: ServeConfig | None = None, gpus: tuple[str, ...] = ()) -> None:
         if not is_loopback(host) and keys_dir is None:
             raise ValueError(f"binding to {host} exposes the daemon beyond this machine; "
                              f"pass a keys directory (livediffusion keys init DIR) to require "
                              f"CURVE authentication.")
         self.host, self.port = host, port
-        self.device = device
+        self.device = gpus[0] if gpus else device
+        #: pipeline ranks' devices for the video engines (``--gpus``); empty: one device
+        self.gpus = tuple(gpus)
         self.heartbeat_timeout = heartbeat_timeout
         self.max_streams = max_streams
         self.keys_dir = Path(keys_dir) if keys_dir else None
@@ -199,7 +201,8 @@ class Daemon:
         if threaded:
             self.workers.append(ThreadedWorker(EngineWorker(
                 threaded, self.device, explicit=self._explicit_engines,
-                warm_up=self._warm_up, warm_up_params=self._warm_up_params), wake))
+                warm_up=self._warm_up, warm_up_params=self._warm_up_params,
+                gpus=self.gpus), wake))
         for worker in self.workers:
             ready: WorkerReady = worker.start()
             self.capabilities.update(ready.capabilities)

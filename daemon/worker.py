@@ -28,7 +28,7 @@ import numpy as np
 from livediffusion.shared.protocol import ErrorCode, FrameSpec
 from livediffusion.shared.ring import FrameRing, RingError, TornRead
 
-from .engines import REGISTRY
+from .engines import PIPELINE_PARTS, REGISTRY, pipeline_factory
 from .engines.base import Engine, EngineError, InputFrame, StreamConfig, StreamInput
 from .step import (CloseStream, CommandResult, FrameRef, OpenStream, OutFrame, StepPlan,
                    StepResult, StreamReport, UpdateParams, WorkerReady, batch_key)
@@ -58,8 +58,11 @@ class EngineWorker:
 
     def __init__(self, engine_names: tuple[str, ...], device: str = "cpu", *,
                  explicit: bool = True, warm_up: tuple[tuple[int, int], ...] = (),
-                 warm_up_params: tuple[dict[str, Any], ...] = ()) -> None:
+                 warm_up_params: tuple[dict[str, Any], ...] = (),
+                 gpus: tuple[str, ...] = ()) -> None:
         self.engine_names = engine_names
+        #: the devices of pipeline ranks for engines that can split over them
+        self.gpus = gpus
         self.device = device
         self.explicit = explicit
         self.warm_up_sizes = warm_up
@@ -77,6 +80,8 @@ class EngineWorker:
     def build(self) -> WorkerReady:
         for name in self.engine_names:
             factory, _ = REGISTRY[name]
+            if self.gpus and name in PIPELINE_PARTS:
+                factory = pipeline_factory(name, self.gpus)
             try:
                 self.engines[name] = factory(self.device)
             except Exception as exc:  # noqa: BLE001 - reported, or fatal if asked for

@@ -52,10 +52,11 @@ def provenance() -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
-    """columns: (key, header, format spec)."""
+    """columns: (key, header, format spec); a missing value prints as "-"."""
     cells = [[h for _, h, _ in columns]]
     for row in rows:
-        cells.append([format(row[k], f) if f else str(row[k]) for k, _, f in columns])
+        cells.append(["-" if row.get(k) is None else format(row[k], f) if f else str(row[k])
+                      for k, _, f in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     for n, r in enumerate(cells):
         print("  ".join(c.rjust(w) if n and i else c.ljust(w)

@@ -110,7 +110,7 @@ class DaemonProcess:
     """``livediffusion daemon`` in a process of its own, its log in a file."""
 
     def __init__(self, engine: str, device: str, policy: str, warm_up: str | None,
-                 warm_up_params: str | None = None) -> None:
+                 warm_up_params: str | None = None, gpus: str | None = None) -> None:
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.log = Path(tempfile.mkdtemp(prefix="ld-bench-")) / f"daemon-{policy}.log"
@@ -122,6 +122,8 @@ class DaemonProcess:
             cmd += ["--warm-up", warm_up]
         if warm_up_params:
             cmd += ["--warm-up-params", warm_up_params]
+        if gpus is not None:
+            cmd += ["--gpus", gpus]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -295,7 +297,8 @@ def run_stream_bench(args: argparse.Namespace) -> int:
     cases = _cases(args)
     meta = {**provenance(), "bench": "stream", "model": model, "engine": engine,
             "device": device, "size": f"{width}x{height}", "fps_in": args.fps,
-            "seconds": seconds, "poll_hz": poll_hz, "weights": "random"}
+            "seconds": seconds, "poll_hz": poll_hz, "weights": "random",
+            "gpus": args.gpus}
     if cuda:
         import torch
         meta["gpu"] = torch.cuda.get_device_name(0)
@@ -306,7 +309,8 @@ def run_stream_bench(args: argparse.Namespace) -> int:
     for policy in policies:
         # every case's shapes compiled before serving, as a user would with --warm-up
         daemon = DaemonProcess(engine, device, policy, f"{width}x{height}",
-                               ";".join(f"steps={s},decoder={d}" for d, s in cases))
+                               ";".join(f"steps={s},decoder={d}" for d, s in cases),
+                               gpus=args.gpus)
         try:
             daemon.wait_ready(1200 if cuda else 300)
             print(f"  daemon ({policy}) ready; log {daemon.log}", flush=True)

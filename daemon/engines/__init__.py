@@ -73,6 +73,22 @@ REGISTRY["image"] = (_image("sd-turbo"), "image engine, sd-turbo 1 step + TAESD"
 REGISTRY["image-sdxl-turbo"] = (_image("sdxl-turbo"), "image engine, sdxl-turbo + TAESDXL")
 REGISTRY["image-sd15-lcm"] = (_image("sd15-lcm"), "image engine, SD 1.5 + LCM-LoRA, 2-4 steps")
 
+#: engines that can split their DiT over pipeline ranks (``--gpus``), and the parts each
+#: rank builds for them (see ``video.factory.build_parts``)
+PIPELINE_PARTS: dict[str, str] = {
+    "video-tiny": "random:tiny", "video": "real:1.3b", "video-14b": "real:14b",
+    "video-1.3b-random": "random:1.3b", "video-14b-random": "random:14b",
+}
+
+
+def pipeline_factory(name: str, devices: tuple[str, ...]) -> Callable[[str], Engine]:
+    """The factory of engine ``name`` split over ``devices`` (rank 0 on the first)."""
+    def factory(device: str) -> Engine:
+        from .video.pipelined import build_pipeline_engine
+        return build_pipeline_engine(PIPELINE_PARTS[name], list(devices), name=name)
+    return factory
+
+
 #: engines whose step is a copy: they run on the daemon's front thread (a hand-off to the
 #: engine thread would cost more than the step)
 INLINE = {"passthrough"}
@@ -105,5 +121,5 @@ def best_engine() -> str:
     return "passthrough"
 
 
-__all__ = ["Engine", "EngineError", "INLINE", "ParamError", "REGISTRY", "available_engines",
-           "best_engine"]
+__all__ = ["Engine", "EngineError", "INLINE", "PIPELINE_PARTS", "ParamError", "REGISTRY",
+           "available_engines", "best_engine", "pipeline_factory"]

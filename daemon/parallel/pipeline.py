@@ -181,6 +181,41 @@ class Ranks:
         self.channel = None
 
 
+def torchrun_rank(engines: tuple[str, ...] | None, gpus: tuple[str, ...]) -> bool:
+    """Under torchrun (RANK and WORLD_SIZE set): on ranks other than 0, serve as a pipeline
+    rank of the one pipelined engine named and return True once told to stop; on rank 0 (or
+    without torchrun) return False at once and let the daemon start."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    from ..engines import PIPELINE_PARTS
+    named = [e for e in (engines or ()) if e in PIPELINE_PARTS]
+    if len(named) != 1:
+        raise ValueError("under torchrun, --engines must name exactly one video engine.")
+    rank = int(os.environ["RANK"])
+    if rank == 0:
+        return False
+    world = int(os.environ["WORLD_SIZE"])
+    if len(gpus) != world:
+        raise ValueError(f"torchrun started {world} processes but --gpus names {len(gpus)}.")
+    main(["--parts", PIPELINE_PARTS[named[0]], "--rank", str(rank), "--world", str(world),
+          "--device", gpus[rank], "--ranges", json.dumps(
+              [[r.start, r.stop] for r in first_split(PIPELINE_PARTS[named[0]], world)])])
+    return True
+
+
+def first_split(parts: str, world: int) -> list[range]:
+    """The blocks of each rank before anything is measured: an even split (the block
+    scheduler moves blocks from the stage times measured while serving)."""
+    from ..models import wan as W
+    from .partition import partition
+    _, _, preset = parts.partition(":")
+    return partition([1.0] * W.PRESETS[preset].transformer["num_layers"], world)
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 # --- ranks 1..N-1 -------------------------------------------------------------------------------
 
 

@@ -95,6 +95,7 @@ class Stage:
         self.timer = Timer(self.device)
         #: fixed-shape forwards of several streams (one rank holding every block)
         self._shared_graphs: dict = {}
+        self.split = False
 
     @property
     def first(self) -> bool:
@@ -106,7 +107,9 @@ class Stage:
 
     @property
     def whole(self) -> bool:
-        return self.blocks == range(self.wan.num_blocks)
+        """One rank with every block: the engine's whole forward (CUDA graphs included),
+        unless ``split`` asks for the stage path a rank of several runs (benchmarks)."""
+        return self.blocks == range(self.wan.num_blocks) and not self.split
 
     def drop_foreign_blocks(self) -> None:
         """Free the weights of the blocks other ranks run (they become meta tensors)."""

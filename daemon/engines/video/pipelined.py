@@ -461,14 +461,12 @@ def build_pipeline_engine(parts_spec: str, devices: list[str], *, name: str,
     """Start the ranks (they build their parts meanwhile), build rank 0's parts here and
     return the engine.  ``ranges``: the first split (default: even; the block scheduler
     moves blocks from the stage times measured while serving)."""
-    from ...models import wan as W
+    from ...parallel.pipeline import first_split, under_torchrun
     from .factory import build_parts
-    kind, _, preset = parts_spec.partition(":")
     if ranges is None:
-        layers = W.PRESETS[preset].transformer["num_layers"] if kind != "real" else \
-            {"1.3b": 30, "14b": 40}[preset]
-        ranges = partition([1.0] * layers, len(devices))
-    ranks = Ranks.start(parts_spec, devices, ranges, timeout=timeout, launch=launch)
+        ranges = first_split(parts_spec, len(devices))
+    ranks = Ranks.start(parts_spec, devices, ranges, timeout=timeout,
+                        launch=launch and not under_torchrun())
     try:
         parts = build_parts(parts_spec, devices[0], text=True)
         return PipelineVideoEngine(name, parts, ranks, parts_spec=parts_spec, **kwargs)
