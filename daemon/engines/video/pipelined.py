@@ -250,14 +250,14 @@ class PipelineVideoEngine(VideoEngine):
         sent = False
         # what waits now; chunks that come back meanwhile (one rank) wait for the next step,
         # which keeps Stream Batch's one forward per step
-        waiting = {id(c) for s in self.streams.values() for c in s.in_flight}
+        waiting = {(id(c), c.step) for s in self.streams.values() for c in s.in_flight}
         while True:
             groups: dict[tuple[int, int], list[tuple[VideoStream, list[Chunk]]]] = {}
             for sid in sorted(self.streams):
                 stream = self.streams[sid]
                 taken, rows = [], set()
                 for chunk in sorted(stream.in_flight, key=lambda c: c.id):
-                    if id(chunk) in waiting and chunk.step not in rows:
+                    if (id(chunk), chunk.step) in waiting and chunk.step not in rows:
                         rows.add(chunk.step)
                         taken.append(chunk)
                 if taken:

@@ -1,0 +1,197 @@
+"""Pipeline parallelism on CPU ranks (gloo): the pipelined engine gives the single-process
+engine's output, blocks move between ranks mid-stream, a dead rank is one clear error and
+the engine goes on alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from livediffusion.daemon.engines.base import EngineError, InputFrame, StreamConfig, StreamInput
+from livediffusion.daemon.engines.video.factory import build_video_engine
+from livediffusion.daemon.engines.video.pipelined import build_pipeline_engine
+from livediffusion.daemon.parallel.pipeline import parse_gpus
+from livediffusion.shared.protocol import FrameSpec
+
+SPEC = FrameSpec(64, 48, dtype="float32")   # float output: compared to 1e-5, not to a u8 step
+#: sinks refreshed often, the RoPE position wrapping every few chunks, a small cache
+PARAMS = {"steps": 2, "rope_max": 8, "cache_frames": 4, "sinks": 2, "sink_refresh": 0.9}
+CHUNKS = 13
+
+
+def play(engine, *, move=None, steps_at=6, streams=(1, 2)):
+    """Two streams batched in every step, prompts of their own; a live steps change at
+    chunk ``steps_at``; ``move`` (chunk, ranges): a block rebalance there.  Returns
+    {(stream, input seq): pixels}."""
+    for sid in streams:
+        engine.open_stream(StreamConfig(sid, SPEC, SPEC, 30.0,
+                                        {**PARAMS, "prompt": f"prompt {sid}", "seed": sid}))
+    engine.settle()
+    rng = np.random.default_rng(7)
+    out, seq = {}, 0
+    for k in range(CHUNKS):
+        if k == steps_at:
+            engine.update_params(streams[0], {"steps": 1})
+        if move is not None and k == move[0]:
+            assert engine.rebalance(move[1])
+        batch = []
+        for sid in streams:
+            frames = []
+            for _ in range(engine.frames_per_step(sid)):
+                seq += 1
+                frames.append(InputFrame(seq, rng.random(SPEC.shape, dtype=np.float32), SPEC,
+                                         seq))
+            batch.append(StreamInput(sid, frames))
+        for o in engine.submit(batch):
+            for f in o.frames:
+                out[(o.stream_id, f.in_seq)] = np.asarray(f.pixels.cpu())
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return play(build_video_engine("tiny6"))
+
+
+def compare(reference, got, lag_frames):
+    common = set(reference) & set(got)
+    assert set(got) <= set(reference)
+    # what is still in the pipeline when the stream stops: the last few chunks
+    assert len(reference) - len(common) <= lag_frames
+    assert len(common) > 60
+    keys = sorted(common)
+    ref = np.stack([reference[k] for k in keys])
+    diff = np.stack([got[k] for k in keys]) - ref
+    # the same computation batched differently (which chunks share a forward) moves float32
+    # results in their last bits only
+    assert np.linalg.norm(diff) / np.linalg.norm(ref) < 1e-5
+    assert float(np.abs(diff).max()) < 1e-4
+
+
+def test_one_rank_is_the_engine_exactly(reference):
+    engine = build_pipeline_engine("random:tiny6", ["cpu"], name="video-tiny6")
+    try:
+        got = play(engine)
+        assert engine.ranks.world == 1
+    finally:
+        engine.shutdown()
+    compare(reference, got, 0)
+
+
+@pytest.mark.parametrize("world,move", [(2, [range(0, 4), range(4, 6)]),
+                                        (3, [range(0, 1), range(1, 4), range(4, 6)])])
+def test_ranks_match_one_process_across_a_block_move(reference, world, move):
+    engine = build_pipeline_engine("random:tiny6", ["cpu"] * world, name="video-tiny6",
+                                   rebalance_every=0, timeout=120)
+    try:
+        assert [len(r) for r in engine.ranks.ranges] == [6 // world] * world
+        got = play(engine, move=(4, move))
+        assert engine.ranks.ranges == move and engine.moves_done == 1
+        # rank 0 holds only its blocks' weights and cache rows
+        blocks = engine.wan.model.blocks
+        assert all(blocks[i].attn1.to_q.weight.is_meta for i in range(6) if i not in move[0])
+        cache_k = engine.stage.streams[1].cache.k
+        assert [k is not None for k in cache_k] == [i in move[0] for i in range(6)]
+        assert engine.vae.vae.decoder.conv_in.weight.is_meta   # the last rank decodes
+    finally:
+        engine.shutdown()
+    compare(reference, got, 2 * 4 * 2 * world)
+
+
+def test_block_scheduler_moves_blocks_from_measured_stage_times():
+    engine = build_pipeline_engine("random:tiny6", ["cpu"] * 2, name="video-tiny6",
+                                   rebalance_every=0, timeout=120)
+    try:
+        play(engine, steps_at=-1, streams=(1,))
+        assert engine.ranks.ranges == [range(0, 3), range(3, 6)]
+        engine.rebalance_every = 1
+        # the last rank reports itself three times slower per block than the first
+        engine.ranks.stage_ms = [{"blocks": 3.0, "encode": 0.0}, {"blocks": 9.0, "extra": 0.0}]
+        engine._ticks_since_balance = 1
+        engine._maybe_rebalance()
+        assert engine.ranks.ranges == [range(0, 4), range(4, 6)]
+        # and the stream goes on from there
+        spec = FrameSpec(64, 48, dtype="float32")
+        frames = [InputFrame(1000 + i, np.zeros(spec.shape, np.float32), spec, 1000 + i)
+                  for i in range(4)]
+        for _ in range(3):
+            engine.submit([StreamInput(1, frames)])
+            frames = [InputFrame(f.seq + 4, f.pixels, spec, f.seq + 4) for f in frames]
+        assert engine.fell_back is None
+    finally:
+        engine.shutdown()
+
+
+def test_a_killed_rank_is_one_clear_error_and_the_engine_goes_on_alone(caplog):
+    engine = build_pipeline_engine("random:tiny6", ["cpu"] * 2, name="video-tiny6",
+                                   rebalance_every=0, timeout=60)
+    try:
+        spec = FrameSpec(64, 48)
+        engine.open_stream(StreamConfig(1, spec, spec, 30.0, {"steps": 2}))
+        engine.settle()
+        seq = 0
+
+        def step():
+            nonlocal seq
+            frames = []
+            for _ in range(engine.frames_per_step(1)):
+                seq += 1
+                frames.append(InputFrame(seq, np.zeros(spec.shape, np.uint8), spec, seq))
+            return engine.submit([StreamInput(1, frames)])[0].frames
+
+        for _ in range(3):
+            step()
+        engine.ranks.processes[0].kill()
+        engine.ranks.processes[0].wait()
+        with pytest.raises(EngineError, match="rank 1"):
+            for _ in range(3):  # the next step that talks to rank 1 finds it gone
+                step()
+        assert engine.fell_back and "rank 1" in engine.fell_back
+        assert engine.ranks.world == 1
+        got = [len(step()) for _ in range(4)]   # serving on one device, stream restarted
+        assert sum(got) >= 9 and got[-1] == 4
+        assert sum("pipeline failed" in r.message for r in caplog.records) == 1
+    finally:
+        engine.shutdown()
+
+
+def test_parse_gpus_on_a_machine_without_them(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_gpus("3") == ["cpu"] * 3
+    assert parse_gpus("all") == ["cpu"]
+    with pytest.raises(ValueError, match="no CUDA device 0"):
+        parse_gpus("0,1")
+    with pytest.raises(ValueError):
+        parse_gpus("0")
+
+
+def test_a_daemon_with_two_cpu_ranks_serves_hosts_through_the_pipeline():
+    """`livediffusion daemon --gpus 2` on a machine without GPUs: two gloo ranks; two real
+    clients' streams batched through them; the WELCOME capabilities say so."""
+    import time
+
+    from livediffusion.daemon.server import Daemon
+    from livediffusion.shared import Client
+    from test_serving import distinct_fps, drive
+
+    daemon = Daemon(port=0, engines=("video-tiny",), gpus=("cpu", "cpu")).start(timeout=120)
+    try:
+        with Client(daemon.endpoint) as c:
+            caps = c.capabilities["engines"]["video-tiny"]
+            assert caps["pipeline"]["ranks"] == 2 and caps["pipeline"]["blocks"] == [[0, 1],
+                                                                                     [1, 2]]
+            streams = [c.open_stream(n, 64, 64, engine="video-tiny", timeout=60)
+                       for n in ("a", "b")]
+            seen = drive(c, streams, 5.0)
+        t1 = time.monotonic() - 0.2
+        for name in ("a", "b"):
+            assert len(seen[name]) > 10, seen
+            assert distinct_fps(seen[name], seen[name][0][0], t1) > 3.0
+        engine = next(w.worker.engines["video-tiny"] for w in daemon.workers
+                      if "video-tiny" in w.worker.engines)
+        processes = list(engine.ranks.processes)
+        assert processes
+    finally:
+        daemon.stop()
+    assert all(p.poll() is not None for p in processes)  # the ranks ended with the daemon
