@@ -148,7 +148,10 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
                             case["pipeline"]["fps"] / case["plain"]["fps"], 3)
                         case["stage path"]["vs_plain"] = round(
                             case["stage path"]["fps"] / case["plain"]["fps"], 3)
-                        predictions += _predictions(pipe, case["stage path"], h, w, n, decoder)
+                        predictions += _predictions(pipe, case["stage path"], h, w, n,
+                                                    decoder, "stage path")
+                        predictions += _predictions(pipe, case["pipeline"], h, w, n,
+                                                    decoder, "whole forward")
                     print(f"  done {h}x{w} steps {n} decoder {decoder}", flush=True)
     finally:
         pipe.shutdown()
@@ -167,11 +170,13 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
                                 ("blocks_ms", "blocks", ".2f"), ("encode_ms", "encode", ".2f"),
                                 ("extra_ms", "head+decode", ".2f"), ("busy", "busy", ".2f")])
     if predictions:
-        print(f"\nscaling model (per-block time from the stage path, VAE encode on the first "
+        print(f"\nscaling model (per-block time from the stage path or the whole forward, VAE "
+              f"encode on the first "
               f"rank, head+decode on the last, transfers at {LINK_GBPS:.0f} GB/s + "
               f"{LINK_FIXED_MS} ms; a prediction, not a measurement):")
         print_table(predictions, [("resolution", "HxW", ""), ("steps", "steps", ""),
-                                  ("decoder", "decoder", ""), ("gpus", "GPUs", ""),
+                                  ("decoder", "decoder", ""), ("basis", "per-block basis", ""),
+                                  ("gpus", "GPUs", ""),
                                   ("fps", "predicted FPS", ".1f"),
                                   ("transfer_ms", "transfer ms", ".3f"), ("split", "split", ""),
                                   ("stage_ms", "stage ms", "")])
@@ -180,13 +185,17 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predictions(pipe, rec: dict, h: int, w: int, steps: int, decoder: str) -> list[dict]:
+def _predictions(pipe, rec: dict, h: int, w: int, steps: int, decoder: str, basis: str
+                 ) -> list[dict]:
+    """Predicted FPS on 1, 2 and 4 GPUs from one measured one-rank case: per-block time from
+    the stage path (what a rank of several runs today) or from the whole forward (its CUDA
+    graph: what a rank would reach with a graph per stage)."""
     times = rec["ranks"][0]
     blocks = pipe.wan.num_blocks
     block_ms = [times["blocks_ms"] / blocks] * blocks
     transfer_ms = activation_bytes(pipe, h, w, steps) / (LINK_GBPS * 1e9) * 1000 + \
         LINK_FIXED_MS
-    one = {"resolution": f"{h}x{w}", "steps": steps, "decoder": decoder,
+    one = {"resolution": f"{h}x{w}", "steps": steps, "decoder": decoder, "basis": basis,
            "transfer_ms": round(transfer_ms, 3)}
     out = []
     for n in (1, 2, 4):
