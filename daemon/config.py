@@ -14,6 +14,9 @@ from dataclasses import dataclass
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "LIVEDIFFUSION_COMPILE": ("1", "torch.compile the DiT and VAE regions on GPUs (0: off)"),
     "LIVEDIFFUSION_CUDA_GRAPHS": ("1", "record fixed-shape forwards as CUDA graphs (0: off)"),
+    "LIVEDIFFUSION_FIXED_SHAPE": ("auto", "the fixed-shape DiT forward once caches are full: "
+                                  "auto (on GPUs, with CUDA graphs), 1 (on CPUs too, run "
+                                  "directly: tests compare it), 0 (off)"),
     "LIVEDIFFUSION_IMAGE_UNET": ("", "a single-file UNet checkpoint for the image engine"),
     "LIVEDIFFUSION_COMMIT": ("", "the commit benchmarks report (a copied tree has no git)"),
     "LIVEDIFFUSION_POLICY": ("edf", "scheduler policy: edf (deadline-aware) or rr (previous)"),

@@ -79,9 +79,14 @@ def test_one_rank_is_the_engine_exactly(reference):
     compare(reference, got, 0)
 
 
-@pytest.mark.parametrize("world,move", [(2, [range(0, 4), range(4, 6)]),
-                                        (3, [range(0, 1), range(1, 4), range(4, 6)])])
-def test_ranks_match_one_process_across_a_block_move(reference, world, move):
+@pytest.mark.parametrize("world,move,fixed", [
+    (2, [range(0, 4), range(4, 6)], "0"),
+    (3, [range(0, 1), range(1, 4), range(4, 6)], "0"),
+    # each rank's stage as a fixed-shape forward (what its CUDA graph records on a GPU)
+    (2, [range(0, 2), range(2, 6)], "1")])
+def test_ranks_match_one_process_across_a_block_move(reference, world, move, fixed,
+                                                      monkeypatch):
+    monkeypatch.setenv("LIVEDIFFUSION_FIXED_SHAPE", fixed)   # the ranks inherit it
     engine = build_pipeline_engine("random:tiny6", ["cpu"] * world, name="video-tiny6",
                                    rebalance_every=0, timeout=120)
     try:
@@ -94,6 +99,10 @@ def test_ranks_match_one_process_across_a_block_move(reference, world, move):
         cache_k = engine.stage.streams[1].cache.k
         assert [k is not None for k in cache_k] == [i in move[0] for i in range(6)]
         assert engine.vae.vae.decoder.conv_in.weight.is_meta   # the last rank decodes
+        if fixed == "1":  # rank 0 ran its stage through the fixed-shape forward
+            recorded = [key for _, graphs in engine.stage._shared_graphs.values()
+                        for key in graphs]
+            assert any(key[2:4] == (0, move[0].stop) for key in recorded), recorded
     finally:
         engine.shutdown()
     compare(reference, got, 2 * 4 * 2 * world)

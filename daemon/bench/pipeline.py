@@ -5,9 +5,10 @@ p50/p99, and each rank's stage time (its blocks, plus the VAE encode on the firs
 sampler step and decode on the last) with its busy share of a step.  With one device it
 also runs, in the same process and alternating case by case:
   * the plain engine (no pipeline code), for the pipeline code's own cost;
-  * the one-rank pipeline on the *stage path* (embedding, a block range, head: what a rank
-    of a multi-GPU pipeline runs, without the whole-forward CUDA graph), from which the
-    per-block time comes;
+  * the one-rank pipeline on the *stage path*: its blocks run as two stages one after the
+    other (each a fixed-shape forward of its own, tokens handed from one to the next, one
+    refresh read-back each), what two ranks of a multi-GPU pipeline run; with
+    the whole forward's, the per-block time comes from it;
 and prints the scaling model's prediction for 2 and 4 GPUs (``partition.pipeline_fps``: the
 best split of the measured per-block times with the VAE at the ends, each stage paying one
 activation transfer at an assumed NVLink rate).  Weights are random; speed is real.
@@ -138,7 +139,7 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
                     case = {}
                     for label, engine in engines.items():
                         if engine is pipe:
-                            pipe.stage.split = label == "stage path"
+                            pipe.stage.split = 2 if label == "stage path" else 0
                         rec = run_case(engine, h, w, n, chunks, decoder)
                         rec["engine"] = label
                         case[label] = rec
@@ -188,8 +189,8 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
 def _predictions(pipe, rec: dict, h: int, w: int, steps: int, decoder: str, basis: str
                  ) -> list[dict]:
     """Predicted FPS on 1, 2 and 4 GPUs from one measured one-rank case: per-block time from
-    the stage path (what a rank of several runs today) or from the whole forward (its CUDA
-    graph: what a rank would reach with a graph per stage)."""
+    the stage path (two stage forwards: what ranks of several run) or from the whole forward
+    (one graph: the floor)."""
     times = rec["ranks"][0]
     blocks = pipe.wan.num_blocks
     block_ms = [times["blocks_ms"] / blocks] * blocks

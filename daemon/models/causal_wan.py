@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import env_flag
+from ..config import env, env_flag
 
 
 
@@ -283,8 +283,9 @@ class CausalWan:
         #: use the fixed-shape forward once a stream's cache is full (default: on CUDA, as
         #: CUDA graphs); LIVEDIFFUSION_CUDA_GRAPHS=0 turns both off
         cuda = self.device.type == "cuda" and env_flag("LIVEDIFFUSION_CUDA_GRAPHS")
-        self.fixed_shape = cuda
-        self.use_graphs = cuda
+        fixed = env("LIVEDIFFUSION_FIXED_SHAPE").strip().lower()
+        self.fixed_shape = cuda if fixed == "auto" else env_flag("LIVEDIFFUSION_FIXED_SHAPE")
+        self.use_graphs = cuda and self.fixed_shape
         #: attention kernels, best first: "cudnn" (measured 1.7x faster than flash for these
         #: shapes on an H200) or "default" (PyTorch's own order)
         self.attention = "cudnn" if self.device.type == "cuda" else "default"
@@ -449,10 +450,35 @@ class CausalWan:
         x, chosen = self.blocks(x, proj, rope, call)
         return self.head(x, temb, h, w), read_back(chosen)
 
+    @torch.no_grad()
+    def forward_stage(self, latents: torch.Tensor, timesteps: torch.Tensor | None,
+                      call: ChunkCall, start: int, end: int,
+                      carried: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        """One pipeline stage: blocks[start:end], embedding first when ``start`` is 0 (else
+        ``carried`` = (tokens, temb, proj) from the stage before), the head last when ``end``
+        is the last block.  Returns (flow, or (tokens, temb, proj) for the next stage) and
+        per plan the slots its refresh rules chose in these blocks.  A stage of full caches
+        runs as a fixed-shape forward (a CUDA graph on GPUs) like the whole one."""
+        h, w = latents.shape[-2:]
+        if self.fixed_shape:
+            out = self._forward_fixed(latents, timesteps, call, h, w, start, end, carried)
+            if out is not None:
+                return out
+        if carried is None:
+            x, temb, proj = self.embed(latents, timesteps)
+        else:
+            x, temb, proj = carried
+        rope = self.rope(call.positions, h // self.patch[1], w // self.patch[2])
+        x, chosen = self.blocks(x, proj, rope, call, start, end)
+        if end == self.num_blocks:
+            return self.head(x, temb, h, w), read_back(chosen)
+        return (x, temb, proj), read_back(chosen)
+
     # --- the fixed-shape forward: one CUDA graph per set of storages and batch shape --------
 
-    def _forward_fixed(self, latents: torch.Tensor, timesteps: torch.Tensor, call: ChunkCall,
-                       h: int, w: int) -> tuple[torch.Tensor, list[dict[int, int]]] | None:
+    def _forward_fixed(self, latents: torch.Tensor, timesteps: torch.Tensor | None,
+                       call: ChunkCall, h: int, w: int, start: int = 0, end: int | None = None,
+                       carried: tuple | None = None):
         """The forward of plans that are all ``fixed`` (their caches are full): every slot
         index is a device tensor, refresh rules are evaluated on the device, attention reads
         whole rows, so the whole forward (embedding, every block, head) is one fixed sequence
@@ -460,49 +486,60 @@ class CausalWan:
         read only that plan's storage and attend to its own prompt.  On CUDA it is recorded
         once per set of plans' shapes as a graph (kept in ``call.graphs``) and replayed;
         elsewhere it runs directly (the tests compare it with the general path).  None when
-        the call is not of that kind."""
+        the call is not of that kind.  ``start``/``end``/``carried``: a pipeline stage (see
+        ``forward_stage``), recorded the same way."""
+        end = self.num_blocks if end is None else end
+        blocks = range(start, end)
+        last = end == self.num_blocks
         if call.graphs is None or not all(plan.fixed for plan in call.plans):
             return None
-        layouts = [_fixed_layout(plan, self.num_blocks) for plan in call.plans]
+        layouts = [_fixed_layout(plan, blocks) for plan in call.plans]
         if any(layout is None for layout in layouts):
             return None
         dev = self.device
         cos, sin = self.rope(call.positions, h // self.patch[1], w // self.patch[2])
         # (blocks, B) slot of every element (a rule's element: its ring slot), (blocks, plans)
         slots = torch.tensor([[s for layout in layouts for s in layout[0][b]]
-                              for b in range(self.num_blocks)], device=dev)
+                              for b in range(len(blocks))], device=dev)
         ring = torch.tensor([[layout[1][b] for layout in layouts]
-                             for b in range(self.num_blocks)], device=dev)
-        key = (h, w) + tuple((len(plan.rows), plan.frames, layout[2])
-                             for plan, layout in zip(call.plans, layouts))
+                             for b in range(len(blocks))], device=dev)
+        key = (h, w, start, end) + tuple((len(plan.rows), plan.frames, layout[2])
+                                         for plan, layout in zip(call.plans, layouts))
         st = call.graphs.get(key)
         if st is None:
             parts = [_FixedPart(lo, hi, plan.frames, rule,
                                 rows=torch.arange(hi - lo, device=dev),
-                                cross=[(k.clone(), v.clone()) for k, v in kv], cross_src=kv)
+                                cross=[(kv[b][0].clone(), kv[b][1].clone()) if b in blocks
+                                       else None for b in range(len(kv))], cross_src=kv)
                      for plan, (_, _, rule), (lo, hi), kv in
                      zip(call.plans, layouts, call.spans(), call.cross_kv)]
             refreshing = sum(part.rule is not None for part in parts)
             st = call.graphs[key] = _Fixed(
                 latents=latents.to(dev, self.dtype).clone(),
-                t=timesteps.to(dev).clone(), cos=cos.clone(), sin=sin.clone(), slots=slots,
+                t=timesteps.to(dev).clone() if carried is None else None,
+                cos=cos.clone(), sin=sin.clone(), slots=slots,
                 ring=ring, parts=parts,
                 out=torch.empty((len(call.positions), latents.shape[1], 1, h, w), device=dev,
-                                dtype=self.dtype),
-                chosen=torch.zeros((self.num_blocks, refreshing), dtype=torch.long,
-                                   device=dev))
+                                dtype=self.dtype) if last else None,
+                chosen=torch.zeros((len(blocks), refreshing), dtype=torch.long, device=dev),
+                blocks=blocks,
+                carried=tuple(c.clone() for c in carried) if carried is not None else None)
         else:
             st.latents.copy_(latents)
-            st.t.copy_(timesteps)
+            if carried is None:
+                st.t.copy_(timesteps)
+            else:
+                for dst, src in zip(st.carried, carried):
+                    dst.copy_(src)
             st.cos.copy_(cos)
             st.sin.copy_(sin)
             st.slots.copy_(slots)
             st.ring.copy_(ring)
             for part, kv in zip(st.parts, call.cross_kv):
                 if part.cross_src is not kv:  # a new prompt
-                    for (dk, dv), (k, v) in zip(part.cross, kv):
-                        dk.copy_(k)
-                        dv.copy_(v)
+                    for b in blocks:
+                        part.cross[b][0].copy_(kv[b][0])
+                        part.cross[b][1].copy_(kv[b][1])
                     part.cross_src = kv
         if not self.use_graphs:
             self._fixed_body(st, call.plans, h, w)
@@ -526,10 +563,12 @@ class CausalWan:
         if st.chosen.shape[1]:
             picked = st.chosen.tolist()  # the forward's one synchronisation
             refreshing = [j for j, part in enumerate(st.parts) if part.rule is not None]
-            for block, row in enumerate(picked):
+            for index, row in enumerate(picked):
                 for j, slot in zip(refreshing, row):
-                    chosen[j][block] = slot
-        return st.out.clone(), chosen
+                    chosen[j][start + index] = slot
+        if last:
+            return st.out.clone(), chosen
+        return tuple(t.clone() for t in st.carry_out), chosen
 
     def _fixed_body(self, st: _Fixed, plans: list[AttentionPlan], h: int, w: int) -> None:
         with self._attention_kernels():
@@ -537,19 +576,23 @@ class CausalWan:
 
     def _fixed_body_inner(self, st: _Fixed, plans: list[AttentionPlan], h: int, w: int
                           ) -> None:
-        x, temb, proj = self.embed(st.latents, st.t)
+        if st.carried is None:
+            x, temb, proj = self.embed(st.latents, st.t)
+        else:
+            x, temb, proj = st.carried
         t = x.shape[1]
         qkv, mid, post = self._regions
         chosen = []
-        for i, block in enumerate(self.model.blocks):
+        for index, i in enumerate(st.blocks):
+            block = self.model.blocks[i]
             q, k, v = qkv(block, x, proj, st.cos, st.sin)
             outs, picks = [], []
             for j, (part, plan) in enumerate(zip(st.parts, plans)):
                 lo, hi = part.lo, part.hi
-                slots = st.slots[i, lo:hi]
+                slots = st.slots[index, lo:hi]
                 if part.rule is not None:  # element lo is a new chunk: a sink or the ring
                     first = refresh_choice(plan.k[i], plan.v[i], t, k[lo], v[lo], part.rule,
-                                           st.ring[i, j])
+                                           st.ring[index, j])
                     slots = torch.cat([first.view(1), slots[1:]])
                     picks.append(first)
                 for store, new in ((plan.k[i], k), (plan.v[i], v)):
@@ -568,30 +611,38 @@ class CausalWan:
             x = post(block, x, _cat(outs), proj)
             if picks:
                 chosen.append(torch.stack(picks))
-        st.out.copy_(self.head(x, temb, h, w))
+        if st.out is not None:
+            st.out.copy_(self.head(x, temb, h, w))
+        elif st.carry_out is None:  # the first run (before any recording) allocates them
+            st.carry_out = (x.clone(), temb.clone(), proj.clone())
+        else:
+            for dst, src in zip(st.carry_out, (x, temb, proj)):
+                dst.copy_(src)
         if chosen:
             st.chosen.copy_(torch.stack(chosen))
 
 
-def _fixed_layout(plan: AttentionPlan, blocks: int
+def _fixed_layout(plan: AttentionPlan, blocks: range
                   ) -> tuple[list[list[int]], list[int], RefreshRule | None] | None:
-    """A fixed plan as the fixed-shape forward takes it: every slot an int (a rule's element:
-    its ring slot), each block's ring slot, and the refresh rule's shape (its ring left out:
-    that one is an input of the graph).  None if the plan does not have that form."""
+    """A fixed plan as the fixed-shape forward of ``blocks`` takes it (indexed from
+    ``blocks.start``): every slot an int (a rule's element: its ring slot), each block's ring
+    slot, and the refresh rule's shape (its ring left out: that one is an input of the
+    graph).  None if the plan does not have that form."""
     if plan.rows != list(range(len(plan.rows))):
         return None
-    first = [block_slots[0] for block_slots in plan.slots]
+    first = [plan.slots[b][0] for b in blocks]
     rules = [s for s in first if isinstance(s, RefreshRule)]
-    if any(isinstance(s, RefreshRule) for block_slots in plan.slots for s in block_slots[1:]):
+    if any(isinstance(s, RefreshRule) for b in blocks for s in plan.slots[b][1:]):
         return None
     if not rules:
-        return [list(b) for b in plan.slots], first, None
+        return [list(plan.slots[b]) for b in blocks], first, None
     shape = RefreshRule(rules[0].sinks, -1, rules[0].threshold, rules[0].row)
-    if len(rules) != blocks or any((r.sinks, r.threshold, r.row) !=
-                                   (shape.sinks, shape.threshold, shape.row) for r in rules):
+    if len(rules) != len(blocks) or any((r.sinks, r.threshold, r.row) !=
+                                        (shape.sinks, shape.threshold, shape.row)
+                                        for r in rules):
         return None
     ring = [r.ring for r in rules]
-    return [[r] + list(b[1:]) for r, b in zip(ring, plan.slots)], ring, shape
+    return [[r] + list(plan.slots[b][1:]) for r, b in zip(ring, blocks)], ring, shape
 
 
 @dataclass(eq=False)
@@ -616,14 +667,19 @@ class _Fixed:
     at once, without waiting for the cyclic garbage collector."""
 
     latents: torch.Tensor
-    t: torch.Tensor
+    t: torch.Tensor | None  # the timesteps (a stage after the first: None)
     cos: torch.Tensor
     sin: torch.Tensor
     slots: torch.Tensor    # (blocks, B) frame slot of each element
     ring: torch.Tensor     # (blocks, plans) the ring slot a new chunk takes unless it refreshes
     parts: list[_FixedPart]
-    out: torch.Tensor
+    out: torch.Tensor | None   # the flow (the last stage), else None
     chosen: torch.Tensor   # (blocks, plans with a rule) slot chosen for their first element
+    blocks: range = range(0)
+    #: a stage after the first: its inputs (tokens, temb, proj) from the stage before
+    carried: tuple | None = None
+    #: a stage before the last: its outputs for the next (allocated by the first run)
+    carry_out: tuple | None = None
     graph: object = None
 
 

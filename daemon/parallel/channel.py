@@ -44,13 +44,20 @@ class Channel:
     rank 0, which must never block on a rank, a receiver thread per watched source takes
     whole messages and queues them, and ``ready``/``recv`` poll that queue."""
 
-    def __init__(self, rank: int, device: torch.device, meta_group=None, data_group=None, *,
-                 max_outstanding: int = 8, alive: Callable[[], str | None] | None = None,
-                 timeout: float = 600.0, watch: tuple[int, ...] = ()) -> None:
+    def __init__(self, rank: int, device: torch.device, meta_group=None, data_groups=None, *,
+                 world: int = 1, max_outstanding: int = 8,
+                 alive: Callable[[], str | None] | None = None, timeout: float = 600.0,
+                 watch: tuple[int, ...] = ()) -> None:
         self.rank = rank
+        self.world = world
         self.device = device
         self.meta = meta_group
-        self.data = data_group
+        #: "fwd" (rank r to r + 1), "back" (the last rank to rank 0), "move" (blocks): NCCL
+        #: runs a communicator's transfers one after another on one stream, so with two
+        #: ranks a result coming back must not share one with the next tick going out
+        self.data_groups = data_groups or {}
+        self.on_device = bool(self.data_groups) and \
+            any(g is not meta_group for g in self.data_groups.values())
         self.max_outstanding = max_outstanding
         #: returns None while every peer is alive, else a sentence saying which is not
         self.alive = alive or (lambda: None)
@@ -65,9 +72,10 @@ class Channel:
     # --- sending ------------------------------------------------------------------------------
 
     def send(self, dst: int, header: dict, tensors: list[torch.Tensor] = ()) -> None:
-        on_device = self.data is not self.meta  # NCCL: tensors travel from GPU memory
+        on_device = self.on_device  # NCCL: tensors travel from GPU memory
         tensors = [(t.to(self.device) if on_device and t.device != self.device else t)
                    .contiguous() for t in tensors]
+        data = self._data(self.rank, dst)
         body = msgpack.packb({**header, "_t": [(str(t.dtype).removeprefix("torch."),
                                                  list(t.shape)) for t in tensors]})
         size = torch.tensor([len(body)], dtype=torch.int64)
@@ -75,12 +83,22 @@ class Channel:
         try:
             works = [dist.isend(size, dst, group=self.meta),
                      dist.isend(raw, dst, group=self.meta)]
-            works += [dist.isend(t, dst, group=self.data) for t in tensors]
+            works += [dist.isend(t, dst, group=data) for t in tensors]
         except RuntimeError as exc:
             raise RankFailed(f"cannot send to pipeline rank {dst}: {exc}", dst) from None
         self._sends.append((works, (size, raw, tensors), dst))  # kept alive until sent
         while len(self._sends) > self.max_outstanding:
             self._wait_send()
+
+    def _data(self, src: int, dst: int):
+        """The group a tensor from ``src`` to ``dst`` travels in (both ends agree)."""
+        if not self.data_groups:
+            return self.meta
+        if (src, dst) == (self.world - 1, 0) and self.world > 1:
+            return self.data_groups["back"]
+        if dst == (src + 1) % self.world:
+            return self.data_groups["fwd"]
+        return self.data_groups["move"]
 
     def _wait_send(self) -> None:
         works, _, dst = self._sends.popleft()
@@ -112,8 +130,8 @@ class Channel:
                     raise RankFailed(f"rank {src} sent a tensor of unknown type {dtype!r}.",
                                      src)
                 t = torch.empty(shape, dtype=_DTYPES[dtype],
-                                device=self.device if self.data is not self.meta else "cpu")
-                dist.recv(t, src, group=self.data)
+                                device=self.device if self.on_device else "cpu")
+                dist.recv(t, src, group=self._data(src, self.rank))
                 tensors.append(t if t.device == self.device else t.to(self.device))
             return header, tensors
         except RuntimeError as exc:

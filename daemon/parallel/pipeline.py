@@ -72,8 +72,8 @@ def _free_port() -> int:
 
 
 def _init(rank: int, world: int, device: str, init_method: str | None, timeout: float
-          ) -> tuple[Any, Any]:
-    """Join the process group; returns (meta group, data group)."""
+          ) -> tuple[Any, dict[str, Any]]:
+    """Join the process group; returns (meta group, data groups by direction)."""
     from datetime import timedelta
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
@@ -91,9 +91,11 @@ def _init(rank: int, world: int, device: str, init_method: str | None, timeout: 
         dist.init_process_group("nccl", rank=rank, world_size=world,
                                 device_id=torch.device(device), **kwargs)
         meta = dist.new_group(backend="gloo", timeout=kwargs["timeout"])
-        return meta, dist.group.WORLD
+        back = dist.new_group(backend="nccl", timeout=kwargs["timeout"])
+        move = dist.new_group(backend="nccl", timeout=kwargs["timeout"])
+        return meta, {"fwd": dist.group.WORLD, "back": back, "move": move}
     dist.init_process_group("gloo", rank=rank, world_size=world, **kwargs)
-    return dist.group.WORLD, dist.group.WORLD
+    return dist.group.WORLD, {}   # gloo on CPUs: tensors travel with the headers
 
 
 @dataclass
@@ -124,6 +126,10 @@ class Ranks:
         ranks.stage_ms = [{} for _ in devices]
         if ranks.world == 1:
             return ranks
+        if dist.is_initialized():
+            raise ValueError("one engine per daemon can be split over GPUs (torch.distributed "
+                             "has one default process group per process); load the others "
+                             "without --gpus or in a daemon of their own.")
         init = None
         if launch:
             port = _free_port()
@@ -137,9 +143,18 @@ class Ranks:
                        "--timeout", str(timeout)]
                 ranks.processes.append(subprocess.Popen(cmd, env=env))
         meta, data = _init(0, ranks.world, devices[0], init, timeout)
-        ranks.channel = Channel(0, torch.device(devices[0]), meta, data, alive=ranks.alive,
-                                timeout=timeout, watch=(ranks.world - 1,))
+        ranks.channel = Channel(0, torch.device(devices[0]), meta, data, world=ranks.world,
+                                alive=ranks.alive, timeout=timeout, watch=(ranks.world - 1,))
         return ranks
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Wait until every rank has built its stage (they build while rank 0 builds its
+        own), so nothing is served before the whole pipeline can run."""
+        for rank in range(1, self.world):
+            header, _ = self.channel.recv(rank, timeout=timeout)
+            if header.get("kind") != "ready" or header.get("rank") != rank:
+                raise RankFailed(f"pipeline rank {rank} sent {header.get('kind')!r} instead "
+                                 f"of 'ready'", rank)
 
     def alive(self) -> str | None:
         for rank, process in enumerate(self.processes, start=1):
@@ -179,6 +194,8 @@ class Ranks:
             process.wait()
         self.processes.clear()
         self.channel = None
+        if dist.is_initialized():  # nothing talks on it any more (its peers are gone)
+            dist.destroy_process_group()
 
 
 def torchrun_rank(engines: tuple[str, ...] | None, gpus: tuple[str, ...]) -> bool:
@@ -307,6 +324,21 @@ def move_blocks(stage, channel: Channel, old: list[range], new: list[range]) -> 
     stage.set_blocks(new[stage.rank])
 
 
+def _watch_parent() -> None:
+    """End this rank once the daemon that started it is gone, however it went (a rank
+    blocked in a receive from a killed peer does not always hear of it)."""
+    import threading
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        log.error("pipeline rank: the daemon (pid %d) is gone; exiting", parent)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="one rank of a livediffusion pipeline")
     parser.add_argument("--parts", required=True)
@@ -326,9 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
                              if torch.cuda.is_available() else "cpu")
     ranges = [range(a, b) for a, b in json.loads(args.ranges)]
+    if args.init is not None:  # started by the daemon: it ends with the daemon
+        _watch_parent()
     meta, data = _init(rank, world, device, args.init, args.timeout)
     stage, _ = build_stage(args.parts, device, rank, world, ranges[rank])
-    channel = Channel(rank, torch.device(device), meta, data, timeout=args.timeout)
+    # its receives block: a rank waits for its next tick as long as the daemon is idle, and
+    # learns that rank 0 is gone when the connection closes
+    channel = Channel(rank, torch.device(device), meta, data, world=world,
+                      timeout=args.timeout)
+    channel.send(0, {"kind": "ready", "rank": rank})
     try:
         serve_rank(stage, channel)
     except RankFailed as exc:

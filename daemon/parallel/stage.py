@@ -30,7 +30,7 @@ from livediffusion.shared.protocol import FrameSpec
 from ..engines.video.kv_cache import BlockState, CachePolicy, KVCache
 from ..engines.video.noise import chunk_noise
 from ..frames import from_canonical
-from ..models.causal_wan import CausalWan, ChunkCall, read_back
+from ..models.causal_wan import CausalWan, ChunkCall
 
 
 @dataclass
@@ -95,7 +95,9 @@ class Stage:
         self.timer = Timer(self.device)
         #: fixed-shape forwards of several streams (one rank holding every block)
         self._shared_graphs: dict = {}
-        self.split = False
+        #: benchmarks on one device: run the blocks as this many stages (0: the whole
+        #: forward)
+        self.split = 0
 
     @property
     def first(self) -> bool:
@@ -108,8 +110,17 @@ class Stage:
     @property
     def whole(self) -> bool:
         """One rank with every block: the engine's whole forward (CUDA graphs included),
-        unless ``split`` asks for the stage path a rank of several runs (benchmarks)."""
+        unless ``split`` asks for the stage path (benchmarks)."""
         return self.blocks == range(self.wan.num_blocks) and not self.split
+
+    def _pieces(self) -> list[range]:
+        """The stage forwards this rank runs per tick: its range, or with ``split`` = n
+        (one rank, benchmarks) n consecutive pieces of it, as n ranks would run them."""
+        if self.split <= 1:
+            return [self.blocks]
+        from .partition import partition
+        return [range(self.blocks.start + r.start, self.blocks.start + r.stop)
+                for r in partition([1.0] * len(self.blocks), self.split)]
 
     def drop_foreign_blocks(self) -> None:
         """Free the weights of the blocks other ranks run (they become meta tensors)."""
@@ -212,21 +223,26 @@ class Stage:
             caches.append(cache)
         wan = self.wan
         started = self.timer.mark()
+        call = ChunkCall(plans, cross, graphs=self._graphs_for([sid for sid, _ in groups]))
         if self.whole:
             latents, t = tensors
-            call = ChunkCall(plans, cross, graphs=self._graphs_for([sid for sid, _ in groups]))
             flow, chosen = wan.forward(latents, t, call)
-            temb = None
         else:
             if self.first:
-                latents, t = tensors
-                x, temb, proj = wan.embed(latents, t)
+                (latents, t), carried = tensors, None
             else:
-                latents, x, temb, proj = tensors
-            call = ChunkCall(plans, cross)
-            rope = wan.rope(call.positions, h // wan.patch[1], w // wan.patch[2])
-            x, chosen = wan.blocks(x, proj, rope, call, self.blocks.start, self.blocks.stop)
-            chosen = read_back(chosen)
+                latents, t, carried = tensors[0], None, tuple(tensors[1:])
+            chosen = [{} for _ in plans]
+            for piece in self._pieces():
+                out, decided = wan.forward_stage(latents, t if piece.start == 0 else None,
+                                                 call, piece.start, piece.stop, carried)
+                for mine, more in zip(chosen, decided):
+                    mine.update(more)
+                carried = out
+            if self.last:
+                flow = out
+            else:
+                x, temb, proj = out
         for (sid, els), plan, cache, decided in zip(groups, plans, caches, chosen):
             cache.commit(plan, decided)
             for e in els:
@@ -238,8 +254,6 @@ class Stage:
         if not self.last:
             stage[str(self.rank)] = self._times()
             return {**tick, "stage": stage}, [latents, x, temb, proj]
-        if not self.whole:
-            flow = wan.head(x, temb, h, w)
         out_header, out = self._finish(elements, latents, flow.to(latents.dtype))
         self.timer.add("extra", blocks_done, self.timer.mark())
         stage[str(self.rank)] = self._times()

@@ -469,7 +469,10 @@ def build_pipeline_engine(parts_spec: str, devices: list[str], *, name: str,
                         launch=launch and not under_torchrun())
     try:
         parts = build_parts(parts_spec, devices[0], text=True)
-        return PipelineVideoEngine(name, parts, ranks, parts_spec=parts_spec, **kwargs)
+        engine = PipelineVideoEngine(name, parts, ranks, parts_spec=parts_spec, **kwargs)
+        if ranks.world > 1:
+            ranks.wait_ready(timeout)
+        return engine
     except BaseException:
         ranks.kill()
         raise
