@@ -302,7 +302,9 @@ def run_stream_bench(args: argparse.Namespace) -> int:
     if cuda:
         import torch
         meta["gpu"] = torch.cuda.get_device_name(0)
-    print(f"stream benchmark: {engine} at {width}x{height}, clients at {args.fps:g} FPS, "
+    print(f"stream benchmark: {engine}"
+          f"{f' split over pipeline ranks --gpus {args.gpus}' if args.gpus else ''} at "
+          f"{width}x{height}, clients at {args.fps:g} FPS, "
           f"{seconds:g} s steady per case, hosts read latest() at {poll_hz:g} Hz "
           f"({meta['date']}, commit {meta['commit']}; RANDOM weights)", flush=True)
     records = []
