@@ -20,9 +20,10 @@ PARAMS = {"steps": 2, "rope_max": 8, "cache_frames": 4, "sinks": 2, "sink_refres
 CHUNKS = 13
 
 
-def play(engine, *, move=None, steps_at=6, streams=(1, 2)):
+def play(engine, *, move=None, steps_at=6, streams=(1, 2), switch_at=None):
     """Two streams batched in every step, prompts of their own; a live steps change at
-    chunk ``steps_at``; ``move`` (chunk, ranges): a block rebalance there.  Returns
+    chunk ``steps_at``; ``move`` (chunk, ranges): a block rebalance there; ``switch_at``: the
+    last stream switches to the tiny decoder there.  Returns
     {(stream, input seq): pixels}."""
     for sid in streams:
         engine.open_stream(StreamConfig(sid, SPEC, SPEC, 30.0,
@@ -33,6 +34,8 @@ def play(engine, *, move=None, steps_at=6, streams=(1, 2)):
     for k in range(CHUNKS):
         if k == steps_at:
             engine.update_params(streams[0], {"steps": 1})
+        if k == switch_at:  # a live decoder switch (done by the last rank)
+            engine.update_params(streams[-1], {"decoder": "tiny"})
         if move is not None and k == move[0]:
             assert engine.rebalance(move[1])
         batch = []
@@ -108,6 +111,23 @@ def test_ranks_match_one_process_across_a_block_move(reference, world, move, fix
     compare(reference, got, 2 * 4 * 2 * world)
 
 
+def test_a_live_decoder_switch_on_the_last_rank_loses_no_frame(reference):
+    """The switch applies from the next chunk the last rank decodes (in one process: the
+    next chunk to finish; with chunks in flight these can differ), primed with the last
+    latent decoded, so the stream goes on at 4 frames a chunk with nothing lost."""
+    engine = build_pipeline_engine("random:tiny6", ["cpu"] * 2, name="video-tiny6",
+                                   rebalance_every=0, timeout=120)
+    try:
+        got = play(engine, steps_at=-1, switch_at=5)
+        assert engine.stage.streams[2].decoder == "tiny"
+    finally:
+        engine.shutdown()
+    sent = sorted(seq for sid, seq in reference if sid == 2)   # the same inputs
+    seqs = sorted(seq for sid, seq in got if sid == 2)
+    assert seqs == sent[:len(seqs)]            # every frame, none lost, none twice
+    assert len(sent) - len(seqs) <= 2 * 4 * 2  # but the last chunks still in the pipeline
+
+
 def test_block_scheduler_moves_blocks_from_measured_stage_times():
     engine = build_pipeline_engine("random:tiny6", ["cpu"] * 2, name="video-tiny6",
                                    rebalance_every=0, timeout=120)
@@ -132,6 +152,20 @@ def test_block_scheduler_moves_blocks_from_measured_stage_times():
         engine.shutdown()
 
 
+def stepper(engine, spec: FrameSpec):
+    """One step of stream 1 with black frames; returns its output frames."""
+    seq = 0
+
+    def step():
+        nonlocal seq
+        frames = []
+        for _ in range(engine.frames_per_step(1)):
+            seq += 1
+            frames.append(InputFrame(seq, np.zeros(spec.shape, np.uint8), spec, seq))
+        return engine.submit([StreamInput(1, frames)])[0].frames
+    return step
+
+
 def test_a_killed_rank_is_one_clear_error_and_the_engine_goes_on_alone(caplog):
     engine = build_pipeline_engine("random:tiny6", ["cpu"] * 2, name="video-tiny6",
                                    rebalance_every=0, timeout=60)
@@ -139,15 +173,7 @@ def test_a_killed_rank_is_one_clear_error_and_the_engine_goes_on_alone(caplog):
         spec = FrameSpec(64, 48)
         engine.open_stream(StreamConfig(1, spec, spec, 30.0, {"steps": 2}))
         engine.settle()
-        seq = 0
-
-        def step():
-            nonlocal seq
-            frames = []
-            for _ in range(engine.frames_per_step(1)):
-                seq += 1
-                frames.append(InputFrame(seq, np.zeros(spec.shape, np.uint8), spec, seq))
-            return engine.submit([StreamInput(1, frames)])[0].frames
+        step = stepper(engine, spec)
 
         for _ in range(3):
             step()
@@ -206,3 +232,34 @@ def test_a_daemon_with_two_cpu_ranks_serves_hosts_through_the_pipeline():
     finally:
         daemon.stop()
     assert all(p.poll() is not None for p in processes)  # the ranks ended with the daemon
+
+
+def test_a_rank_that_fails_a_tick_says_so_once_and_keeps_serving():
+    """A tick a rank cannot run (here: for a stream it does not know) comes back as one
+    clear error for that step; the rank stays up and the next steps are served."""
+    engine = build_pipeline_engine("random:tiny6", ["cpu"] * 2, name="video-tiny6",
+                                   rebalance_every=0, timeout=60)
+    try:
+        spec = FrameSpec(64, 48)
+        engine.open_stream(StreamConfig(1, spec, spec, 30.0, {"steps": 1}))
+        engine.settle()
+        step = stepper(engine, spec)
+
+        step()
+        engine._collect(keep=0)
+        # what rank 0's first stage would send for a stream rank 1 never heard of
+        n, tokens, dim = 1, 6 * 8 // 4, engine.wan.heads * engine.wan.head_dim
+        bad = {"kind": "tick", "tick": 10**6, "latent": [6, 8], "stage": {},
+               "elements": [{"sid": 999, "gen": 1, "cid": 0, "step": 0, "last": True,
+                             "seed": 0, "sigma": 0.5, "sigma_next": None}]}
+        engine.ranks.channel.send(1, bad, [torch.zeros(n, 16, 1, 6, 8),
+                                           torch.zeros(n, tokens, dim), torch.zeros(n, dim),
+                                           torch.zeros(n, 6, dim)])
+        engine._outstanding.append((10**6, {999}))
+        with pytest.raises(EngineError, match="pipeline rank 1 failed on a step: KeyError"):
+            step()
+        assert engine.fell_back is None and engine.ranks.processes[0].poll() is None
+        # the failed step's streams restart (a new first frame), then chunks of 4 again
+        assert [len(step()) for _ in range(4)] == [1, 0, 4, 4]
+    finally:
+        engine.shutdown()

@@ -27,6 +27,7 @@ import torch
 
 from livediffusion.shared.protocol import FrameSpec
 
+from ..engines.video.engine import switch_decoder
 from ..engines.video.kv_cache import BlockState, CachePolicy, KVCache
 from ..engines.video.noise import chunk_noise
 from ..frames import from_canonical
@@ -160,7 +161,7 @@ class Stage:
                     self._fresh_decoders(stream)
             elif name == "decoder":
                 if self.last:
-                    self._switch_decoder(stream, op[2])
+                    switch_decoder(stream, op[2], self.vae, self.tiny_decoder)
                 stream.decoder = op[2]
             elif name == "close":
                 del self.streams[sid]
@@ -181,22 +182,6 @@ class Stage:
         stream.vae = self.vae.new_state() if self.vae is not None else None
         stream.tiny = self.tiny_decoder.new_state() if stream.decoder == "tiny" else None
         stream.last_latent = None
-
-    def _switch_decoder(self, stream: StageStream, decoder: str) -> None:
-        """As the single-process engine does: the new decoder starts fresh, primed with the
-        last decoded latent (its output discarded)."""
-        last = stream.last_latent
-        if decoder == "tiny":
-            stream.tiny = self.tiny_decoder.new_state()
-            if last is not None:
-                stream.tiny.to_trim = 0
-                self.tiny_decoder.decode(last, stream.tiny)
-        else:
-            stream.tiny = None
-            fresh = self.vae.new_state()
-            stream.vae.dec, stream.vae.decoded = fresh.dec, 0
-            if last is not None:
-                self.vae.decode(last, stream.vae)
 
     # --- a tick: one forward's share --------------------------------------------------------
 

@@ -102,6 +102,25 @@ class VideoStream:
         return self.cache.nbytes() + self.vae.nbytes()
 
 
+def switch_decoder(stream, decoder: str, vae: StreamingVAE, tiny_decoder) -> None:
+    """Change a stream's decoder mid-stream (``stream``: anything with ``tiny``, ``vae`` and
+    ``last_latent``, here or on a pipeline's last rank): the new one starts from fresh state
+    primed with the last decoded latent (output discarded), so it yields 4 frames per chunk
+    at once and continues the picture instead of starting a new clip."""
+    last = stream.last_latent
+    if decoder == "tiny":
+        stream.tiny = tiny_decoder.new_state()
+        if last is not None:
+            stream.tiny.to_trim = 0
+            tiny_decoder.decode(last, stream.tiny)
+    else:
+        stream.tiny = None
+        fresh = vae.new_state()
+        stream.vae.dec, stream.vae.decoded = fresh.dec, 0
+        if last is not None:
+            vae.decode(last, stream.vae)
+
+
 def _room_for(module: torch.nn.Module, device: torch.device,
               headroom: float = 16 * 2**30) -> bool:
     """True if ``module`` can live on ``device`` and still leave ``headroom`` bytes free (or
@@ -255,21 +274,7 @@ class VideoEngine(Engine):
                              "livediffusion models pull taew2_1")
 
     def _switch_decoder(self, stream: VideoStream, decoder: str) -> None:
-        """Change decoders mid-stream: the new one starts from fresh state primed with the
-        last decoded latent (output discarded), so it yields 4 frames per chunk at once and
-        continues the picture instead of starting a new clip."""
-        last = stream.last_latent
-        if decoder == "tiny":
-            stream.tiny = self.tiny_decoder.new_state()
-            if last is not None:
-                stream.tiny.to_trim = 0
-                self.tiny_decoder.decode(last, stream.tiny)
-        else:
-            stream.tiny = None
-            fresh = self.vae.new_state()
-            stream.vae.dec, stream.vae.decoded = fresh.dec, 0
-            if last is not None:
-                self.vae.decode(last, stream.vae)
+        switch_decoder(stream, decoder, self.vae, self.tiny_decoder)
 
     def reset_stream(self, stream_id: int) -> None:
         """Forget the stream's history (KV cache, VAE caches, chunks in flight, controller)."""
