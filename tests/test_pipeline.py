@@ -263,3 +263,44 @@ def test_a_rank_that_fails_a_tick_says_so_once_and_keeps_serving():
         assert [len(step()) for _ in range(4)] == [1, 0, 4, 4]
     finally:
         engine.shutdown()
+
+
+def _bench(tmp_path, *args: str) -> dict:
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "livediffusion.daemon", "bench", *args, "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return {"stdout": run.stdout, **json.loads(out.read_text())}
+
+
+@pytest.mark.slow
+def test_bench_video_on_one_rank_compares_and_predicts(tmp_path):
+    got = _bench(tmp_path, "video", "--gpus", "1", "--iterations", "2", "--steps", "1",
+                 "--decoders", "tiny")
+    assert "scaling model" in got["stdout"]
+    engines = {r["engine"]: r for r in got["records"]}
+    assert set(engines) == {"plain", "pipeline", "stage path"}
+    assert engines["pipeline"]["vs_plain"] > 0 and engines["pipeline"]["ranks"][0]["blocks"] \
+        == [0, 6]
+    predicted = {(p["basis"], p["gpus"]): p for p in got["meta"]["predictions"]}
+    assert {g for _, g in predicted} == {1, 2, 4}
+    two = predicted[("stage path", 2)]
+    assert two["fps"] > 0 and len(two["split"]) == 2 and two["split"][0][0] == 0
+
+
+@pytest.mark.slow
+def test_bench_video_and_stream_run_on_two_cpu_ranks(tmp_path):
+    video = _bench(tmp_path, "video", "--gpus", "2", "--iterations", "2", "--steps", "1",
+                   "--decoders", "tiny")
+    (record,) = video["records"]
+    assert record["engine"] == "pipeline" and [r["rank"] for r in record["ranks"]] == [0, 1]
+    assert record["fps"] > 0 and record["frames_out_fps"] > 0
+    stream = _bench(tmp_path, "stream", "--gpus", "2", "--clients", "1", "--seconds", "2",
+                    "--policies", "edf", "--no-events", "--no-engine-bench", "--device", "cpu")
+    assert "split over pipeline ranks --gpus 2" in stream["stdout"]
+    (record,) = stream["records"]
+    assert stream["meta"]["gpus"] == "2" and not record["errors"]
+    assert record["fps_mean"] > 3.0

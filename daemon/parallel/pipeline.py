@@ -248,6 +248,8 @@ def build_stage(parts_spec: str, device: str, rank: int, world: int, blocks: ran
     wan = CausalWan(parts.transformer)
     last = rank == world - 1
     vae = StreamingVAE(parts.vae) if last else None
+    if vae is not None and world > 1:
+        vae.keep_only("decoder")  # rank 0 encodes
     if device.startswith("cuda"):
         from ..config import env_flag
         if env_flag("LIVEDIFFUSION_COMPILE"):

@@ -116,7 +116,7 @@ class PipelineVideoEngine(VideoEngine):
                            tiny_decoder=self.tiny_decoder if last else None)
         if not last:
             self.stage.drop_foreign_blocks()
-            self.vae.vae.decoder.to("meta")   # the last rank decodes
+            self.vae.keep_only("encoder")   # the last rank decodes
 
     # --- ops ----------------------------------------------------------------------------------
 

@@ -86,11 +86,22 @@ class StreamingVAE:
 
     @property
     def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+        return self.vae.post_quant_conv.weight.device   # kept by both halves (see keep_only)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        return self.vae.post_quant_conv.weight.dtype
+
+    def keep_only(self, half: str) -> None:
+        """Free the other half's weights (a pipeline's first rank only encodes, its last only
+        decodes): ``half`` is "encoder" or "decoder"."""
+        if half == "encoder":
+            self.vae.decoder.to("meta")
+        elif half == "decoder":
+            self.vae.encoder.to("meta")
+            self.vae.quant_conv.to("meta")
+        else:
+            raise ValueError(f"keep_only: 'encoder' or 'decoder', not {half!r}")
 
     def new_state(self) -> VAEStreamState:
         return VAEStreamState([None] * self.enc_convs, [None] * self.dec_convs)
