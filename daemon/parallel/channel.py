@@ -140,6 +140,8 @@ class Channel:
 
     def _receiver(self, src: int) -> None:
         q = self._queues[src]
+        if self.device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(self.device)
         while True:
             try:
                 message = self._receive(src)
