@@ -74,9 +74,25 @@ class Mailbox:
     busy: bool = False         # its frames are in a step that has not come back yet
     #: frames a step takes in the steady state (a chunk), whatever the next step takes
     steady_frames: int = 1
+    #: the newest frame skipped by the rate limit: served after all if nothing newer comes
+    #: within a serve period (the input paused or stopped), so the last frame a client sends
+    #: is never left unanswered
+    skipped: FrameRef | None = None
 
     def ready(self) -> bool:
         return not self.busy and len(self.frames) >= self.frames_per_step
+
+    def take_skipped(self, now: float) -> None:
+        """Queue the skipped frame if no newer frame has come for a serve period."""
+        ref = self.skipped
+        if ref is None or now - ref.arrived < 1.0 / max(self.serve_fps, 1e-3):
+            return
+        self.skipped = None
+        self.decimated -= 1
+        self.frames.append(ref)
+        while len(self.frames) > self.frames_per_step:
+            self.frames.popleft()
+            self.dropped += 1
 
     @property
     def input_fps(self) -> float:
@@ -182,7 +198,9 @@ class Scheduler:
             return False
         if self.policy == "edf" and not box.accept(ref.arrived):
             box.decimated += 1
+            box.skipped = ref
             return True
+        box.skipped = None
         box.frames.append(ref)
         while len(box.frames) > box.frames_per_step:
             box.frames.popleft()
@@ -296,12 +314,20 @@ class Scheduler:
     # --- plans ------------------------------------------------------------------------------
 
     def has_work(self, engines: Collection[str] | None = None) -> bool:
+        self._take_skipped()
         return any(b.ready() and (engines is None or b.engine in engines)
                    for b in self._boxes.values())
+
+    def _take_skipped(self) -> None:
+        now = self._clock()
+        for box in self._boxes.values():
+            if box.skipped is not None:
+                box.take_skipped(now)
 
     def next_plan(self, engines: Collection[str] | None = None) -> StepPlan | None:
         """The next step for a worker serving ``engines`` (None: any), taken out of the
         mailboxes; None when no stream is ready."""
+        self._take_skipped()
         ready = [b for b in self._boxes.values()
                  if b.ready() and (engines is None or b.engine in engines)]
         if not ready:

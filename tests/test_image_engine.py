@@ -438,9 +438,12 @@ def test_image_stream_over_the_real_transport():
             last = stream.latest()
             assert last.pixels.shape == (48, 64, 3) and last.pixels.std() > 1
             stats = c.stats()["img"]["daemon"]
-            # newest frames win: a frame sent while the engine worked may be overtaken, but
-            # every frame the daemon took is answered
-            assert 4 <= stats["frames_in"] <= 6 and stats["frames_out"] == stats["frames_in"]
+            # newest frames win: a frame sent while the engine worked may be overtaken (or
+            # skipped by the rate limit when the engine is slower than the sender), every
+            # frame is accounted for, and every frame the daemon took is answered
+            assert stats["frames_in"] + stats["dropped"] + stats["decimated"] + \
+                stats["torn"] == 6
+            assert stats["frames_out"] == stats["frames_in"] >= 3
     finally:
         daemon.stop()
 

@@ -351,6 +351,32 @@ def test_decimation_spreads_the_kept_frames_evenly():
     assert sched.info(1)["decimated"] == 300 - len(kept)
 
 
+def test_the_last_frame_a_rate_limited_stream_sends_is_served_after_all():
+    """A frame the rate limit skipped is served if nothing newer comes within a serve
+    period (the client paused or stopped): its newest frame is never left unanswered."""
+    now = [0.0]
+    sched = Scheduler(max_batch=lambda engine: 1, utilisation=0.9, clock=lambda: now[0])
+    sched.costs.observe(("image",), 1, 100.0)      # 9 FPS of the 30 sent
+    sched.add_stream(1, "image", 1, key=("image",), fps=30.0)
+    box = sched._boxes[1]
+    served = []
+    for seq in range(1, 31):
+        now[0] = seq / 30.0
+        sched.offer(1, ref(seq, arrived=now[0]))
+        plan = sched.next_plan()
+        if plan is not None:
+            served.append(plan.items[0].frames[0].seq)
+            complete(sched, plan, ms=100.0)
+    assert box.skipped is not None and served[-1] != 30     # the last one was skipped
+    decimated = sched.info(1)["decimated"]
+    now[0] += 0.5 / box.serve_fps          # not yet a whole serve period
+    assert sched.next_plan() is None
+    now[0] += 1.0 / box.serve_fps
+    plan = sched.next_plan()
+    assert [f.seq for f in plan.items[0].frames] == [30]
+    assert sched.info(1)["decimated"] == decimated - 1 and box.skipped is None
+
+
 def test_the_measured_input_rate_counts_not_the_declared_one():
     """A client that declares 30 FPS but sends 10 is served at the 10 it sends."""
     sched = overloaded(1)
