@@ -275,8 +275,11 @@ class CausalWan:
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.attention_head_dim
         self.patch = tuple(cfg.patch_size)
-        rope = transformer.rope
-        self.t_dim, self.h_dim, self.w_dim = rope.t_dim, rope.h_dim, rope.w_dim
+        # Wan's RoPE splits a head's channels into time, height and width parts with
+        # h = w = 2 * (head_dim // 6); computed here from the config (diffusers only stores
+        # them on the module since 0.36)
+        self.h_dim = self.w_dim = 2 * (self.head_dim // 6)
+        self.t_dim = self.head_dim - self.h_dim - self.w_dim
         self.inv_freq = [rope_inv_freq(d) for d in (self.t_dim, self.h_dim, self.w_dim)]
         self._regions = (_self_qkv, _self_out_cross_q, _cross_out_ffn)
         self.compiled = False
