@@ -21,9 +21,9 @@ if ($OBS -and -not ($Extras -split "," -contains "obs")) { $Extras = "$Extras,ob
 py -3 -m venv $Venv
 & "$Venv\Scripts\python.exe" -m pip install --upgrade pip
 if ($Cuda -eq "cpu") {
-    & "$Venv\Scripts\python.exe" -m pip install "torch>=2.4"
+    & "$Venv\Scripts\python.exe" -m pip install "torch>=2.11"
 } else {
-    & "$Venv\Scripts\python.exe" -m pip install "torch>=2.4" --index-url "https://download.pytorch.org/whl/$Cuda"
+    & "$Venv\Scripts\python.exe" -m pip install "torch>=2.11" --index-url "https://download.pytorch.org/whl/$Cuda"
 }
 & "$Venv\Scripts\python.exe" -m pip install -e "$root[$Extras]"
 & "$Venv\Scripts\livediffusion.exe" doctor

@@ -8,7 +8,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$here/.venv"
 extras="daemon"
-torch_spec="torch>=2.4"
+torch_spec="torch>=2.11"
 td_dir=""
 obs=0
 while [ $# -gt 0 ]; do
