@@ -89,8 +89,15 @@ class Mailbox:
             return
         self.skipped = None
         self.decimated -= 1
+        self.push(ref)
+
+    def push(self, ref: FrameRef) -> None:
+        """Queue a frame; the mailbox keeps the newest ``frames_per_step``."""
         self.frames.append(ref)
-        while len(self.frames) > self.frames_per_step:
+        self.trim()
+
+    def trim(self) -> None:
+        while len(self.frames) > self.frames_per_step:  # newest frames win
             self.frames.popleft()
             self.dropped += 1
 
@@ -187,9 +194,7 @@ class Scheduler:
         box = self._boxes.get(stream_id)
         if box is not None:
             box.frames_per_step = max(1, n)
-            while len(box.frames) > box.frames_per_step:  # newest frames win here too
-                box.frames.popleft()
-                box.dropped += 1
+            box.trim()
 
     def offer(self, stream_id: int, ref: FrameRef) -> bool:
         """Queue a frame; returns False if the stream is unknown (closing)."""
@@ -201,10 +206,7 @@ class Scheduler:
             box.skipped = ref
             return True
         box.skipped = None
-        box.frames.append(ref)
-        while len(box.frames) > box.frames_per_step:
-            box.frames.popleft()
-            box.dropped += 1
+        box.push(ref)
         return True
 
     def held_long(self, stream_id: int) -> list[FrameRef]:

@@ -441,17 +441,9 @@ class CausalWan:
         """Flow prediction for a batch of single latent frames (B, 16, 1, h, w), and per plan
         the slots its refresh rules chose (block -> slot), read back in one synchronisation at
         the end (the caller's policy books them)."""
-        _, _, frames, h, w = latents.shape
-        if frames != 1:
+        if latents.shape[2] != 1:
             raise ValueError("the causal forward takes one latent frame per batch element.")
-        if self.fixed_shape:
-            out = self._forward_fixed(latents, timesteps, call, h, w)
-            if out is not None:
-                return out
-        x, temb, proj = self.embed(latents, timesteps)
-        rope = self.rope(call.positions, h // self.patch[1], w // self.patch[2])
-        x, chosen = self.blocks(x, proj, rope, call)
-        return self.head(x, temb, h, w), read_back(chosen)
+        return self.forward_stage(latents, timesteps, call, 0, self.num_blocks)
 
     @torch.no_grad()
     def forward_stage(self, latents: torch.Tensor, timesteps: torch.Tensor | None,

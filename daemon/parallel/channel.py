@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Callable
 
 import msgpack
 import torch

@@ -202,7 +202,7 @@ def torchrun_rank(engines: tuple[str, ...] | None, gpus: tuple[str, ...]) -> boo
     """Under torchrun (RANK and WORLD_SIZE set): on ranks other than 0, serve as a pipeline
     rank of the one pipelined engine named and return True once told to stop; on rank 0 (or
     without torchrun) return False at once and let the daemon start."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if not under_torchrun():
         return False
     from ..engines import PIPELINE_PARTS
     named = [e for e in (engines or ()) if e in PIPELINE_PARTS]

@@ -27,9 +27,9 @@ import torch
 
 from livediffusion.shared.protocol import FrameSpec
 
-from ..engines.video.engine import switch_decoder
-from ..engines.video.kv_cache import BlockState, CachePolicy, KVCache
-from ..engines.video.noise import chunk_noise
+from ..engines.video.engine import decode_latent, switch_decoder, to_rgb
+from ..engines.video.kv_cache import BlockState, CachePolicy, KVCache, SharedGraphs
+from ..engines.video.noise import renoise
 from ..frames import from_canonical
 from ..models.causal_wan import CausalWan, ChunkCall
 
@@ -95,9 +95,9 @@ class Stage:
         self.device = wan.device
         self.timer = Timer(self.device)
         #: fixed-shape forwards of several streams (one rank holding every block)
-        self._shared_graphs: dict = {}
-        #: benchmarks on one device: run the blocks as this many stages (0: the whole
-        #: forward)
+        self._shared_graphs = SharedGraphs()
+        #: benchmarks on one device: run the blocks as this many stages one after the other
+        #: (0 or 1: one stage, the whole forward when it holds every block)
         self.split = 0
 
     @property
@@ -107,12 +107,6 @@ class Stage:
     @property
     def last(self) -> bool:
         return self.rank == self.world - 1
-
-    @property
-    def whole(self) -> bool:
-        """One rank with every block: the engine's whole forward (CUDA graphs included),
-        unless ``split`` asks for the stage path (benchmarks)."""
-        return self.blocks == range(self.wan.num_blocks) and not self.split
 
     def _pieces(self) -> list[range]:
         """The stage forwards this rank runs per tick: its range, or with ``split`` = n
@@ -170,13 +164,8 @@ class Stage:
                 raise ValueError(f"unknown pipeline op {name!r}")
 
     def _new_cache(self, stream: StageStream, rows: int, policy: dict) -> KVCache:
-        wan = self.wan
-        cache = KVCache(wan.num_blocks, rows, wan.heads, wan.head_dim,
-                        wan.tokens_per_frame(stream.latent_h, stream.latent_w),
-                        CachePolicy(**policy), dtype=wan.dtype, device=wan.device,
-                        owned=self.blocks)
-        cache.t_dim, cache.inv_freq_t = wan.t_dim, wan.inv_freq[0]
-        return cache
+        return KVCache.for_model(self.wan, rows, stream.latent_h, stream.latent_w,
+                                 CachePolicy(**policy), owned=self.blocks)
 
     def _fresh_decoders(self, stream: StageStream) -> None:
         stream.vae = self.vae.new_state() if self.vae is not None else None
@@ -209,25 +198,21 @@ class Stage:
         wan = self.wan
         started = self.timer.mark()
         call = ChunkCall(plans, cross, graphs=self._graphs_for([sid for sid, _ in groups]))
-        if self.whole:
-            latents, t = tensors
-            flow, chosen = wan.forward(latents, t, call)
+        if self.first:
+            (latents, t), carried = tensors, None
         else:
-            if self.first:
-                (latents, t), carried = tensors, None
-            else:
-                latents, t, carried = tensors[0], None, tuple(tensors[1:])
-            chosen = [{} for _ in plans]
-            for piece in self._pieces():
-                out, decided = wan.forward_stage(latents, t if piece.start == 0 else None,
-                                                 call, piece.start, piece.stop, carried)
-                for mine, more in zip(chosen, decided):
-                    mine.update(more)
-                carried = out
-            if self.last:
-                flow = out
-            else:
-                x, temb, proj = out
+            latents, t, carried = tensors[0], None, tuple(tensors[1:])
+        chosen = [{} for _ in plans]
+        for piece in self._pieces():
+            out, decided = wan.forward_stage(latents, t if piece.start == 0 else None, call,
+                                             piece.start, piece.stop, carried)
+            for mine, more in zip(chosen, decided):
+                mine.update(more)
+            carried = out
+        if self.last:
+            flow = out
+        else:
+            x, temb, proj = out
         for (sid, els), plan, cache, decided in zip(groups, plans, caches, chosen):
             cache.commit(plan, decided)
             for e in els:
@@ -261,43 +246,23 @@ class Stage:
                 header.append({"sid": e["sid"], "gen": e["gen"], "cid": e["cid"], "clean": True})
                 out.append(frames)
             else:
-                s_next = e["sigma_next"]
-                eps = chunk_noise(e["seed"], e["cid"], e["step"] + 1, tuple(x0.shape),
-                                  x0.device, x0.dtype)
                 header.append({"sid": e["sid"], "gen": e["gen"], "cid": e["cid"],
                                "clean": False})
-                out.append((1.0 - s_next) * x0 + s_next * eps)
+                out.append(renoise(x0, e["sigma_next"], e["seed"], e["cid"], e["step"] + 1))
         return header, out
 
     def _decode(self, stream: StageStream, x: torch.Tensor) -> torch.Tensor:
-        if stream.decoder == "tiny":
-            if stream.tiny is None:
-                stream.tiny = self.tiny_decoder.new_state()
-            frames = self.tiny_decoder.decode(x, stream.tiny)[0]
-        else:
-            frames = self.vae.decode(x, stream.vae)[0]   # 3, N, H, W
-        stream.last_latent = x
-        rgb = ((frames + 1.0) * 0.5).permute(1, 2, 3, 0).float()   # N, H, W, 3
+        rgb = to_rgb(decode_latent(stream, stream.decoder, x, self.vae, self.tiny_decoder))
         return torch.stack([from_canonical(rgb[i], stream.output) for i in range(rgb.shape[0])])
 
-    # --- fixed-shape forwards (a rank holding every block) ---------------------------------
-
-    def _graphs_for(self, sids: list[int]) -> dict | None:
+    def _graphs_for(self, sids: list[int]) -> dict:
+        """Where the fixed-shape forwards of this set of streams are kept (``SharedGraphs``)."""
         self._drop_stale_graphs()
-        if len(sids) == 1:
-            return self.streams[sids[0]].cache.graphs
-        key = tuple(sids)
-        storages = tuple(self.streams[s].cache.storage_id for s in sids)
-        if key not in self._shared_graphs:
-            self._shared_graphs[key] = (storages, {})
-        return self._shared_graphs[key][1]
+        return self._shared_graphs.for_caches([(sid, self.streams[sid].cache) for sid in sids])
 
     def _drop_stale_graphs(self) -> None:
-        for key, (storages, _) in list(self._shared_graphs.items()):
-            if any(s not in self.streams or self.streams[s].cache is None or
-                   self.streams[s].cache.storage_id != storage
-                   for s, storage in zip(key, storages)):
-                del self._shared_graphs[key]
+        self._shared_graphs.drop_stale(
+            lambda sid: self.streams[sid].cache if sid in self.streams else None)
 
     # --- moving blocks ---------------------------------------------------------------------
 

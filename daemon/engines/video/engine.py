@@ -37,8 +37,8 @@ from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, 
                     StreamOutput, check_size)
 from ..beside import Beside
 from . import params as P
-from .kv_cache import CachePolicy, KVCache
-from .noise import MotionController, chunk_noise, sigma, timesteps
+from .kv_cache import CachePolicy, KVCache, SharedGraphs
+from .noise import MotionController, chunk_noise, renoise, sigma, timesteps
 from .vae_stream import StreamingVAE, VAEStreamState
 from ...config import env_flag
 
@@ -100,6 +100,26 @@ class VideoStream:
 
     def nbytes(self) -> int:
         return self.cache.nbytes() + self.vae.nbytes()
+
+
+def decode_latent(stream, decoder: str, latent: torch.Tensor, vae: StreamingVAE,
+                  tiny_decoder) -> torch.Tensor:
+    """One clean latent frame of a stream (anything with ``tiny``, ``vae`` and
+    ``last_latent``, here or on a pipeline's last rank) -> frames (3, N, H, W) in [-1, 1]
+    with its decoder's streaming state."""
+    if decoder == "tiny":
+        if stream.tiny is None:
+            stream.tiny = tiny_decoder.new_state()
+        frames = tiny_decoder.decode(latent, stream.tiny)[0]
+    else:
+        frames = vae.decode(latent, stream.vae)[0]
+    stream.last_latent = latent
+    return frames
+
+
+def to_rgb(frames: torch.Tensor) -> torch.Tensor:
+    """Decoded frames (3, N, H, W) in [-1, 1] -> (N, H, W, 3) float in [0, 1]."""
+    return ((frames + 1.0) * 0.5).permute(1, 2, 3, 0).float()
 
 
 def switch_decoder(stream, decoder: str, vae: StreamingVAE, tiny_decoder) -> None:
@@ -178,7 +198,7 @@ class VideoEngine(Engine):
         self.description = description
         self.streams: dict[int, VideoStream] = {}
         #: fixed-shape forwards of several streams, keyed by their sorted stream ids
-        self._shared_graphs: dict = {}
+        self._shared_graphs = SharedGraphs()
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._prompt_lock = threading.Lock()   # the cache is shared with the text thread
         self._text_lock = threading.Lock()     # one encode at a time (the offloaded weights)
@@ -402,30 +422,16 @@ class VideoEngine(Engine):
             return self._step(streams, chunks, flow)
 
     def _graphs_for(self, streams: list[VideoStream]) -> dict:
-        """Where the fixed-shape forwards (CUDA graphs) of this set of streams are kept.
-
-        One stream: its cache, which drops them with its storage.  Several: here, keyed by
-        their stream ids and valid only for the storages they were recorded against (a steps
-        or cache change replaces a storage, a closed stream's id may come back), so that no
-        graph is replayed against freed memory nor keeps a closed stream's buffers."""
+        """Where the fixed-shape forwards (CUDA graphs) of this set of streams are kept (see
+        ``SharedGraphs``)."""
         self._drop_stale_graphs()
-        if len(streams) == 1:
-            return streams[0].cache.graphs
-        shared = self._shared_graphs
-        key = tuple(s.config.stream_id for s in streams)
-        storages = tuple(s.cache.storage_id for s in streams)
-        if key not in shared:
-            shared[key] = (storages, {})
-        return shared[key][1]
+        return self._shared_graphs.for_caches([(s.config.stream_id, s.cache) for s in streams])
 
     def _drop_stale_graphs(self) -> None:
         """Drop the several-stream graphs of any stream that closed or replaced its storage
         (every forward checks; close_stream calling this frees them at once)."""
-        shared = self._shared_graphs
-        for key, (storages, _) in list(shared.items()):
-            if any(sid not in self.streams or self.streams[sid].cache.storage_id != storage
-                   for sid, storage in zip(key, storages)):
-                del shared[key]
+        self._shared_graphs.drop_stale(
+            lambda sid: self.streams[sid].cache if sid in self.streams else None)
 
     @staticmethod
     def _step(streams: list[VideoStream], chunks: list[Chunk], flow: torch.Tensor) -> _Done:
@@ -437,10 +443,7 @@ class VideoEngine(Engine):
                 done.add(stream, c)
                 stream.cache.forget(c.id)
             else:
-                s_next = sigma(c.schedule[c.step + 1])
-                eps = chunk_noise(c.seed, c.id, c.step + 1, tuple(x0.shape), x0.device,
-                                  x0.dtype)
-                c.x = (1.0 - s_next) * x0 + s_next * eps
+                c.x = renoise(x0, sigma(c.schedule[c.step + 1]), c.seed, c.id, c.step + 1)
                 c.step += 1
         return done
 
@@ -467,18 +470,13 @@ class VideoEngine(Engine):
         spec = stream.config.output
         for chunk in sorted(finished, key=lambda c: c.id):
             with self._stage("decode"):
-                if stream.params.decoder == "tiny":
-                    if stream.tiny is None:
-                        stream.tiny = self.tiny_decoder.new_state()
-                    frames = self.tiny_decoder.decode(chunk.x, stream.tiny)[0]
-                else:
-                    frames = self.vae.decode(chunk.x, stream.vae)[0]   # 3, N, H, W
-            stream.last_latent = chunk.x
+                frames = decode_latent(stream, stream.params.decoder, chunk.x, self.vae,
+                                       self.tiny_decoder)
             if frames.shape[1] != len(chunk.in_seqs):
                 raise EngineError(f"decoded {frames.shape[1]} frames for a chunk of "
                                   f"{len(chunk.in_seqs)}.")
             with self._stage("output"):
-                rgb = ((frames + 1.0) * 0.5).permute(1, 2, 3, 0).float()  # N, H, W, 3
+                rgb = to_rgb(frames)
                 for i, seq in enumerate(chunk.in_seqs):
                     out.append(OutputFrame(from_canonical(rgb[i], spec), seq, chunk.ts[i]))
         return out
@@ -492,12 +490,7 @@ class VideoEngine(Engine):
 
     def _new_cache(self, p: P.VideoParams, rows: int, latent_h: int, latent_w: int,
                    stream_id: int) -> KVCache:
-        wan = self.wan
-        cache = KVCache(wan.num_blocks, rows, wan.heads, wan.head_dim,
-                        wan.tokens_per_frame(latent_h, latent_w), self._policy(p),
-                        dtype=wan.dtype, device=wan.device)
-        cache.t_dim, cache.inv_freq_t = wan.t_dim, wan.inv_freq[0]
-        return cache
+        return KVCache.for_model(self.wan, rows, latent_h, latent_w, self._policy(p))
 
     @staticmethod
     def _configure_motion(stream: VideoStream) -> None:

@@ -35,7 +35,7 @@ block.  The bookkeeping is the same either way.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +114,17 @@ class KVCache:
     owned: range | tuple[int, ...] | None = None
 
     EMPTY = -10**9
+
+    @classmethod
+    def for_model(cls, wan, rows: int, latent_h: int, latent_w: int, policy: CachePolicy,
+                  owned: range | None = None) -> KVCache:
+        """A cache shaped for ``wan`` (a CausalWan) and a frame size; ``owned``: the blocks a
+        pipeline rank holds (default all)."""
+        cache = cls(wan.num_blocks, rows, wan.heads, wan.head_dim,
+                    wan.tokens_per_frame(latent_h, latent_w), policy, dtype=wan.dtype,
+                    device=wan.device, owned=owned)
+        cache.t_dim, cache.inv_freq_t = wan.t_dim, wan.inv_freq[0]
+        return cache
 
     def __post_init__(self) -> None:
         self.policy.validate()
@@ -382,6 +393,34 @@ class KVCache:
         self.targets.pop(chunk, None)
         self.chunk_position.pop(chunk, None)
         self.chunk_epoch.pop(chunk, None)
+
+
+class SharedGraphs(dict):
+    """Fixed-shape forwards (CUDA graphs) of several streams together, keyed by their stream
+    ids: stream ids -> (their storages' ids, the records).  One stream's are kept in its own
+    cache (``KVCache.graphs``), which drops them with its storage.  A record here is valid
+    only for the storages it was recorded against (a steps or cache change replaces a
+    storage, a closed stream's id may come back), so ``drop_stale`` runs before every use:
+    no graph is replayed against freed memory nor keeps a closed stream's buffers."""
+
+    def for_caches(self, caches: list[tuple[int, KVCache]]) -> dict:
+        """Where the forwards of this set of (stream id, cache) are kept."""
+        if len(caches) == 1:
+            return caches[0][1].graphs
+        key = tuple(sid for sid, _ in caches)
+        if key not in self:
+            self[key] = (tuple(cache.storage_id for _, cache in caches), {})
+        return self[key][1]
+
+    def drop_stale(self, cache_of: Callable[[int], KVCache | None]) -> None:
+        """Drop the records of any stream that closed (``cache_of`` gives None) or replaced
+        its storage."""
+        for key, (storages, _) in list(self.items()):
+            for sid, storage in zip(key, storages):
+                cache = cache_of(sid)
+                if cache is None or cache.storage_id != storage:
+                    del self[key]
+                    break
 
 
 @dataclass

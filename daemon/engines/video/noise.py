@@ -42,6 +42,13 @@ def chunk_noise(seed: int, chunk: int, step: int, shape: tuple[int, ...],
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device, dtype)
 
 
+def renoise(x0: torch.Tensor, s_next: float, seed: int, chunk: int, step: int) -> torch.Tensor:
+    """A chunk's clean estimate noised to the next step's level (the sampler between two
+    steps): (1 - s) * x0 + s * eps, eps the chunk's noise for that step."""
+    eps = chunk_noise(seed, chunk, step, tuple(x0.shape), x0.device, x0.dtype)
+    return (1.0 - s_next) * x0 + s_next * eps
+
+
 @dataclass
 class MotionController:
     """More motion -> less noise, so fast movement keeps its structure.

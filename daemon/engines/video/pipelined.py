@@ -36,7 +36,7 @@ import torch
 
 from ...models.causal_wan import CausalWan
 from ...parallel.channel import RankFailed
-from ...parallel.partition import partition, rebalance
+from ...parallel.partition import rebalance
 from ...parallel.pipeline import Ranks, move_blocks
 from ...parallel.stage import Stage
 from ..base import EngineError, OutputFrame, StreamConfig, StreamInput, StreamOutput, check_size
@@ -134,10 +134,10 @@ class PipelineVideoEngine(VideoEngine):
             self._guard(lambda: self.ranks.channel.send(
                 1, {"kind": "ops", "ops": ops, "n_tensors": len(tensors)}, tensors))
 
-    def _open_info(self, stream: VideoStream) -> dict:
-        return {"lh": stream.latent_h, "lw": stream.latent_w,
-                "output": dataclasses.asdict(stream.config.output),
-                "decoder": stream.params.decoder}
+    @staticmethod
+    def _open_info(config: StreamConfig, decoder: str) -> dict:
+        return {"lh": config.input.height // 8, "lw": config.input.width // 8,
+                "output": dataclasses.asdict(config.output), "decoder": decoder}
 
     # --- interface ---------------------------------------------------------------------------
 
@@ -151,11 +151,8 @@ class PipelineVideoEngine(VideoEngine):
         check_size(self.name, config.input, self.min_side, self.max_side, 16)
         params, _ = P.apply(P.VideoParams(), config.params)
         self._check_decoder(params)
-        w, h = config.input.width, config.input.height
         sid = config.stream_id
-        self._op("open", sid, {"lh": h // 8, "lw": w // 8,
-                               "output": dataclasses.asdict(config.output),
-                               "decoder": params.decoder})
+        self._op("open", sid, self._open_info(config, params.decoder))
         self._generation[sid] = self._generation.get(sid, 0) + 1
         self._ready[sid] = []
         try:
@@ -304,7 +301,7 @@ class PipelineVideoEngine(VideoEngine):
             header, tensors = channel.recv(self.ranks.last)
             _, sids = self._outstanding.popleft()
             if header.get("kind") == "error":
-                self._failed_tick(header, sids)
+                self._failed_tick(header, sids)   # raises
             self._take_result(header, tensors)
 
     def _failed_tick(self, header: dict, sids: set[int]) -> None:
@@ -319,8 +316,6 @@ class PipelineVideoEngine(VideoEngine):
                           "out_of_memory" if header.get("oom") else "engine_error")
 
     def _take_result(self, header: dict, tensors: list[torch.Tensor]) -> None:
-        if header.get("kind") != "result":
-            return
         for rank, times in header.get("stage", {}).items():
             self.ranks.stage_ms[int(rank)] = times
         for e, t in zip(header["elements"], tensors):
@@ -362,29 +357,26 @@ class PipelineVideoEngine(VideoEngine):
                 self._ticks_since_balance < self.rebalance_every:
             return
         self._ticks_since_balance = 0
-        times = self.ranks.stage_ms
-        if not all(times):
+        if not all(self.ranks.stage_ms):
             return
-        extra = [t.get("encode", 0.0) + t.get("extra", 0.0) for t in times]
-        total = [t.get("blocks", 0.0) + e for t, e in zip(times, extra)]
+        total, extra = self._stage_ms()
         proposal = rebalance(self.ranks.ranges, total, extra)
         if proposal is not None:
             self.rebalance(proposal)
 
-    def rebalance(self, ranges: list[range] | None = None) -> bool:
-        """Move blocks so the ranks hold ``ranges`` (default: from the measured stage times
-        of a moment ago); between ticks, the pipeline drained first, so no frame is dropped
-        or reordered.  Returns whether anything moved."""
+    def _stage_ms(self) -> tuple[list[float], list[float]]:
+        """Each rank's latest stage time and the part of it that is not its blocks (the VAE
+        encode on the first, head and decode on the last)."""
+        extra = [t.get("encode", 0.0) + t.get("extra", 0.0) for t in self.ranks.stage_ms]
+        total = [t.get("blocks", 0.0) + e for t, e in zip(self.ranks.stage_ms, extra)]
+        return total, extra
+
+    def rebalance(self, ranges: list[range]) -> bool:
+        """Move blocks so the ranks hold ``ranges`` (the block scheduler calls it with a split
+        from the measured stage times); between ticks, the pipeline drained first, so no
+        frame is dropped or reordered.  Returns whether anything moved."""
         if self.ranks.world == 1:
             return False
-        if ranges is None:
-            times = self.ranks.stage_ms
-            if not all(times):
-                return False
-            extra = [t.get("encode", 0.0) + t.get("extra", 0.0) for t in times]
-            ranges = partition([times[r].get("blocks", 0.0) / len(rng)
-                                for r, rng in enumerate(self.ranks.ranges) for _ in rng],
-                               self.ranks.world, extra)
         ranges = [range(r.start, r.stop) for r in ranges]
         old = list(self.ranks.ranges)
         if ranges == old:
@@ -406,8 +398,7 @@ class PipelineVideoEngine(VideoEngine):
         self.moves_done += 1
         log.info("pipeline blocks moved: %s -> %s (stage ms %s)",
                  [[r.start, r.stop] for r in old], [[r.start, r.stop] for r in ranges],
-                 [round(t.get("blocks", 0.0) + t.get("extra", 0.0) + t.get("encode", 0.0), 1)
-                  for t in self.ranks.stage_ms])
+                 [round(ms, 1) for ms in self._stage_ms()[0]])
         return True
 
     # --- failure -----------------------------------------------------------------------------
@@ -446,7 +437,7 @@ class PipelineVideoEngine(VideoEngine):
         self._urgent.clear()
         self._ops, self._op_tensors = [], []
         for sid, stream in self.streams.items():  # the new stage learns every stream again
-            self._op("open", sid, self._open_info(stream))
+            self._op("open", sid, self._open_info(stream.config, stream.params.decoder))
             stream.cache = CacheLog(self, sid, self._policy(stream.params), stream.params.steps)
             if sid in self._prompts:
                 self._op("prompt", sid, len(self._op_tensors))
