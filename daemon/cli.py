@@ -666,6 +666,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "video with one device also runs the plain engine beside it")
     p.add_argument("--poll-hz", type=float, default=None,
                    help="stream: how often each host reads latest() (default 250, CPU 120)")
+    p.add_argument("--precision", default="bf16",
+                   help="video: DiT linear layers, comma-separated bf16,fp8 (fp8: each case "
+                        "again in FP8, with its error against bf16 per chunk)")
+    p.add_argument("--text", default="stand-in", choices=["stand-in", "umt5"],
+                   help="video: the text encoder: a one-layer stand-in (default) or a "
+                        "real-size umT5-XXL with random weights (peak memory with a prompt "
+                        "change included)")
+    p.add_argument("--text-placement", default="streamed",
+                   choices=["resident", "offloaded", "streamed"],
+                   help="video --text umt5: where umT5 lives (default streamed: host memory, "
+                        "visiting the GPU layer by layer)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("doctor", help="print versions, devices, extras, ports and weights",

@@ -21,6 +21,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "LIVEDIFFUSION_COMMIT": ("", "the commit benchmarks report (a copied tree has no git)"),
     "LIVEDIFFUSION_POLICY": ("edf", "scheduler policy: edf (deadline-aware) or rr (previous)"),
     "LIVEDIFFUSION_PACING": ("1", "pace each stream's output at its input cadence (0: off)"),
+    "LIVEDIFFUSION_PROFILE": ("auto", "video engines' memory profile (daemon/profiles.py): "
+                              "auto (from the GPU's free memory) or a profile's name"),
+    "LIVEDIFFUSION_FP8": ("auto", "the video DiT's linear layers in FP8: auto (as the "
+                          "profile says), 1 (on), 0 (off)"),
     "LIVEDIFFUSION_UTILISATION": ("0.9", "share of the device the fair rates may plan for"),
 }
 

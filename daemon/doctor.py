@@ -48,6 +48,20 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def _profile_lines(device: str) -> list[str]:
+    """What the video engines would choose on ``device`` (daemon/profiles.py)."""
+    from . import profiles
+    out = []
+    for model in profiles.PROFILES:
+        try:
+            chosen = profiles.for_device(model, device)
+            out.append(f"    video {model}: profile {chosen.name}: {chosen.summary()} "
+                       f"({chosen.why})")
+        except ValueError as exc:
+            out.append(f"    video {model}: cannot run here: {exc}")
+    return out
+
+
 def run_doctor(args: argparse.Namespace) -> int:
     lines = [f"livediffusion {__version__}",
              f"python {sys.version.split()[0]} ({sys.executable})",
@@ -79,6 +93,7 @@ def run_doctor(args: argparse.Namespace) -> int:
                 props = torch.cuda.get_device_properties(i)
                 lines.append(f"  cuda:{i} {props.name}, capability {props.major}.{props.minor}, "
                              f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+                lines += _profile_lines(f"cuda:{i}")
         else:
             lines.append("  no CUDA device: engines run on the CPU (tiny presets only)")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():

@@ -6,9 +6,14 @@ upload and conversion, VAE encode, DiT per forward, decode) with the DiT's
 achieved TFLOP/s beside the bf16 matmul rate measured in the same run; with the Wan VAE
 decoder and with the tiny TAEHV-layout decoder (random weights at the real widths).
 
-The umT5 text encoder is replaced by a one-layer random umT5 of the real output width: it runs
-once per prompt change, never per chunk, so it does not enter these figures (its memory does
-not either).  Weights are random: speed and memory are real, the pictures are not.
+By default the umT5 text encoder is replaced by a one-layer random umT5 of the real output
+width: it runs once per prompt change, never per chunk.  ``--text umt5`` builds the real-size
+umT5-XXL (random weights) where ``--text-placement`` says, so that the peak memory includes
+it; every case changes the prompt once mid-stream and reports how long the new prompt took
+to apply and the slowest chunk meanwhile.  ``--precision bf16,fp8`` runs every case again with
+the DiT's linear layers in FP8 and reports, per chunk of one stream, the relative L2 error of
+the flow and of the decoded frames against bf16 (and the bf16 run against itself, the noise
+floor).  Weights are random: speed and memory are real, the pictures are not.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..engines.base import InputFrame, StreamConfig, StreamInput
 from ..engines.video.engine import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, VideoEngine
 from ..models import wan as W
 from ..models.causal_wan import flops_per_chunk
+from ..models.fp8 import is_quantized, quantize_blocks, relative_l2
 from .common import percentile, print_table, provenance, moving_pattern, write_json
 from livediffusion.shared.protocol import FrameSpec
 
@@ -50,14 +56,17 @@ def build_bench_engine(model: str, device: torch.device,
                        channels_last: bool | None = None,
                        compile: bool | None = None,
                        cuda_graphs: bool | None = None,
-                       attention: str | None = None) -> VideoEngine:
+                       attention: str | None = None, text: str = "stand-in",
+                       text_placement: str | None = None) -> VideoEngine:
     from ..engines.video.factory import build_video_parts
-    parts = build_video_parts(model, device=str(device), text="stand-in")
+    parts = build_video_parts(model, device=str(device),
+                              text="stand-in" if text == "stand-in" else "real")
     return VideoEngine(f"video-{model}", parts.transformer, parts.vae, parts.text,
                        device=str(device), min_side=parts.min_side,
                        description=f"Wan 2.1 {model}, RANDOM weights",
                        tiny_decoder=parts.tiny_decoder, channels_last=channels_last,
-                       compile=compile, cuda_graphs=cuda_graphs, attention=attention)
+                       compile=compile, cuda_graphs=cuda_graphs, attention=attention,
+                       text_placement=text_placement)
 
 
 def _clip(height: int, width: int, period: int = 48):
@@ -123,7 +132,20 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
             t0 = time.perf_counter()
             seq, _ = _run_chunk(engine, sid, clip, spec, seq, CHUNK_FRAMES)
             times.append(time.perf_counter() - t0)
+        # a prompt change mid-stream: encoded beside the stream (with --text umt5 the real
+        # encoder, visiting from host memory where it is offloaded)
+        changed = time.perf_counter()
+        precision = "fp8" if is_quantized(engine.wan.model) else "bf16"
+        engine.update_params(sid, {"prompt": f"a new prompt for {height}x{width} {steps} "
+                                             f"{decoder} {precision}"})
+        during = []
+        while engine.streams[sid].pending_prompt is not None and len(during) < 1000:
+            t0 = time.perf_counter()
+            seq, _ = _run_chunk(engine, sid, clip, spec, seq, CHUNK_FRAMES)
+            during.append(time.perf_counter() - t0)
+        prompt_s = time.perf_counter() - changed
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
         engine.stage_times = {}
         for _ in range(max(3, chunks // 4)):
             t0 = time.perf_counter()
@@ -146,7 +168,10 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
             "chunk_p99_ms": round(1000 * percentile(times, 99), 2),
             "jitter_ms": round(1000 * float(np.std(times)), 2),
             "p99_over_p50": round(percentile(times, 99) / max(percentile(times, 50), 1e-9), 2),
-            "peak_gib": round(peak, 2),
+            "peak_gib": round(peak, 2), "reserved_gib": round(reserved, 2),
+            "prompt_apply_s": round(prompt_s, 3),
+            "prompt_max_chunk_ms": round(1000 * max(during), 1) if during else 0.0,
+            "precision": precision,
             "upload_ms": round(stages.get("upload", 0.0), 2),
             "encode_ms": round(stages.get("encode", 0.0), 2),
             "dit_ms": round(dit_ms, 2),
@@ -161,6 +186,51 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
         }
     finally:
         engine.close_stream(sid)
+
+
+def probe(engine: VideoEngine, height: int, width: int, steps: int, decoder: str,
+          chunks: int = 10) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One stream's flows (every DiT forward) and decoded frames (every chunk) over the
+    first ``chunks`` chunks of the test pattern: the same inputs and noise each call, so two
+    calls differ only by what changed in the engine (its precision)."""
+    spec = FrameSpec(width, height)
+    sid = 7000 + 10 * steps
+    clip = _clip(height, width)
+    flows: list[torch.Tensor] = []
+    forward = engine.wan.forward
+
+    def tapped(*args, **kwargs):
+        flow, chosen = forward(*args, **kwargs)
+        flows.append(flow.float().cpu())
+        return flow, chosen
+
+    engine.wan.forward = tapped
+    frames = []
+    engine.open_stream(StreamConfig(sid, spec, spec, INPUT_FPS,
+                                    {"steps": steps, "decoder": decoder}))
+    engine.settle()
+    try:
+        seq, out = _run_chunk(engine, sid, clip, spec, 0, FIRST_CHUNK_FRAMES)
+        frames += out
+        for _ in range(chunks):
+            seq, out = _run_chunk(engine, sid, clip, spec, seq, CHUNK_FRAMES)
+            frames += out
+    finally:
+        engine.close_stream(sid)
+        del engine.wan.forward  # back to the class's method
+    return flows, [torch.as_tensor(np.asarray(f)).float() for f in frames]
+
+
+def probe_error(test, reference) -> dict:
+    """Relative L2 per forward (flow) and per frame, mean and max, of ``test`` against
+    ``reference`` (both from ``probe``)."""
+    flow = [relative_l2(a, b) for a, b in zip(test[0], reference[0])]
+    frame = [relative_l2(a, b) for a, b in zip(test[1], reference[1])]
+    return {"flow_err_mean": round(float(np.mean(flow)), 5),
+            "flow_err_max": round(float(np.max(flow)), 5),
+            "frame_err_mean": round(float(np.mean(frame)), 5),
+            "frame_err_max": round(float(np.max(frame)), 5),
+            "frame_err_last": round(frame[-1], 5)}
 
 
 def engine_attention(args: argparse.Namespace) -> str:
@@ -192,7 +262,14 @@ def run_video_bench(args: argparse.Namespace) -> int:
                                 channels_last=False if args.no_channels_last else None,
                                 compile=False if args.no_compile else None,
                                 cuda_graphs=False if args.no_cuda_graphs else None,
-                                attention=None if args.attention == "auto" else args.attention)
+                                attention=None if args.attention == "auto" else args.attention,
+                                text=args.text, text_placement=args.text_placement
+                                if args.text == "umt5" else None)
+    meta["text"] = args.text if args.text == "stand-in" else \
+        f"umt5-xxl (random), {engine.text_placement}"
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not set(precisions) <= {"bf16", "fp8"}:
+        raise ValueError(f"precisions: bf16, fp8; not {args.precision!r}.")
     meta["attention"] = engine.wan.attention
     meta["compiled"] = engine.wan.compiled
     meta["cuda_graphs"] = engine.wan.use_graphs
@@ -200,17 +277,37 @@ def run_video_bench(args: argparse.Namespace) -> int:
         else "NDHWC"
     records = []
     decoders = [d.strip() for d in (args.decoders or "vae,tiny").split(",") if d.strip()]
-    for decoder in decoders:
-        for h, w in zip(heights, widths):
-            for n in steps:
-                try:
-                    records.append(bench_case(engine, h, w, n, chunks, matmul, decoder))
-                except torch.OutOfMemoryError:
-                    print(f"  {h}x{w} steps {n} {decoder}: out of GPU memory")
-                    torch.cuda.empty_cache()
-                print(f"  done {h}x{w} steps {n} decoder {decoder}", flush=True)
+    cases = [(d, h, w, n) for d in decoders for h, w in zip(heights, widths) for n in steps]
+    references: dict[tuple, tuple] = {}
+    floors: dict[tuple, dict] = {}
+    for precision in precisions:
+        if precision == "fp8":
+            if "bf16" not in precisions:
+                references = {c: probe(engine, c[1], c[2], c[3], c[0]) for c in cases}
+            replaced = quantize_blocks(engine.wan.model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"  DiT: {replaced} linear layers now FP8", flush=True)
+        for case in cases:
+            decoder, h, w, n = case
+            try:
+                record = bench_case(engine, h, w, n, chunks, matmul, decoder)
+                if precision == "bf16" and "fp8" in precisions:
+                    references[case] = probe(engine, h, w, n, decoder)
+                    floor = probe_error(probe(engine, h, w, n, decoder), references[case])
+                    floors[case] = {f"floor_{k}": v for k, v in floor.items()}
+                    record.update(floors[case])
+                if precision == "fp8":
+                    record.update(probe_error(probe(engine, h, w, n, decoder),
+                                              references[case]))
+                    record.update(floors.get(case, {}))
+                records.append(record)
+            except torch.OutOfMemoryError:
+                print(f"  {h}x{w} steps {n} {decoder} {precision}: out of GPU memory")
+                torch.cuda.empty_cache()
+            print(f"  done {h}x{w} steps {n} decoder {decoder} {precision}", flush=True)
     print_table(records, [("resolution", "HxW", ""), ("steps", "steps", ""),
-                          ("decoder", "decoder", ""),
+                          ("decoder", "decoder", ""), ("precision", "DiT", ""),
                           ("fps", "FPS", ".1f"), ("ttff_s", "TTFF s", ".3f"),
                           ("chunk_p50_ms", "p50 ms", ".1f"), ("chunk_p99_ms", "p99 ms", ".1f"),
                           ("jitter_ms", "jitter", ".1f"), ("peak_gib", "peak GiB", ".2f"),
@@ -227,5 +324,23 @@ def run_video_bench(args: argparse.Namespace) -> int:
                           ("download_ms", "download", ".1f"), ("other_ms", "other", ".1f"),
                           ("fill_max_ms", "fill max", ".0f"),
                           ("live_gib_before_stream", "GiB live before", ".2f")])
+    print("\nmemory (peak allocated / reserved by the allocator, GiB, one stream, a prompt "
+          "change included) and the prompt change (seconds until the new prompt applied, "
+          "slowest chunk meanwhile):")
+    print_table(records, [("resolution", "HxW", ""), ("steps", "steps", ""),
+                          ("decoder", "decoder", ""), ("precision", "DiT", ""),
+                          ("peak_gib", "peak GiB", ".2f"), ("reserved_gib", "reserved GiB", ".2f"),
+                          ("prompt_apply_s", "prompt s", ".3f"),
+                          ("prompt_max_chunk_ms", "max chunk ms", ".1f")])
+    if "fp8" in precisions:
+        print("\nFP8 against bf16, relative L2 per DiT forward (flow) and per decoded frame, "
+              "one stream over its first chunks (floor: bf16 against itself):")
+        print_table([r for r in records if r["precision"] == "fp8"],
+                    [("resolution", "HxW", ""), ("steps", "steps", ""),
+                     ("decoder", "decoder", ""), ("flow_err_mean", "flow mean", ".4f"),
+                     ("flow_err_max", "flow max", ".4f"), ("frame_err_mean", "frame mean", ".4f"),
+                     ("frame_err_max", "frame max", ".4f"), ("frame_err_last", "frame last", ".4f"),
+                     ("floor_flow_err_max", "floor flow", ".4f"),
+                     ("floor_frame_err_max", "floor frame", ".4f")])
     write_json(args.json, records, meta)
     return 0

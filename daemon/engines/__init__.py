@@ -84,8 +84,10 @@ PIPELINE_PARTS: dict[str, str] = {
 def pipeline_factory(name: str, devices: tuple[str, ...]) -> Callable[[str], Engine]:
     """The factory of engine ``name`` split over ``devices`` (rank 0 on the first)."""
     def factory(device: str) -> Engine:
+        from ..profiles import fp8_override
         from .video.pipelined import build_pipeline_engine
-        return build_pipeline_engine(PIPELINE_PARTS[name], list(devices), name=name)
+        spec = PIPELINE_PARTS[name] + ("@fp8" if fp8_override() else "")
+        return build_pipeline_engine(spec, list(devices), name=name)
     return factory
 
 

@@ -209,10 +209,12 @@ def load_text_encoder(directory: str | Path, *, dtype: torch.dtype = torch.bfloa
 def load_diffusers_dir(directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                        device: str = "cpu", generator: str | Path | None = None,
                        preset: str = "1.3b", text_device: str | None = None,
-                       text: bool = True) -> WanWeights:
+                       text: bool = True, dit_device: str | None = None) -> WanWeights:
     """Everything from a diffusers-layout directory; ``generator`` swaps in the causal DiT.
     ``text_device``: where the umT5 encoder is loaded (default ``device``; the video engine
-    loads it to the CPU and lets it visit the GPU per new prompt)."""
+    loads it to the CPU and lets it visit the GPU per new prompt).  ``dit_device``: where
+    the DiT is loaded (default ``device``; an FP8 engine loads it to the CPU and quantises
+    it onto the GPU block by block)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     root = Path(directory)
@@ -220,10 +222,12 @@ def load_diffusers_dir(directory: str | Path, *, dtype: torch.dtype = torch.bflo
         raise WeightsError(f"{root} is not a diffusers-layout Wan directory (no transformer/ "
                            f"and vae/).")
     if generator is not None:
-        transformer = load_generator(generator, preset, dtype=dtype, device=device)
+        transformer = load_generator(generator, preset, dtype=dtype,
+                                     device=dit_device or device)
         source = f"{Path(generator).name} + {root.name}"
     else:
-        transformer = load_transformer_dir(root / "transformer", dtype=dtype, device=device)
+        transformer = load_transformer_dir(root / "transformer", dtype=dtype,
+                                           device=dit_device or device)
         source = root.name
     vae = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32)
     vae = cast(vae.to(device), dtype).eval().requires_grad_(False)

@@ -25,7 +25,9 @@ import torch.distributed as dist
 
 _DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-    torch.uint8, torch.bool)}
+    torch.uint8, torch.bool, torch.float8_e4m3fn)}
+#: dtypes that travel as their bytes (NCCL and gloo have no float8 reductions or types)
+_AS_BYTES = {torch.float8_e4m3fn}
 
 
 class RankFailed(RuntimeError):
@@ -78,6 +80,7 @@ class Channel:
         data = self._data(self.rank, dst)
         body = msgpack.packb({**header, "_t": [(str(t.dtype).removeprefix("torch."),
                                                  list(t.shape)) for t in tensors]})
+        tensors = [t.view(torch.uint8) if t.dtype in _AS_BYTES else t for t in tensors]
         size = torch.tensor([len(body)], dtype=torch.int64)
         raw = torch.frombuffer(bytearray(body), dtype=torch.uint8)
         try:
@@ -129,9 +132,11 @@ class Channel:
                 if dtype not in _DTYPES:
                     raise RankFailed(f"rank {src} sent a tensor of unknown type {dtype!r}.",
                                      src)
-                t = torch.empty(shape, dtype=_DTYPES[dtype],
+                kind = _DTYPES[dtype]
+                t = torch.empty(shape, dtype=torch.uint8 if kind in _AS_BYTES else kind,
                                 device=self.device if self.on_device else "cpu")
                 dist.recv(t, src, group=self._data(src, self.rank))
+                t = t.view(kind) if kind in _AS_BYTES else t
                 tensors.append(t if t.device == self.device else t.to(self.device))
             return header, tensors
         except RuntimeError as exc:

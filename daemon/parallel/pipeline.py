@@ -225,7 +225,7 @@ def first_split(parts: str, world: int) -> list[range]:
     scheduler moves blocks from the stage times measured while serving)."""
     from ..models import wan as W
     from .partition import partition
-    _, _, preset = parts.partition(":")
+    _, _, preset = parts.partition("@")[0].partition(":")
     return partition([1.0] * W.PRESETS[preset].transformer["num_layers"], world)
 
 

@@ -20,6 +20,7 @@ lives in one ``VideoStream``; closing the stream drops it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ import torch
 
 from ...frames import as_tensor, from_canonical, to_canonical
 from ...models.causal_wan import CausalWan, ChunkCall
+from ...models.fp8 import is_quantized
 from ...models.offload import Offloaded
 from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
                     StreamOutput, check_size)
@@ -159,10 +161,19 @@ class VideoEngine(Engine):
                  min_side: int = 256, max_side: int = 1280, description: str = "",
                  tiny_decoder=None, channels_last: bool | None = None,
                  compile: bool | None = None, cuda_graphs: bool | None = None,
-                 attention: str | None = None, text_offload: bool | None = None,
-                 text_thread: bool = True) -> None:
+                 attention: str | None = None, text_placement: str | None = None,
+                 text_thread: bool = True, profile=None) -> None:
         self.name = name
         self.device = torch.device(device)
+        #: the memory profile this engine was built for (daemon/profiles.py), or None
+        self.profile = profile
+        #: parameters a stream gets unless it says otherwise (a profile sets steps, decoder)
+        self.defaults = P.VideoParams()
+        if profile is not None:
+            max_side = min(max_side, profile.max_side)
+            decoder = profile.decoder if tiny_decoder is not None else "vae"
+            self.defaults = dataclasses.replace(self.defaults, steps=profile.steps,
+                                                decoder=decoder)
         self.wan = CausalWan(transformer)
         self.vae = StreamingVAE(vae, channels_last=channels_last)
         if compile is None:  # on GPUs unless LIVEDIFFUSION_COMPILE=0
@@ -183,15 +194,24 @@ class VideoEngine(Engine):
             self.wan.fixed_shape = self.wan.use_graphs = cuda_graphs and \
                 self.device.type == "cuda"
         self.tokenizer, self.text_encoder = text_encoder
-        if text_offload is None:
-            text_offload = self.device.type == "cuda" and not _room_for(self.text_encoder,
-                                                                        self.device)
-        #: on a GPU with room (an H200: 11 GB of 141) umT5 stays resident, so a new prompt
-        #: is a ~10 ms encode beside the stream; on smaller cards it lives in host memory and
-        #: visits the GPU per new prompt (an 11 GB copy that shares the copy engines with the
-        #: frames' uploads)
-        self.text_home = Offloaded(self.text_encoder, self.device) if text_offload else None
-        if not text_offload and self.device.type == "cuda":
+        #: where umT5 lives: "resident" on the device, "offloaded" (host memory, visiting
+        #: whole per new prompt) or "streamed" (host memory, visiting layer by layer); by
+        #: default the profile's choice, else resident where it leaves room.  On an H200
+        #: (11 GB of 141) resident makes a new prompt a ~10 ms encode beside the stream; on
+        #: smaller cards the visits share the copy engines with the frames' uploads
+        if text_placement is None and profile is not None:
+            text_placement = profile.text
+        if self.device.type != "cuda":
+            text_placement = "resident"
+        elif text_placement is None:
+            text_placement = "resident" if _room_for(self.text_encoder, self.device) \
+                else "offloaded"
+        if text_placement not in ("resident", "offloaded", "streamed"):
+            raise ValueError(f"unknown text encoder placement {text_placement!r}.")
+        self.text_placement = text_placement
+        self.text_home = None if text_placement == "resident" else \
+            Offloaded(self.text_encoder, self.device, streamed=text_placement == "streamed")
+        if text_placement == "resident" and self.device.type == "cuda":
             self.text_encoder.to(self.device)
         self.tiny_decoder = tiny_decoder  # TAEHV-layout fast decoder, if its weights exist
         self.min_side, self.max_side = min_side, max_side
@@ -231,7 +251,10 @@ class VideoEngine(Engine):
                 # every batch shape is compiled (or recorded) at warm-up, never mid-stream
                 "batch_sizes": list(range(1, self.max_batch() + 1)),
                 "sizes": {"min": self.min_side, "max": self.max_side, "multiple": 16},
-                "params": P.VideoParams().to_dict(), "device": str(self.device),
+                "params": self.defaults.to_dict(), "device": str(self.device),
+                "precision": "fp8" if is_quantized(self.wan.model) else str(self.wan.dtype)
+                .removeprefix("torch."),
+                "profile": None if self.profile is None else self.profile.to_dict(),
                 # what changes a step's cost: streams differing in these get keys of their own
                 "cost_params": ["steps", "decoder", "stream_batch"],
                 "description": self.description}
@@ -244,13 +267,13 @@ class VideoEngine(Engine):
         return 4
 
     def warm_up_steps(self, params: Mapping[str, Any]) -> int:
-        p, _ = P.apply(P.VideoParams(), params)
+        p, _ = P.apply(self.defaults, params)
         return 1 + p.cache_frames + p.steps + 2  # first frame, fill the cache, steady chunks
 
     def open_stream(self, config: StreamConfig) -> dict[str, Any]:
         w, h = config.input.width, config.input.height
-        check_size(self.name, config.input, self.min_side, self.max_side, 16)
-        params, _ = P.apply(P.VideoParams(), config.params)
+        self._check_size(config)
+        params, _ = P.apply(self.defaults, config.params)
         self._check_decoder(params)
         stream = VideoStream(config, params, h // 8, w // 8, self.vae.new_state(),
                              self._new_cache(params, params.steps, h // 8, w // 8,
@@ -259,6 +282,16 @@ class VideoEngine(Engine):
         self._configure_motion(stream)
         self.streams[config.stream_id] = stream
         return params.to_dict()
+
+    def _check_size(self, config: StreamConfig) -> None:
+        try:
+            check_size(self.name, config.input, self.min_side, self.max_side, 16)
+        except ParamError as exc:
+            if self.profile is None or max(config.input.width, config.input.height) <= \
+                    self.max_side:
+                raise
+            raise ParamError(f"{exc} (memory profile {self.profile.name}: "
+                             f"{self.profile.why}; --profile chooses another)") from None
 
     def update_params(self, stream_id: int, changes: Mapping[str, Any]) -> dict[str, Any]:
         stream = self.streams[stream_id]

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
+from ... import profiles
 from ...models import wan as W
+from ...profiles import PROFILES
 from .engine import VideoEngine
+
+log = logging.getLogger("livediffusion.video")
 
 
 @dataclasses.dataclass
@@ -34,14 +39,27 @@ def _text_stand_in(preset: W.WanPreset, dtype: torch.dtype, device: str):
     return W.build_text_encoder(stand_in, dtype, device)
 
 
+def resolve_profile(preset_name: str, device: str, name: str | None = None):
+    """The memory profile of a real-size preset on a GPU (daemon/profiles.py), logged in
+    one line; None for tiny presets and on CPUs."""
+    if preset_name not in PROFILES:
+        return None
+    profile = profiles.for_device(preset_name, device, name)
+    if profile is not None:
+        log.info("video %s: memory profile %s (%s): %s", preset_name, profile.name,
+                 profile.why, profile.summary())
+    return profile
+
+
 def build_video_parts(preset_name: str, *, device: str = "cpu",
                       dtype: torch.dtype | None = None, weights=None, seed: int = 0,
-                      text: str | None = "real") -> VideoParts:
+                      text: str | None = "real", fp8: bool = False) -> VideoParts:
     """``weights``: a loaders.WanWeights with real networks; None builds random weights of
     the preset's size (the tiny preset always does), the same for a seed on every process
     (pipeline ranks build their own).  ``text``: "real" (umT5 of the preset's size, random
     unless loaded), "stand-in" (one random layer of the real width) or None (no text
-    encoder: a pipeline rank that never encodes prompts)."""
+    encoder: a pipeline rank that never encodes prompts).  ``fp8``: the DiT's per-frame
+    linear layers in FP8 (models/fp8.py), quantised onto ``device`` block by block."""
     preset = W.PRESETS[preset_name]
     small = preset_name.startswith("tiny")
     if dtype is None:
@@ -67,6 +85,12 @@ def build_video_parts(preset_name: str, *, device: str = "cpu",
         description = f"Wan 2.1 {preset.name} architecture with RANDOM weights"
     if text is not None and text_parts is None:
         raise ValueError("a text encoder is needed; load real weights for this preset.")
+    if fp8:
+        from ...models.fp8 import quantize_blocks
+        quantize_blocks(transformer, device=device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the bf16 weights' memory goes back to the card
+        description += ", DiT linear layers in FP8"
     min_side = 32 if small else 256
     if weights is not None:
         tiny_decoder = weights.tiny_decoder
@@ -82,21 +106,25 @@ def build_video_parts(preset_name: str, *, device: str = "cpu",
 
 
 def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                       weights=None, seed: int = 0) -> VideoEngine:
+                       weights=None, seed: int = 0, profile: str | None = None) -> VideoEngine:
     """``weights``: a loaders.WanWeights with real networks; None builds random weights of the
-    preset's size (the tiny preset always does)."""
+    preset's size (the tiny preset always does).  Real sizes on a GPU get a memory profile
+    (``profile``: its name; None: ``LIVEDIFFUSION_PROFILE``, by default chosen from the
+    free memory)."""
+    chosen = resolve_profile(preset_name, device, profile)
     parts = build_video_parts(preset_name, device=device, dtype=dtype, weights=weights,
-                              seed=seed)
+                              seed=seed, fp8=chosen is not None and chosen.fp8)
     return VideoEngine(f"video-{preset_name}" if preset_name == "tiny" else "video",
                        parts.transformer, parts.vae, parts.text, device=device,
                        min_side=parts.min_side, description=parts.description,
-                       tiny_decoder=parts.tiny_decoder)
+                       tiny_decoder=parts.tiny_decoder, profile=chosen)
 
 
 def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
-                          text: bool = True) -> VideoParts:
+                          text: bool = True, fp8: bool = False) -> VideoParts:
     """The downloaded Wan 2.1 weights and StreamDiffusionV2 generator (``text=False``: no
-    umT5, for pipeline ranks that never encode a prompt)."""
+    umT5, for pipeline ranks that never encode a prompt; ``fp8``: the DiT loads to host
+    memory and is quantised onto the GPU block by block)."""
     from ...models import loaders, registry
 
     wan_dir = registry.require(f"wan-{size}")
@@ -105,32 +133,39 @@ def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     weights = loaders.load_diffusers_dir(wan_dir, dtype=dtype, device=device,
                                          generator=generator, preset=size, text_device="cpu",
-                                         text=text)
+                                         text=text, dit_device="cpu" if fp8 else None)
     tiny_dir = registry.local_path("taew2_1")
     if tiny_dir is not None:
         from ...models.tiny_decoder import load_tiny_decoder
         weights.tiny_decoder = load_tiny_decoder(tiny_dir / "taew2_1.pth", dtype=dtype,
                                                  device=device)
     return build_video_parts(size, device=device, dtype=dtype, weights=weights,
-                             text="real" if text else None)
+                             text="real" if text else None, fp8=fp8)
 
 
-def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda") -> VideoEngine:
-    """The video engine on the downloaded Wan 2.1 weights and StreamDiffusionV2 generator."""
-    parts = load_real_video_parts(size, device=device)
+def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda",
+                            profile: str | None = None) -> VideoEngine:
+    """The video engine on the downloaded Wan 2.1 weights and StreamDiffusionV2 generator,
+    in the memory profile chosen for the GPU (see build_video_engine)."""
+    chosen = resolve_profile(size, device, profile)
+    parts = load_real_video_parts(size, device=device, fp8=chosen is not None and chosen.fp8)
     return VideoEngine("video" if size == "1.3b" else f"video-{size}", parts.transformer,
                        parts.vae, parts.text, device=device, min_side=parts.min_side,
-                       description=parts.description, tiny_decoder=parts.tiny_decoder)
+                       description=parts.description, tiny_decoder=parts.tiny_decoder,
+                       profile=chosen)
 
 
 def build_parts(spec: str, device: str, *, text: bool = True) -> VideoParts:
     """Parts by name, as a pipeline rank is told to build them: ``random:<preset>``,
-    ``bench:<preset>`` (random, one-layer text stand-in) or ``real:<size>``."""
+    ``bench:<preset>`` (random, one-layer text stand-in) or ``real:<size>``; a trailing
+    ``@fp8`` quantises the DiT's linear layers (every rank alike, so blocks can move)."""
+    spec, _, precision = spec.partition("@")
+    fp8 = precision == "fp8"
     kind, _, preset = spec.partition(":")
     if kind == "real":
-        return load_real_video_parts(preset, device=device, text=text)
+        return load_real_video_parts(preset, device=device, text=text, fp8=fp8)
     if kind in ("random", "bench"):
         return build_video_parts(preset, device=device,
                                  text=None if not text else
-                                 ("stand-in" if kind == "bench" else "real"))
+                                 ("stand-in" if kind == "bench" else "real"), fp8=fp8)
     raise ValueError(f"unknown video parts {spec!r} (random:, bench: or real:<preset>).")

@@ -39,7 +39,7 @@ from ...parallel.channel import RankFailed
 from ...parallel.partition import rebalance
 from ...parallel.pipeline import Ranks, move_blocks
 from ...parallel.stage import Stage
-from ..base import EngineError, OutputFrame, StreamConfig, StreamInput, StreamOutput, check_size
+from ..base import EngineError, OutputFrame, StreamConfig, StreamInput, StreamOutput
 from . import params as P
 from .engine import Chunk, VideoEngine, VideoStream
 from .kv_cache import CachePolicy
@@ -148,8 +148,8 @@ class PipelineVideoEngine(VideoEngine):
         return caps
 
     def open_stream(self, config: StreamConfig) -> dict[str, Any]:
-        check_size(self.name, config.input, self.min_side, self.max_side, 16)
-        params, _ = P.apply(P.VideoParams(), config.params)
+        self._check_size(config)
+        params, _ = P.apply(self.defaults, config.params)
         self._check_decoder(params)
         sid = config.stream_id
         self._op("open", sid, self._open_info(config, params.decoder))
