@@ -53,6 +53,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     serve = ServeConfig.from_env(policy=args.policy,
                                  pacing=False if args.no_pacing else None)
+    # read where the engines are built (and by pipeline ranks, which inherit them)
+    if args.profile:
+        os.environ["LIVEDIFFUSION_PROFILE"] = args.profile
+    if args.fp8:
+        os.environ["LIVEDIFFUSION_FP8"] = {"on": "1", "off": "0"}.get(args.fp8, "auto")
     gpus: tuple[str, ...] = ()
     if args.gpus is not None:
         from .parallel.pipeline import parse_gpus, torchrun_rank
@@ -482,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "one process per GPU, started by the daemon or by torchrun): 'all', "
                         "a count, or device indices such as 0,1 (one index: '2,'); on a "
                         "machine without GPUs a count starts that many CPU ranks")
+    p.add_argument("--profile", default=None, metavar="auto|NAME",
+                   help="video engines' memory profile (default auto: chosen from the GPU's "
+                        "free memory; 'livediffusion doctor' lists the choice, "
+                        "docs/video-engine.md the profiles)")
+    p.add_argument("--fp8", choices=["auto", "on", "off"], default=None,
+                   help="the video DiT's linear layers in FP8 (default auto: as the profile "
+                        "says; on needs an Ada or Hopper GPU)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("demo", help="play a clip through a real daemon and write a video",

@@ -66,7 +66,10 @@ class Offloaded:
                 stay.update(id(t) for t in own)
                 layer.register_forward_pre_hook(self._layer_in(len(self._layer_tensors) - 1))
                 layer.register_forward_hook(self._layer_out(len(self._layer_tensors) - 1))
-            for emb in (m for m in self.module.modules() if isinstance(m, nn.Embedding)):
+            in_layers = {id(m) for m in _layers(self.module).modules()}
+            # the token embedding (not the layers' own, such as relative position biases)
+            for emb in (m for m in self.module.modules()
+                        if isinstance(m, nn.Embedding) and id(m) not in in_layers):
                 stay.update(id(t) for t in self._tensors_of(emb))
                 emb.register_forward_pre_hook(self._embedding_in)
                 emb.register_forward_hook(self._embedding_out)
