@@ -98,14 +98,20 @@ def choose(model: str, free_gib: float, fp8_ok: bool, name: str | None = None,
     else:
         fitting = [p for p in options if p.needs_gib <= free_gib and (fp8_ok or not p.fp8)]
         if not fitting:
-            least = min((p for p in options if fp8_ok or not p.fp8),
-                        key=lambda p: p.needs_gib)
-            raise ValueError(
-                f"the {model} video model needs {least.needs_gib:.1f} GiB of free GPU memory "
-                f"(profile {least.name}{', with FP8 matmuls' if least.fp8 else ''}); "
-                f"{gpu} has {free_gib:.1f} GiB free"
-                + ("" if fp8_ok else " and no FP8 matmuls (compute capability 8.9+)")
-                + (". The 1.3B model fits smaller cards." if model != "1.3b" else "."))
+            plain = [p for p in options if not p.fp8]
+            least = min(plain or options, key=lambda p: p.needs_gib)
+            least_fp8 = min((p for p in options if p.fp8), key=lambda p: p.needs_gib,
+                            default=None)
+            message = f"the {model} video model needs {least.needs_gib:.1f} GiB of free GPU " \
+                      f"memory (profile {least.name})"
+            if least_fp8 is not None and least_fp8.needs_gib < least.needs_gib:
+                message += f", or {least_fp8.needs_gib:.1f} GiB with FP8 matmuls (profile " \
+                           f"{least_fp8.name}; compute capability 8.9+: Ada, Hopper)"
+            message += f"; {gpu} has {free_gib:.1f} GiB free"
+            if not fp8_ok:
+                message += " and no FP8 matmuls"
+            raise ValueError(message + (". The 1.3B model fits smaller cards."
+                                        if model != "1.3b" else "."))
         chosen = fitting[0]
         why = (f"{free_gib:.1f} GiB free on {gpu}; {chosen.name} needs "
                f"{chosen.needs_gib:.1f}")

@@ -121,5 +121,5 @@ def is_quantized(transformer: nn.Module) -> bool:
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float32 (b is the reference)."""
-    a, b = a.float(), b.float()
+    a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
