@@ -638,8 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "default self)")
     p.add_argument("--vae", default="tiny", choices=["tiny", "full"],
                    help="image: TAESD-layout tiny VAE (default) or the full VAE")
-    p.add_argument("--streams", type=int, default=1,
-                   help="image: streams batched into each UNet call (default 1)")
+    p.add_argument("--streams", default="1",
+                   help="image: streams batched into each UNet call, comma-separated "
+                        "(default 1)")
+    p.add_argument("--vae-graphs", default="on",
+                   help="image: the VAE's encode and decode as CUDA graphs, comma-separated "
+                        "on,off (for A/B measurements in one run; default on)")
     p.add_argument("--device", default="auto", help="video: torch device")
     p.add_argument("--no-channels-last", action="store_true",
                    help="video: keep the VAE in NCDHW layout on GPUs (for A/B measurements)")

@@ -123,16 +123,27 @@ def run_image_bench(args: argparse.Namespace) -> int:
           f"similarity filter off")
     engine = build_image_engine(MODELS[model], device=str(device), vae=args.vae)
     records = []
+    counts = [int(n) for n in str(args.streams).split(",")]
+    graphs = [g.strip() for g in args.vae_graphs.split(",") if g.strip()]
+    if not set(graphs) <= {"on", "off"}:
+        raise ValueError(f"--vae-graphs takes on and off, not {args.vae_graphs!r}.")
     for h, w in zip(heights, widths):
         for n in steps:
             for cfg in cfgs:
-                try:
-                    records.append(bench_case(engine, h, w, n, cfg, iterations, args.streams))
-                except torch.OutOfMemoryError:
-                    print(f"  {h}x{w} steps {n} cfg {cfg}: out of GPU memory")
-                    torch.cuda.empty_cache()
+                for streams in counts:
+                    for vae_graphs in graphs:  # alternating, so drift hits both alike
+                        on = vae_graphs == "on" and device.type == "cuda"
+                        for call in (engine.encode_call, engine.decode_call):
+                            call.enabled = call.static = on
+                        try:
+                            record = bench_case(engine, h, w, n, cfg, iterations, streams)
+                            records.append({**record, "vae_graphs": vae_graphs})
+                        except torch.OutOfMemoryError:
+                            print(f"  {h}x{w} steps {n} cfg {cfg}: out of GPU memory")
+                            torch.cuda.empty_cache()
     print_table(records, [("resolution", "HxW", ""), ("steps", "steps", ""), ("cfg", "cfg", ""),
-                          ("streams", "streams", ""), ("fps", "FPS", ".1f"),
+                          ("streams", "streams", ""), ("vae_graphs", "VAE graphs", ""),
+                          ("fps", "FPS", ".1f"),
                           ("latency_p50_ms", "p50 ms", ".1f"),
                           ("latency_p99_ms", "p99 ms", ".1f"), ("unet_ms", "UNet ms", ".1f"),
                           ("peak_gib", "peak GiB", ".2f"), ("warm_up_s", "warm-up s", ".1f")])

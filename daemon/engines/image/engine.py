@@ -85,6 +85,10 @@ class ImageEngine(Engine):
         cuda = self.device.type == "cuda" and \
             env_flag("LIVEDIFFUSION_CUDA_GRAPHS")
         self.unet_call = GraphedCall(self._unet_raw, enabled=cuda, name="the UNet")
+        #: the VAE's encode and decode likewise (TAESD at 512x512 is ~100 small kernels
+        #: each way: launch-bound like the UNet)
+        self.encode_call = GraphedCall(self._encode, enabled=cuda, name="the VAE encoder")
+        self.decode_call = GraphedCall(self._decode, enabled=cuda, name="the VAE decoder")
 
     # --- interface ---------------------------------------------------------------------------
 
@@ -182,7 +186,7 @@ class ImageEngine(Engine):
     def _step(self, group: list) -> list[torch.Tensor]:
         streams = [s for s, _, _ in group]
         x = torch.stack([rgb.permute(2, 0, 1) for _, _, rgb in group]) * 2.0 - 1.0
-        z = self._encode(x.to(self.dtype))
+        z = self.encode_call(x.to(self.dtype))
         lat, ts, conds, pending = [], [], [], []
         for i, stream in enumerate(streams):
             zi = z[i:i + 1]
@@ -230,7 +234,7 @@ class ImageEngine(Engine):
                 stream.buf_x = sch.a[1:] * x0_hat[:-1] + sch.b[1:] * nxt
                 stream.buf_r = lcm.carry_residual(x0_hat[:-1], xs[:-1], rs[:-1], nxt, sch)
             stream.counters["processed"] += 1
-        images = self._decode(torch.cat(finals, 0))            # B, 3, H, W in [-1, 1]
+        images = self.decode_call(torch.cat(finals, 0))        # B, 3, H, W in [-1, 1]
         rgb = ((images.float() + 1.0) * 0.5).clamp(0.0, 1.0).permute(0, 2, 3, 1)
         return [from_canonical(rgb[i], s.config.output) for i, s in enumerate(streams)]
 
