@@ -40,21 +40,23 @@ def test_quantize_rows_uses_the_whole_e4m3_range_per_row():
     assert not q.float().any() and torch.isfinite(scale).all()
 
 
-def test_the_per_frame_linears_of_every_block_are_replaced_and_the_prompt_ones_kept():
+def test_the_linears_of_every_block_are_replaced_and_the_rest_kept():
     torch.manual_seed(0)
     model = W.build_transformer(W.PRESETS["tiny"], torch.float32, "cpu")
     model.blocks[1].to("meta")   # another pipeline rank's block
     replaced = fp8.quantize_blocks(model)
-    assert replaced == 8   # block 0: q, k, v, out; cross q, out; the FFN's two
+    assert replaced == 10   # block 0: q, k, v, out; cross q, k, v, out; the FFN's two
     block = model.blocks[0]
     for layer in (block.attn1.to_q, block.attn1.to_k, block.attn1.to_v, block.attn1.to_out[0],
-                  block.attn2.to_q, block.attn2.to_out[0], block.ffn.net[0].proj,
-                  block.ffn.net[2]):
+                  block.attn2.to_q, block.attn2.to_k, block.attn2.to_v, block.attn2.to_out[0],
+                  block.ffn.net[0].proj, block.ffn.net[2]):
         assert isinstance(layer, fp8.FP8Linear)
-    # cross-attention keys and values run once per prompt: bf16 (here float32) stays
-    assert isinstance(block.attn2.to_k, torch.nn.Linear)
-    assert isinstance(block.attn2.to_v, torch.nn.Linear)
     assert isinstance(model.blocks[1].attn1.to_q, torch.nn.Linear)   # left to its rank
+    # the cross-attention keys and values (once per prompt) may stay as they are
+    model = W.build_transformer(W.PRESETS["tiny"], torch.float32, "cpu")
+    assert fp8.quantize_blocks(model, prompt_layers=False) == 16
+    assert isinstance(model.blocks[0].attn2.to_k, torch.nn.Linear)
+    assert isinstance(model.blocks[0].attn2.to_v, torch.nn.Linear)
     assert not isinstance(model.proj_out, fp8.FP8Linear)
     assert fp8.is_quantized(model)
 

@@ -1,16 +1,17 @@
 """FP8 linear layers for the video DiT (Hopper and Ada GPUs; CPUs too, slowly, for tests).
 
-Each of a block's per-frame linear layers (self-attention q/k/v/out, cross-attention q/out,
-the FFN's two) keeps its weight as float8 e4m3 with one float32 scale per output row, and
+Each of a block's linear layers (self-attention q/k/v/out, cross-attention q/k/v/out, the
+FFN's two) keeps its weight as float8 e4m3 with one float32 scale per output row, and
 quantises its input per token at run time (one scale per row of activations, from that row's
 largest magnitude).  The product is ``torch._scaled_mm`` with both row-wise scales, in the
 layer's own dtype (bf16): half the weight bytes and, on an H100/H200, twice the dense matmul
 rate of bf16.  Under ``torch.compile`` the activation quantisation fuses into the kernel that
 produces the activations.
 
-Left in bf16: the cross-attention keys and values (computed once per prompt, never per
-frame), the embeddings, the time and text projections and the head (small, and the head
-writes the flow directly).
+The cross-attention keys and values run once per prompt, never per frame: quantising them
+gains no speed but halves their memory (2 GiB of the 14B model), so they are FP8 too unless
+``prompt_layers=False``.  Left in bf16: the embeddings, the time and text projections and
+the head (small, and the head writes the flow directly).
 
 Why not torchao's float8 configs: they refuse any device but CUDA sm89+ / MI300 / XPU, so the
 path the tests run would not be the path users run; ``torch._scaled_mm`` takes row-wise
@@ -25,7 +26,7 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)   # 448
-#: block linears that run once per prompt, not per frame: kept in bf16
+#: block linears that run once per prompt, not per frame (FP8 for their memory only)
 PROMPT_ONLY = ("attn2.to_k", "attn2.to_v", "attn2.add_k_proj", "attn2.add_v_proj")
 
 
@@ -84,16 +85,19 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3"
 
 
-def _eligible(name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and not name.endswith(PROMPT_ONLY) and \
+def _eligible(name: str, module: nn.Module, prompt_layers: bool) -> bool:
+    return isinstance(module, nn.Linear) and \
+        (prompt_layers or not name.endswith(PROMPT_ONLY)) and \
         module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def quantize_blocks(transformer: nn.Module, blocks=None, fast_accum: bool = True,
-                    device: torch.device | str | None = None) -> int:
-    """Replace the per-frame linear layers of ``transformer.blocks`` (those in ``blocks``,
+                    device: torch.device | str | None = None,
+                    prompt_layers: bool = True) -> int:
+    """Replace the linear layers of ``transformer.blocks`` (those in ``blocks``,
     default all; blocks on the meta device are skipped, another pipeline rank holds them)
-    by FP8Linear, in place, one block at a time.  With ``device``, a transformer loaded in
+    by FP8Linear, in place, one block at a time (``prompt_layers=False``: the cross-attention
+    keys and values stay as they are).  With ``device``, a transformer loaded in
     host memory moves there block by block as it is quantised, then the rest of it: the GPU
     never holds more than one block in bf16 (how the 14B model loads on a 24 GB card).
     Returns how many layers were replaced."""
@@ -104,7 +108,8 @@ def quantize_blocks(transformer: nn.Module, blocks=None, fast_accum: bool = True
         if device is not None and next(block.parameters()).device.type != "meta":
             block.to(device)
         for name, module in list(block.named_modules()):
-            if not _eligible(name, module) or module.weight.device.type == "meta":
+            if not _eligible(name, module, prompt_layers) or \
+                    module.weight.device.type == "meta":
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
