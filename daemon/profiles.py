@@ -15,9 +15,8 @@ fits the GPU's free memory and says which and why (one log line, the welcome's
 
 ``--profile NAME`` (or ``LIVEDIFFUSION_PROFILE``) overrides the choice; ``LIVEDIFFUSION_FP8``
 overrides the profile's FP8 choice.  The thresholds come from peak memory measured on an
-H200 (docs/benchmarks.md, "Memory profiles"): the peak of the profile's worst case (its size
-cap, default steps, one stream, a prompt change included) plus 1.5 GiB for the CUDA context
-and the allocator's slack must fit in the free memory.
+H200 (docs/benchmarks.md, "Memory profiles"; the table below says which).  Each holds one
+stream at the profile's size cap; more streams need more (each has its own KV cache).
 """
 
 from __future__ import annotations
@@ -57,20 +56,31 @@ class Profile:
 
 
 #: per model, best first; the first whose ``needs_gib`` fits the free memory is chosen (an
-#: FP8 profile only where the GPU has FP8 matmuls)
+#: FP8 profile only where the GPU has FP8 matmuls).  ``needs_gib`` = the peak allocated in
+#: ``bench video --text umt5`` at the profile's size cap and steps (H200, 2026-12-01, commit
+#: b942348 / cc59f60; one stream, a prompt change included) + 2.5 GiB for the CUDA context,
+#: the allocator's slack and the cuDNN workspace, + 10.6 GiB where umT5 is resident.
+#: Measured peaks: 1.3B 480x832 2 steps Wan VAE 11.64 (FP8 10.82), 1 step tiny decoder 8.04
+#: (FP8 7.20), 720x1280 2 steps 21.83; 14B 480x832 2 steps 47.36 (FP8 34.44), 1 step FP8
+#: 27.26.  FP8 is on by default for the 14B model (1.13x / 1.20x the FPS at 1 / 2 steps,
+#: error 1.7-1.8% of the flow, 0.8% of the frames against bf16, random weights) and only
+#: for memory on the 1.3B model (1.00-1.03x the FPS there).  The roomy profiles keep the
+#: engine's own 1280 px cap; 14B frames above 480x832 are not measured.
 PROFILES: dict[str, list[Profile]] = {
     "1.3b": [
-        Profile("roomy", 32.0, False, "resident", 1280, 2, "vae"),
-        Profile("24gb", 17.0, False, "streamed", 1280, 2, "vae"),
-        Profile("16gb", 12.5, True, "streamed", 832, 2, "vae"),
-        Profile("16gb-bf16", 13.5, False, "streamed", 832, 2, "vae"),
-        Profile("12gb", 8.0, True, "streamed", 640, 1, "tiny"),
-        Profile("12gb-bf16", 9.0, False, "streamed", 640, 1, "tiny"),
+        Profile("roomy", 35.0, False, "resident", 1280, 2, "vae"),
+        Profile("32gb", 24.5, False, "streamed", 1280, 2, "vae"),
+        Profile("16gb", 13.5, True, "streamed", 832, 2, "vae"),
+        Profile("16gb-bf16", 14.2, False, "streamed", 832, 2, "vae"),
+        Profile("12gb", 9.7, True, "streamed", 832, 1, "tiny"),
+        Profile("12gb-bf16", 10.5, False, "streamed", 832, 1, "tiny"),
     ],
     "14b": [
-        Profile("roomy", 80.0, False, "resident", 1280, 2, "vae"),
-        Profile("48gb", 44.0, False, "streamed", 832, 2, "vae"),
-        Profile("24gb", 21.0, True, "streamed", 832, 2, "vae"),
+        Profile("roomy", 48.0, True, "resident", 1280, 2, "vae"),
+        Profile("roomy-bf16", 61.0, False, "resident", 1280, 2, "vae"),
+        Profile("48gb", 37.0, True, "streamed", 832, 2, "vae"),
+        Profile("64gb-bf16", 50.0, False, "streamed", 832, 2, "vae"),
+        Profile("32gb", 29.8, True, "streamed", 832, 1, "vae"),
     ],
 }
 

@@ -43,6 +43,9 @@ def bench_case(engine, height: int, width: int, steps: int, cfg: str, iterations
     sids = list(range(1, streams + 1))
     for sid in sids:
         engine.open_stream(StreamConfig(sid, spec, spec, 30.0, params))
+    # the prompt is encoded beside the streams; until it is, frames are let go (a benchmark
+    # without this timed nothing: fixed 2026-12-01)
+    engine.settle()
     try:
         seq = 0
 
@@ -78,9 +81,12 @@ def bench_case(engine, height: int, width: int, steps: int, cfg: str, iterations
 
         for _ in range(iterations):
             t0 = time.perf_counter()
-            step()
+            out = step()
             sync()
             times.append(time.perf_counter() - t0)
+            if sum(len(o.frames) for o in out) != streams:
+                raise RuntimeError(f"a step gave {sum(len(o.frames) for o in out)} frames for "
+                                   f"{streams} streams: nothing to time.")
         engine._unet = timed_unet
         try:
             for _ in range(max(3, iterations // 5)):
