@@ -682,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "video with one device also runs the plain engine beside it")
     p.add_argument("--poll-hz", type=float, default=None,
                    help="stream: how often each host reads latest() (default 250, CPU 120)")
+    p.add_argument("--encoders", default="vae",
+                   help="video: encoders to measure, comma-separated (vae, tiny; default vae)")
     p.add_argument("--precision", default="bf16",
                    help="video: DiT linear layers, comma-separated bf16,fp8 (fp8: each case "
                         "again in FP8, with its error against bf16 per chunk)")

@@ -97,3 +97,78 @@ def test_tiny_decoder_without_weights_names_the_pull_command(engine):  # noqa: F
     with pytest.raises(ParamError, match="models pull taew2_1"):
         bare.open_stream(StreamConfig(5, SPEC, SPEC, 30.0, {"decoder": "tiny"}))
         bare.settle()
+
+
+# --- the encoder half (the same checkpoint) -------------------------------------------------
+
+from livediffusion.daemon.models.tiny_decoder import TinyVideoEncoder, load_tiny_encoder  # noqa: E402
+
+
+def _public_encoder_layout() -> dict[str, tuple[int, ...]]:
+    """taew2_1.pth's encoder keys and shapes, written out from the published layout: conv
+    3->64, then three stages of time pool (x2, x2, x1), stride-2 conv and three memory
+    blocks, then conv 64->16."""
+    shapes = {"encoder.0.weight": (64, 3, 3, 3), "encoder.0.bias": (64,),
+              "encoder.17.weight": (16, 64, 3, 3), "encoder.17.bias": (16,)}
+    for pool, stride in ((2, 2), (7, 2), (12, 1)):
+        shapes[f"encoder.{pool}.conv.weight"] = (64, 64 * stride, 1, 1)
+        shapes[f"encoder.{pool + 1}.weight"] = (64, 64, 3, 3)
+        for block in range(pool + 2, pool + 5):
+            shapes[f"encoder.{block}.conv.0.weight"] = (64, 128, 3, 3)
+            for conv in (0, 2, 4):
+                shapes[f"encoder.{block}.conv.{conv}.bias"] = (64,)
+            shapes[f"encoder.{block}.conv.2.weight"] = (64, 64, 3, 3)
+            shapes[f"encoder.{block}.conv.4.weight"] = (64, 64, 3, 3)
+    return shapes
+
+
+def test_the_encoder_loads_the_public_checkpoint_layout(tmp_path):
+    shapes = _public_encoder_layout()
+    assert {k: tuple(v.shape) for k, v in TinyVideoEncoder().state_dict().items()} == shapes
+    torch.manual_seed(2)
+    sd = {k: torch.randn(s) * 0.1 for k, s in shapes.items()}
+    sd.update(_public_layout(TinyVideoDecoder()))   # the decoder beside it, as in the file
+    path = tmp_path / "taew2_1.pth"
+    torch.save(sd, path)
+    encoder = load_tiny_encoder(path, dtype=torch.float32)
+    assert all(torch.equal(encoder.state_dict()[k], sd[k]) for k in shapes)
+    assert load_tiny_decoder(path, dtype=torch.float32) is not None   # both halves, one file
+    torch.save({k: v for k, v in sd.items() if k != "encoder.17.bias"}, path)
+    with pytest.raises(loaders.WeightsError, match="1 missing"):
+        load_tiny_encoder(path)
+
+
+def test_streaming_encode_equals_encoding_the_clip_at_once():
+    torch.manual_seed(3)
+    encoder = TinyVideoEncoder(width=8).eval()
+    frames = torch.rand(1, 3, 9, 32, 48) * 2 - 1
+    state = encoder.new_state()
+    parts = [encoder.encode(frames[:, :, :1], state), encoder.encode(frames[:, :, 1:5], state),
+             encoder.encode(frames[:, :, 5:9], state)]
+    assert [p.shape for p in parts] == [(1, 16, 1, 4, 6)] * 3   # 1 + 4 + 4 frames -> 3 latents
+    # the first frame stands for four: the clip at once, with it repeated, is the same
+    clip = torch.cat([frames[:, :, :1].expand(-1, -1, 4, -1, -1), frames[:, :, 1:]], 2)
+    whole = encoder.encode(clip, encoder.new_state())
+    torch.testing.assert_close(torch.cat(parts, 2), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_stream_on_the_tiny_encoder_runs_and_switching_encoders_restarts_it(engine):  # noqa: F811
+    assert engine.tiny_encoder is not None
+    engine.open_stream(StreamConfig(1, SPEC, SPEC, 30.0, {"steps": 1, "encoder": "tiny"}))
+    engine.settle()
+    try:
+        feed = Feeder(engine, 1)
+        out = feed.chunk() + feed.chunk() + feed.chunk()
+        assert [f.in_seq for f in out] == list(range(1, feed.seq + 1))
+        assert engine.streams[1].tiny_enc is not None
+        assert all(f.pixels.float().std() > 0 for f in out)
+        engine.update_params(1, {"encoder": "vae"})   # new history: a first chunk again
+        assert engine.frames_per_step(1) == 1 and engine.streams[1].tiny_enc is None
+        out = feed.chunk() + feed.chunk()
+        assert len(out) == 5 and out[-1].in_seq == feed.seq
+    finally:
+        engine.close_stream(1)
+    bare = VideoEngine("video", engine.wan.model, engine.vae.vae,
+                       (engine.tokenizer, engine.text_encoder), min_side=32)
+    with pytest.raises(ParamError, match="tiny encoder.*models pull taew2_1"):
+        bare.open_stream(StreamConfig(5, SPEC, SPEC, 30.0, {"encoder": "tiny"}))

@@ -64,7 +64,8 @@ def build_bench_engine(model: str, device: torch.device,
     return VideoEngine(f"video-{model}", parts.transformer, parts.vae, parts.text,
                        device=str(device), min_side=parts.min_side,
                        description=f"Wan 2.1 {model}, RANDOM weights",
-                       tiny_decoder=parts.tiny_decoder, channels_last=channels_last,
+                       tiny_decoder=parts.tiny_decoder, tiny_encoder=parts.tiny_encoder,
+                       channels_last=channels_last,
                        compile=compile, cuda_graphs=cuda_graphs, attention=attention,
                        text_placement=text_placement)
 
@@ -90,14 +91,14 @@ def _run_chunk(engine: VideoEngine, sid: int, clip, spec: FrameSpec, seq: int, n
 
 
 def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks: int,
-               matmul: float, decoder: str = "vae") -> dict:
+               matmul: float, decoder: str = "vae", encoder: str = "vae") -> dict:
     device = engine.device
     cuda = device.type == "cuda"
     spec = FrameSpec(width, height)
     sid = 1000 + 10 * steps
     clip = _clip(height, width)
     # warm-up on a throwaway stream: kernels, cuDNN plans and allocator pools for this shape
-    params = {"steps": steps, "decoder": decoder}
+    params = {"steps": steps, "decoder": decoder, "encoder": encoder}
     # (with compilation: kernels for this frame size and batch are generated here)
     warm_started = time.perf_counter()
     engine.open_stream(StreamConfig(sid + 1, spec, spec, INPUT_FPS, params))
@@ -137,7 +138,7 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
         changed = time.perf_counter()
         precision = "fp8" if is_quantized(engine.wan.model) else "bf16"
         engine.update_params(sid, {"prompt": f"a new prompt for {height}x{width} {steps} "
-                                             f"{decoder} {precision}"})
+                                             f"{decoder} {encoder} {precision}"})
         during = []
         while engine.streams[sid].pending_prompt is not None and len(during) < 1000:
             t0 = time.perf_counter()
@@ -163,6 +164,7 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
         mean = float(np.mean(times))
         return {
             "resolution": f"{height}x{width}", "steps": steps, "decoder": decoder,
+            "encoder": encoder,
             "fps": round(CHUNK_FRAMES / mean, 2), "ttff_s": round(ttff, 3),
             "chunk_p50_ms": round(1000 * percentile(times, 50), 2),
             "chunk_p99_ms": round(1000 * percentile(times, 99), 2),
@@ -189,7 +191,8 @@ def bench_case(engine: VideoEngine, height: int, width: int, steps: int, chunks:
 
 
 def probe(engine: VideoEngine, height: int, width: int, steps: int, decoder: str,
-          chunks: int = 10) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+          encoder: str = "vae", chunks: int = 10
+          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One stream's flows (every DiT forward) and decoded frames (every chunk) over the
     first ``chunks`` chunks of the test pattern: the same inputs and noise each call, so two
     calls differ only by what changed in the engine (its precision)."""
@@ -207,7 +210,7 @@ def probe(engine: VideoEngine, height: int, width: int, steps: int, decoder: str
     engine.wan.forward = tapped
     frames = []
     engine.open_stream(StreamConfig(sid, spec, spec, INPUT_FPS,
-                                    {"steps": steps, "decoder": decoder}))
+                                    {"steps": steps, "decoder": decoder, "encoder": encoder}))
     engine.settle()
     try:
         seq, out = _run_chunk(engine, sid, clip, spec, 0, FIRST_CHUNK_FRAMES)
@@ -277,37 +280,42 @@ def run_video_bench(args: argparse.Namespace) -> int:
         else "NDHWC"
     records = []
     decoders = [d.strip() for d in (args.decoders or "vae,tiny").split(",") if d.strip()]
-    cases = [(d, h, w, n) for d in decoders for h, w in zip(heights, widths) for n in steps]
+    encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    cases = [(d, h, w, n, e) for e in encoders for d in decoders
+             for h, w in zip(heights, widths) for n in steps]
     references: dict[tuple, tuple] = {}
     floors: dict[tuple, dict] = {}
     for precision in precisions:
         if precision == "fp8":
             if "bf16" not in precisions:
-                references = {c: probe(engine, c[1], c[2], c[3], c[0]) for c in cases}
+                references = {c: probe(engine, c[1], c[2], c[3], c[0], c[4]) for c in cases}
             replaced = quantize_blocks(engine.wan.model)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"  DiT: {replaced} linear layers now FP8", flush=True)
         for case in cases:
-            decoder, h, w, n = case
+            decoder, h, w, n, encoder = case
             try:
-                record = bench_case(engine, h, w, n, chunks, matmul, decoder)
+                record = bench_case(engine, h, w, n, chunks, matmul, decoder, encoder)
                 if precision == "bf16" and "fp8" in precisions:
-                    references[case] = probe(engine, h, w, n, decoder)
-                    floor = probe_error(probe(engine, h, w, n, decoder), references[case])
+                    references[case] = probe(engine, h, w, n, decoder, encoder)
+                    floor = probe_error(probe(engine, h, w, n, decoder, encoder),
+                                        references[case])
                     floors[case] = {f"floor_{k}": v for k, v in floor.items()}
                     record.update(floors[case])
                 if precision == "fp8":
-                    record.update(probe_error(probe(engine, h, w, n, decoder),
+                    record.update(probe_error(probe(engine, h, w, n, decoder, encoder),
                                               references[case]))
                     record.update(floors.get(case, {}))
                 records.append(record)
             except torch.OutOfMemoryError:
                 print(f"  {h}x{w} steps {n} {decoder} {precision}: out of GPU memory")
                 torch.cuda.empty_cache()
-            print(f"  done {h}x{w} steps {n} decoder {decoder} {precision}", flush=True)
+            print(f"  done {h}x{w} steps {n} decoder {decoder} encoder {encoder} {precision}",
+                  flush=True)
     print_table(records, [("resolution", "HxW", ""), ("steps", "steps", ""),
-                          ("decoder", "decoder", ""), ("precision", "DiT", ""),
+                          ("decoder", "decoder", ""), ("encoder", "encoder", ""),
+                          ("precision", "DiT", ""),
                           ("fps", "FPS", ".1f"), ("ttff_s", "TTFF s", ".3f"),
                           ("chunk_p50_ms", "p50 ms", ".1f"), ("chunk_p99_ms", "p99 ms", ".1f"),
                           ("jitter_ms", "jitter", ".1f"), ("peak_gib", "peak GiB", ".2f"),
@@ -318,7 +326,8 @@ def run_video_bench(args: argparse.Namespace) -> int:
     print("\nsmaller stages, median ms per chunk (other = not inside any stage); fill max = "
           "slowest chunk while the cache filled (includes recording the CUDA graph):")
     print_table(records, [("resolution", "HxW", ""), ("steps", "steps", ""),
-                          ("decoder", "decoder", ""), ("motion_ms", "motion", ".1f"),
+                          ("decoder", "decoder", ""), ("encoder", "encoder", ""),
+                          ("motion_ms", "motion", ".1f"),
                           ("noise_ms", "noise", ".1f"), ("prepare_ms", "prepare", ".1f"),
                           ("step_ms", "step", ".1f"), ("output_ms", "output", ".1f"),
                           ("download_ms", "download", ".1f"), ("other_ms", "other", ".1f"),
@@ -328,7 +337,8 @@ def run_video_bench(args: argparse.Namespace) -> int:
           "change included) and the prompt change (seconds until the new prompt applied, "
           "slowest chunk meanwhile):")
     print_table(records, [("resolution", "HxW", ""), ("steps", "steps", ""),
-                          ("decoder", "decoder", ""), ("precision", "DiT", ""),
+                          ("decoder", "decoder", ""), ("encoder", "encoder", ""),
+                          ("precision", "DiT", ""),
                           ("peak_gib", "peak GiB", ".2f"), ("reserved_gib", "reserved GiB", ".2f"),
                           ("prompt_apply_s", "prompt s", ".3f"),
                           ("prompt_max_chunk_ms", "max chunk ms", ".1f")])
@@ -337,7 +347,8 @@ def run_video_bench(args: argparse.Namespace) -> int:
               "one stream over its first chunks (floor: bf16 against itself):")
         print_table([r for r in records if r["precision"] == "fp8"],
                     [("resolution", "HxW", ""), ("steps", "steps", ""),
-                     ("decoder", "decoder", ""), ("flow_err_mean", "flow mean", ".4f"),
+                     ("decoder", "decoder", ""), ("encoder", "encoder", ""),
+                     ("flow_err_mean", "flow mean", ".4f"),
                      ("flow_err_max", "flow max", ".4f"), ("frame_err_mean", "frame mean", ".4f"),
                      ("frame_err_max", "frame max", ".4f"), ("frame_err_last", "frame last", ".4f"),
                      ("floor_flow_err_max", "floor flow", ".4f"),

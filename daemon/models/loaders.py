@@ -38,6 +38,7 @@ class WanWeights:
     text: tuple[Any, Any]  # (tokenizer, encoder)
     source: str
     tiny_decoder: Any = None  # TAEHV-layout fast decoder (taew2_1.pth), when downloaded
+    tiny_encoder: Any = None  # and its encoder (the same file)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
-"""A tiny streaming video decoder for Wan latents, in the layout of the public TAEHV
-checkpoints (``taew2_1.pth`` from madebyollin/taehv), written here from the published
+"""A tiny streaming video decoder and encoder for Wan latents, in the layout of the public
+TAEHV checkpoints (``taew2_1.pth`` from madebyollin/taehv), written here from the published
 architecture: 2D convolutions per frame, "memory" blocks that also see the previous frame's
-features, and 1x1 "time grow" projections that turn one latent frame into several frames.
+features, 1x1 "time grow" projections that turn one latent frame into several frames (the
+decoder) and 1x1 "time pool" projections that merge consecutive frames (the encoder).
 
 Decoder stack (indices are the checkpoint's ``decoder.N`` keys):
   0 clamp (3 tanh(x / 3)), 1 conv 16->w0, 2 ReLU,
@@ -11,6 +12,17 @@ Decoder stack (indices are the checkpoint's ``decoder.N`` keys):
   21 ReLU, 22 conv w3->3.
 One latent frame becomes 4 frames; the first 3 frames of a stream are dropped, so the first
 latent gives 1 frame, like the causal Wan VAE.  Output is mapped from [0, 1] to [-1, 1].
+
+Encoder stack (``encoder.N``):
+  0 conv 3->64, 1 ReLU,
+  2 time pool x2, 3 conv stride 2 (no bias), 4-6 memory blocks,
+  7 time pool x2, 8 conv stride 2, 9-11 memory blocks,
+  12 time pool x1 (a 1x1 projection), 13 conv stride 2, 14-16 memory blocks,
+  17 conv 64->16.
+Four frames become one latent frame (8x smaller each side).  A stream's first chunk is one
+frame: it is repeated to four, so it becomes one latent, which the decoder (dropping its
+first three frames) turns back into one frame, as with the causal Wan VAE.  Input is mapped
+from [-1, 1] to [0, 1].
 """
 
 from __future__ import annotations
@@ -60,6 +72,37 @@ class TimeGrow(nn.Module):
         return self.conv(x).reshape(t * self.stride, c, h, w)
 
 
+class TimePool(nn.Module):
+    """``stride`` consecutive frames stacked on the channels, projected back (1x1)."""
+
+    def __init__(self, channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(channels * stride, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, c, h, w = x.shape
+        return self.conv(x.reshape(t // self.stride, self.stride * c, h, w))
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor, memory: dict[int, torch.Tensor]
+         ) -> torch.Tensor:
+    """Frames (T, C, H, W) through ``layers``, each memory block seeing the frame before
+    (the last frame of the previous call from ``memory``, which is updated; zeros at the
+    start of a stream)."""
+    for i, layer in enumerate(layers):
+        if isinstance(layer, MemoryBlock):
+            prev = memory.get(i)
+            if prev is None:
+                prev = torch.zeros_like(x[:1])
+            past = torch.cat([prev, x[:-1]], 0)
+            memory[i] = x[-1:].detach().clone()
+            x = layer(x, past)
+        else:
+            x = layer(x)
+    return x
+
+
 @dataclass
 class TinyDecoderState:
     """Per stream: each memory block's input for the last frame, frames still to drop."""
@@ -94,21 +137,69 @@ class TinyVideoDecoder(nn.Module):
             raise ValueError("the tiny decoder streams one video at a time.")
         param = next(self.parameters())
         x = latents[0].transpose(0, 1).to(param.device, param.dtype)  # T, z, h, w
-        for i, layer in enumerate(self.decoder):
-            if isinstance(layer, MemoryBlock):
-                prev = state.memory.get(i)
-                if prev is None:
-                    prev = torch.zeros_like(x[:1])
-                past = torch.cat([prev, x[:-1]], 0)
-                state.memory[i] = x[-1:].detach().clone()
-                x = layer(x, past)
-            else:
-                x = layer(x)
+        x = _run(self.decoder, x, state.memory)
         if state.to_trim:
             drop = min(state.to_trim, x.shape[0])
             x = x[drop:]
             state.to_trim -= drop
         return (x.clamp(0.0, 1.0) * 2.0 - 1.0).transpose(0, 1)[None]
+
+
+@dataclass
+class TinyEncoderState:
+    """Per stream: each memory block's input for the last frame."""
+
+    memory: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class TinyVideoEncoder(nn.Module):
+    def __init__(self, latent_channels: int = 16, width: int = 64,
+                 time_downscale: tuple[bool, bool, bool] = (True, True, False)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv(3, width), nn.ReLU()]
+        for stage in range(3):
+            layers += [TimePool(width, 2 if time_downscale[stage] else 1),
+                       nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),
+                       MemoryBlock(width, width), MemoryBlock(width, width),
+                       MemoryBlock(width, width)]
+        layers += [_conv(width, latent_channels)]
+        self.encoder = nn.Sequential(*layers)
+        self.t_downscale = 2 ** sum(time_downscale)
+
+    def new_state(self) -> TinyEncoderState:
+        return TinyEncoderState()
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor, state: TinyEncoderState) -> torch.Tensor:
+        """(1, 3, N, H, W) frames in [-1, 1] -> (1, z, N / 4, H / 8, W / 8) latents,
+        streaming; a chunk of fewer than four frames (a stream's first) is completed with
+        copies of its last frame."""
+        if frames.shape[0] != 1:
+            raise ValueError("the tiny encoder streams one video at a time.")
+        param = next(self.parameters())
+        x = ((frames[0].transpose(0, 1) + 1.0) * 0.5).to(param.device, param.dtype)
+        short = -x.shape[0] % self.t_downscale
+        if short:
+            x = torch.cat([x, x[-1:].expand(short, -1, -1, -1)], 0)
+        return _run(self.encoder, x, state.memory).transpose(0, 1)[None]
+
+
+def load_tiny_encoder(path: str | Path, *, dtype: torch.dtype = torch.float16,
+                      device: str = "cpu") -> TinyVideoEncoder:
+    """The encoder half of a TAEHV checkpoint for Wan 2.1 (``taew2_1.pth``), weights only."""
+    from .loaders import WeightsError, read_state_dict
+
+    sd = {k: v for k, v in read_state_dict(path).items() if k.startswith("encoder.")}
+    model = TinyVideoEncoder()
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: not a TAEHV encoder for 16-channel latents ({exc}).") \
+            from None
+    if missing or unexpected:
+        raise WeightsError(f"{path}: {len(missing)} missing, {len(unexpected)} unexpected "
+                           f"encoder keys; is it taew2_1.pth?")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def load_tiny_decoder(path: str | Path, *, dtype: torch.dtype = torch.float16,

@@ -96,6 +96,7 @@ class VideoStream:
     in_flight: list[Chunk] = field(default_factory=list)
     flushed: list[Chunk] = field(default_factory=list)  # finished early by a steps change
     tiny: Any = None        # the fast decoder's state while params.decoder == "tiny"
+    tiny_enc: Any = None    # the fast encoder's state while params.encoder == "tiny"
     last_latent: torch.Tensor | None = None  # primes a decoder switched in mid-stream
     next_chunk: int = 0
     started: bool = False
@@ -159,7 +160,7 @@ class VideoEngine(Engine):
 
     def __init__(self, name: str, transformer, vae, text_encoder, *, device: str = "cpu",
                  min_side: int = 256, max_side: int = 1280, description: str = "",
-                 tiny_decoder=None, channels_last: bool | None = None,
+                 tiny_decoder=None, tiny_encoder=None, channels_last: bool | None = None,
                  compile: bool | None = None, cuda_graphs: bool | None = None,
                  attention: str | None = None, text_placement: str | None = None,
                  text_thread: bool = True, profile=None) -> None:
@@ -214,6 +215,7 @@ class VideoEngine(Engine):
         if text_placement == "resident" and self.device.type == "cuda":
             self.text_encoder.to(self.device)
         self.tiny_decoder = tiny_decoder  # TAEHV-layout fast decoder, if its weights exist
+        self.tiny_encoder = tiny_encoder  # and its encoder (the same checkpoint)
         self.min_side, self.max_side = min_side, max_side
         self.description = description
         self.streams: dict[int, VideoStream] = {}
@@ -256,7 +258,7 @@ class VideoEngine(Engine):
                 .removeprefix("torch."),
                 "profile": None if self.profile is None else self.profile.to_dict(),
                 # what changes a step's cost: streams differing in these get keys of their own
-                "cost_params": ["steps", "decoder", "stream_batch"],
+                "cost_params": ["steps", "decoder", "encoder", "stream_batch"],
                 "description": self.description}
 
     def frames_per_step(self, stream_id: int) -> int:
@@ -298,6 +300,7 @@ class VideoEngine(Engine):
         old = stream.params
         new, reset = P.apply(old, changes)
         self._check_decoder(new)
+        reset = reset or new.encoder != old.encoder
         if new.decoder != old.decoder:
             self._switch_decoder(stream, new.decoder)
         self._want_prompt(stream, new)
@@ -322,9 +325,10 @@ class VideoEngine(Engine):
         return bool(stream.in_flight)
 
     def _check_decoder(self, p: P.VideoParams) -> None:
-        if p.decoder == "tiny" and self.tiny_decoder is None:
-            raise ParamError("the tiny decoder's weights are not downloaded; fetch them with: "
-                             "livediffusion models pull taew2_1")
+        for part, model in (("decoder", self.tiny_decoder), ("encoder", self.tiny_encoder)):
+            if getattr(p, part) == "tiny" and model is None:
+                raise ParamError(f"the tiny {part}'s weights are not downloaded; fetch them "
+                                 f"with: livediffusion models pull taew2_1")
 
     def _switch_decoder(self, stream: VideoStream, decoder: str) -> None:
         switch_decoder(stream, decoder, self.vae, self.tiny_decoder)
@@ -335,6 +339,7 @@ class VideoEngine(Engine):
         stream.cache.reset()
         stream.vae = self.vae.new_state()
         stream.tiny = self.tiny_decoder.new_state() if stream.params.decoder == "tiny" else None
+        stream.tiny_enc = None
         stream.last_latent = None
         stream.in_flight.clear()
         stream.flushed.clear()
@@ -409,7 +414,13 @@ class VideoEngine(Engine):
             scale = stream.motion.update(x, p.noise_scale) if p.motion_control else \
                 p.noise_scale
         with self._stage("encode"):
-            latents = self.vae.encode(x.permute(1, 0, 2, 3)[None], stream.vae)  # 1,16,n,h,w
+            if p.encoder == "tiny":
+                if stream.tiny_enc is None:
+                    stream.tiny_enc = self.tiny_encoder.new_state()
+                latents = self.tiny_encoder.encode(x.permute(1, 0, 2, 3)[None],
+                                                   stream.tiny_enc).to(self.wan.dtype)
+            else:
+                latents = self.vae.encode(x.permute(1, 0, 2, 3)[None], stream.vae)  # 1,16,n,h,w
         with self._stage("noise"):
             return self._admit(stream, latents, scale, [f.seq for f in item.frames],
                                [f.ts for f in item.frames])

@@ -25,6 +25,7 @@ class VideoParts:
     tiny_decoder: object
     description: str
     min_side: int
+    tiny_encoder: object = None
 
 
 def _text_stand_in(preset: W.WanPreset, dtype: torch.dtype, device: str):
@@ -93,16 +94,19 @@ def build_video_parts(preset_name: str, *, device: str = "cpu",
         description += ", DiT linear layers in FP8"
     min_side = 32 if small else 256
     if weights is not None:
-        tiny_decoder = weights.tiny_decoder
+        tiny_decoder, tiny_encoder = weights.tiny_decoder, weights.tiny_encoder
     else:
-        from ...models.tiny_decoder import TinyVideoDecoder
+        from ...models.tiny_decoder import TinyVideoDecoder, TinyVideoEncoder
         torch.manual_seed(seed + 1)  # the same weights whether a text encoder was built
         if small:
             tiny_decoder = TinyVideoDecoder(widths=(16, 8, 8, 8)).to(device).eval()
         else:
             tiny_decoder = TinyVideoDecoder().to(device, dtype).eval()
+        torch.manual_seed(seed + 2)
+        tiny_encoder = TinyVideoEncoder(width=8 if small else 64).to(
+            device, torch.float32 if small else dtype).eval()
     return VideoParts(transformer, vae, text_parts if text is not None else None,
-                      tiny_decoder, description, min_side)
+                      tiny_decoder, description, min_side, tiny_encoder)
 
 
 def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -117,7 +121,8 @@ def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dt
     return VideoEngine(f"video-{preset_name}" if preset_name == "tiny" else "video",
                        parts.transformer, parts.vae, parts.text, device=device,
                        min_side=parts.min_side, description=parts.description,
-                       tiny_decoder=parts.tiny_decoder, profile=chosen)
+                       tiny_decoder=parts.tiny_decoder, tiny_encoder=parts.tiny_encoder,
+                       profile=chosen)
 
 
 def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
@@ -136,8 +141,10 @@ def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
                                          text=text, dit_device="cpu" if fp8 else None)
     tiny_dir = registry.local_path("taew2_1")
     if tiny_dir is not None:
-        from ...models.tiny_decoder import load_tiny_decoder
+        from ...models.tiny_decoder import load_tiny_decoder, load_tiny_encoder
         weights.tiny_decoder = load_tiny_decoder(tiny_dir / "taew2_1.pth", dtype=dtype,
+                                                 device=device)
+        weights.tiny_encoder = load_tiny_encoder(tiny_dir / "taew2_1.pth", dtype=dtype,
                                                  device=device)
     return build_video_parts(size, device=device, dtype=dtype, weights=weights,
                              text="real" if text else None, fp8=fp8)
@@ -152,7 +159,7 @@ def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda",
     return VideoEngine("video" if size == "1.3b" else f"video-{size}", parts.transformer,
                        parts.vae, parts.text, device=device, min_side=parts.min_side,
                        description=parts.description, tiny_decoder=parts.tiny_decoder,
-                       profile=chosen)
+                       tiny_encoder=parts.tiny_encoder, profile=chosen)
 
 
 def build_parts(spec: str, device: str, *, text: bool = True) -> VideoParts:

@@ -26,6 +26,9 @@ class VideoParams:
     sink_refresh: float = 0.2      # cosine threshold, 0 = off
     rope_max: int = 50
     decoder: str = "vae"           # "vae" (Wan VAE) or "tiny" (TAEHV-layout fast decoder)
+    #: "vae" (Wan VAE) or "tiny" (TAEHV-layout fast encoder); a change restarts the stream's
+    #: history (the two encoders' streaming states do not carry over)
+    encoder: str = "vae"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -96,9 +99,9 @@ def apply(current: VideoParams, changes: Mapping[str, Any]) -> tuple[VideoParams
             updates[key] = _number(key, value, 0, 63, integer=True)
         elif key == "rope_max":
             updates[key] = _number(key, value, 2, 1000, integer=True)
-        elif key == "decoder":
+        elif key in ("decoder", "encoder"):
             if value not in ("vae", "tiny"):
-                raise ParamError("decoder must be 'vae' or 'tiny'.")
+                raise ParamError(f"{key} must be 'vae' or 'tiny'.")
             updates[key] = value
     params = replace(current, **updates)
     if params.sinks >= params.cache_frames:

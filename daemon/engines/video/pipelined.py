@@ -94,7 +94,7 @@ class PipelineVideoEngine(VideoEngine):
         super().__init__(name, parts.transformer, parts.vae, parts.text,
                          device=ranks.devices[0], min_side=parts.min_side,
                          description=parts.description, tiny_decoder=parts.tiny_decoder,
-                         **kwargs)
+                         tiny_encoder=parts.tiny_encoder, **kwargs)
         self.parts_spec = parts_spec
         self.ranks = ranks
         self.rebalance_every = rebalance_every
