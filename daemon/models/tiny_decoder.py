@@ -184,30 +184,37 @@ class TinyVideoEncoder(nn.Module):
         return _run(self.encoder, x, state.memory).transpose(0, 1)[None]
 
 
-def load_tiny_encoder(path: str | Path, *, dtype: torch.dtype = torch.float16,
-                      device: str = "cpu") -> TinyVideoEncoder:
-    """The encoder half of a TAEHV checkpoint for Wan 2.1 (``taew2_1.pth``), weights only."""
-    from .loaders import WeightsError, read_state_dict
+def _half(path: str | Path, half: str) -> dict[str, torch.Tensor]:
+    """The ``encoder.`` or ``decoder.`` keys of a TAEHV checkpoint."""
+    from .loaders import read_state_dict
+    return {k: v for k, v in read_state_dict(path).items() if k.startswith(f"{half}.")}
 
-    sd = {k: v for k, v in read_state_dict(path).items() if k.startswith("encoder.")}
-    model = TinyVideoEncoder()
+
+def _install(model: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, half: str, *,
+             dtype: torch.dtype, device: str) -> nn.Module:
+    from .loaders import WeightsError
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as exc:
-        raise WeightsError(f"{path}: not a TAEHV encoder for 16-channel latents ({exc}).") \
+        raise WeightsError(f"{path}: not a TAEHV {half} for 16-channel latents ({exc}).") \
             from None
     if missing or unexpected:
         raise WeightsError(f"{path}: {len(missing)} missing, {len(unexpected)} unexpected "
-                           f"encoder keys; is it taew2_1.pth?")
+                           f"{half} keys; is it taew2_1.pth?")
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_tiny_encoder(path: str | Path, *, dtype: torch.dtype = torch.float16,
+                      device: str = "cpu") -> TinyVideoEncoder:
+    """The encoder half of a TAEHV checkpoint for Wan 2.1 (``taew2_1.pth``), weights only."""
+    return _install(TinyVideoEncoder(), _half(path, "encoder"), path, "encoder", dtype=dtype,
+                    device=device)
 
 
 def load_tiny_decoder(path: str | Path, *, dtype: torch.dtype = torch.float16,
                       device: str = "cpu") -> TinyVideoDecoder:
     """The decoder half of a TAEHV checkpoint for Wan 2.1 (``taew2_1.pth``), weights only."""
-    from .loaders import WeightsError, read_state_dict
-
-    sd = {k: v for k, v in read_state_dict(path).items() if k.startswith("decoder.")}
+    sd = _half(path, "decoder")
     model = TinyVideoDecoder()
     own = model.state_dict()
     for key, value in list(sd.items()):
@@ -215,12 +222,4 @@ def load_tiny_decoder(path: str | Path, *, dtype: torch.dtype = torch.float16,
         if key in own and value.ndim == 4 and value.shape[0] > own[key].shape[0] and \
                 value.shape[1:] == own[key].shape[1:]:
             sd[key] = value[-own[key].shape[0]:]
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as exc:
-        raise WeightsError(f"{path}: not a TAEHV decoder for 16-channel latents ({exc}).") \
-            from None
-    if missing or unexpected:
-        raise WeightsError(f"{path}: {len(missing)} missing, {len(unexpected)} unexpected "
-                           f"decoder keys; is it taew2_1.pth?")
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _install(model, sd, path, "decoder", dtype=dtype, device=device)
