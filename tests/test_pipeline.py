@@ -219,6 +219,12 @@ def test_a_daemon_with_two_cpu_ranks_serves_hosts_through_the_pipeline():
             streams = [c.open_stream(n, 64, 64, engine="video-tiny", timeout=60)
                        for n in ("a", "b")]
             seen = drive(c, streams, 6.0)
+            if min(len(v) for v in seen.values()) <= 10:
+                # a loaded 2-core machine (the ranks, the clients and whatever else runs)
+                # may take seconds for the first chunks: the test is about frames coming
+                # through the pipeline, so it waits longer once rather than fail on speed
+                more = drive(c, streams, 10.0)
+                seen = {name: seen[name] + more[name] for name in seen}
         t1 = time.monotonic() - 0.2
         for name in ("a", "b"):
             assert len(seen[name]) > 10, seen
