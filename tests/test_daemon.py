@@ -184,7 +184,8 @@ def test_warm_up_runs_every_engine_before_serving(monkeypatch, caplog):
         # the warm-up's steady steps seed the scheduler's cost model
         from livediffusion.daemon.step import batch_key
         key = batch_key("video-tiny", 64, 48, daemon.capabilities["video-tiny"])
-        assert key == ("video-tiny", 64, 48, 2, "vae", True)  # the default steps and decoder
+        # the default steps, decoder, encoder and Stream Batch
+        assert key == ("video-tiny", 64, 48, 2, "vae", "vae", True)
         measured = daemon.scheduler.costs.measured(key)
         assert sorted(measured) == sizes and all(ms > 0 for ms in measured.values())
     finally:
