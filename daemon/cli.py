@@ -123,9 +123,62 @@ def _connect(endpoint: str, name: str):
         raise CliError(str(exc)) from None
 
 
+def _declared_schema(engine: str) -> list[dict]:
+    """An engine's parameter declaration in this install (no daemon needed)."""
+    from .engines import REGISTRY
+    if engine not in REGISTRY:
+        raise CliError(f"no engine {engine!r}; there are {', '.join(REGISTRY)}.")
+    if engine == "passthrough":
+        from .engines.passthrough import SCHEMA
+    elif engine.startswith("video"):
+        from .engines.video.params import SCHEMA
+    else:
+        from .engines.image.params import SCHEMA
+    return SCHEMA.to_list()
+
+
+def _list_params(args: argparse.Namespace) -> int:
+    from livediffusion.shared import Client
+
+    source = "declared in this install"
+    schema = None
+    try:
+        with Client(args.endpoint, name="params").connect(timeout=1.0) as client:
+            caps = client.capabilities.get("engines", {}).get(args.list_engine)
+            if caps is not None and "schema" in caps:
+                schema, source = caps["schema"], f"of the daemon at {args.endpoint}"
+    except (ConnectionError, TimeoutError):
+        pass
+    if schema is None:
+        schema = _declared_schema(args.list_engine)
+    print(f"{args.list_engine} parameters ({source}); effect: live = from the next step, "
+          f"rebuild = part of the stream's state is rebuilt, restart = its history restarts")
+    rows = []
+    for p in schema:
+        if p.get("choices"):
+            values = " | ".join(p["choices"])
+        elif "lo" in p or "hi" in p:
+            values = f"{p.get('lo', '')} .. {p.get('hi', '')}"
+        elif p.get("max_length"):
+            values = f"at most {p['max_length']}"
+        else:
+            values = ""
+        rows.append((p["name"], p["kind"], repr(p["default"]), values + (
+            f" {p['unit']}" if p.get("unit") else ""), p["effect"], p["description"]))
+    head = ("name", "kind", "default", "values", "effect", "meaning")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
+    for row in [head] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5])
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     from .demo import _params
 
+    if args.list_engine:
+        return _list_params(args)
+    if not args.stream or not args.changes:
+        raise CliError("give a stream's name and KEY=VALUE changes (or --list ENGINE).")
     try:
         changes = _params(args.changes)
     except ValueError as exc:
@@ -518,8 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Change the parameters of an open stream, whichever tool "
                                    "opened it (e.g. the 'webcam' stream of livediffusion "
                                    "webcam): livediffusion params webcam prompt='a forest'.")
-    p.add_argument("stream", help="the stream's name")
-    p.add_argument("changes", nargs="+", metavar="KEY=VALUE")
+    p.add_argument("stream", nargs="?", help="the stream's name")
+    p.add_argument("changes", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--list", metavar="ENGINE", dest="list_engine",
+                   help="print ENGINE's parameters (kind, default, range, effect, meaning): a "
+                        "running daemon's, else the declaration in this install")
     p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_params)

@@ -7,14 +7,27 @@ that proves in a host application that frames really went through the daemon.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
 
 from ..frames import as_tensor, convert, from_canonical, to_canonical
-from .base import Engine, OutputFrame, ParamError, StreamConfig, StreamInput, StreamOutput
+from .base import Engine, OutputFrame, StreamConfig, StreamInput, StreamOutput
+from .schema import Schema, param
 
 MODES = ("identity", "invert")
+
+
+@dataclass(frozen=True)
+class PassthroughParams:
+    mode: str = param("identity", "identity: frames back as sent (converted to the output "
+                      "format); invert: every colour channel c becomes 1 - c on the 0..1 "
+                      "scale (255 - c for uint8), then the output format (alpha opaque)",
+                      choices=MODES)
+
+
+SCHEMA = Schema(PassthroughParams, "passthrough")
 
 
 class PassthroughEngine(Engine):
@@ -26,18 +39,12 @@ class PassthroughEngine(Engine):
         self._streams: dict[int, tuple[StreamConfig, dict[str, Any]]] = {}
 
     def capabilities(self) -> dict[str, Any]:
-        return {"frames_per_step": 1, "params": {"mode": list(MODES)}, "device": str(self.device)}
+        return {"frames_per_step": 1, "params": {"mode": list(MODES)},
+                "schema": SCHEMA.to_list(), "device": str(self.device)}
 
     @staticmethod
     def _check(params: Mapping[str, Any]) -> dict[str, Any]:
-        unknown = set(params) - {"mode"}
-        if unknown:
-            raise ParamError(f"passthrough has no parameter {sorted(unknown)[0]!r}; "
-                             f"it knows 'mode'.")
-        mode = params.get("mode", "identity")
-        if mode not in MODES:
-            raise ParamError(f"passthrough mode must be one of {', '.join(MODES)}.")
-        return {"mode": mode}
+        return asdict(SCHEMA.apply(PassthroughParams(), params)[0])
 
     def open_stream(self, config: StreamConfig) -> dict[str, Any]:
         params = self._check(config.params)

@@ -96,6 +96,7 @@ class ImageEngine(Engine):
         return {"frames_per_step": 1,
                 "sizes": {"min": self.min_side, "max": self.max_side, "multiple": 8},
                 "params": P.ImageParams().to_dict(), "device": str(self.device),
+                "schema": P.SCHEMA.to_list(),
                 "description": self.description}
 
     def max_batch(self) -> int:

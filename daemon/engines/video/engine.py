@@ -254,6 +254,7 @@ class VideoEngine(Engine):
                 "batch_sizes": list(range(1, self.max_batch() + 1)),
                 "sizes": {"min": self.min_side, "max": self.max_side, "multiple": 16},
                 "params": self.defaults.to_dict(), "device": str(self.device),
+                "schema": P.SCHEMA.to_list(self.defaults),
                 "precision": "fp8" if is_quantized(self.wan.model) else str(self.wan.dtype)
                 .removeprefix("torch."),
                 "profile": None if self.profile is None else self.profile.to_dict(),
@@ -300,7 +301,6 @@ class VideoEngine(Engine):
         old = stream.params
         new, reset = P.apply(old, changes)
         self._check_decoder(new)
-        reset = reset or new.encoder != old.encoder
         if new.decoder != old.decoder:
             self._switch_decoder(stream, new.decoder)
         self._want_prompt(stream, new)

@@ -1,34 +1,49 @@
-"""The video engine's live parameters: defaults, validation, and what a change invalidates."""
+"""The video engine's parameters, declared once (``engines/schema.py``): defaults, ranges,
+descriptions and what a change does; validation and the welcome's schema come from here."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from ..base import ParamError
+from ..schema import Schema, param
 
 
 @dataclass(frozen=True)
 class VideoParams:
-    prompt: str = "a painting in vivid colours"
-    #: weighted prompt list [[text, weight], ...]; when set it replaces ``prompt``
-    prompts: tuple[tuple[str, float], ...] = ()
-    seed: int = 42
-    noise_scale: float = 0.8       # 0..1: how much of the input is replaced ("strength")
-    steps: int = 2                 # 1..4 denoising steps
-    stream_batch: bool = True      # one forward per chunk over all steps (else sequential)
-    motion_control: bool = True
-    motion_scale: float = 0.2
-    motion_reduce: float = 0.1
-    motion_gain: float = 0.9
-    cache_frames: int = 6
-    sinks: int = 3
-    sink_refresh: float = 0.2      # cosine threshold, 0 = off
-    rope_max: int = 50
-    decoder: str = "vae"           # "vae" (Wan VAE) or "tiny" (TAEHV-layout fast decoder)
-    #: "vae" (Wan VAE) or "tiny" (TAEHV-layout fast encoder); a change restarts the stream's
-    #: history (the two encoders' streaming states do not carry over)
-    encoder: str = "vae"
+    prompt: str = param("a painting in vivid colours", "what the picture should become",
+                        max_length=2000)
+    prompts: tuple[tuple[str, float], ...] = param(
+        (), "weighted prompts [[text, weight], ...], blended; when set they replace prompt",
+        kind="prompts", max_length=8)
+    seed: int = param(42, "noise seed (results are reproducible per seed)", lo=0,
+                      hi=2**63 - 1)
+    noise_scale: float = param(0.8, "how much of the input is replaced (0.11 keeps it almost, "
+                               "1 replaces it)", lo=0.11, hi=1.0, aliases=("strength",))
+    steps: int = param(2, "denoising steps per chunk (more: cleaner, slower)", lo=1, hi=4)
+    stream_batch: bool = param(True, "one DiT forward per chunk over every step (Stream "
+                               "Batch); off: one forward per step")
+    motion_control: bool = param(True, "lower the noise scale when the input moves fast")
+    motion_scale: float = param(0.2, "motion control: the motion that counts as fast",
+                                lo=1e-3, hi=2.0)
+    motion_reduce: float = param(0.1, "motion control: how much the noise scale drops",
+                                 lo=0.0, hi=1.0)
+    motion_gain: float = param(0.9, "motion control: smoothing of the measured motion",
+                               lo=0.0, hi=1.0)
+    cache_frames: int = param(6, "latent frames of history the DiT attends to", lo=2, hi=64,
+                              unit="latent frames", effect="rebuild")
+    sinks: int = param(3, "of those, the first frames kept as attention sinks", lo=0, hi=63,
+                       unit="latent frames")
+    sink_refresh: float = param(0.2, "replace a sink when its similarity to the new chunk "
+                                "falls below this (0: never)", lo=0.0, hi=1.0)
+    rope_max: int = param(50, "RoPE positions before they wrap", lo=2, hi=1000,
+                          unit="latent frames")
+    decoder: str = param("vae", "vae: the Wan VAE; tiny: the fast TAEHV decoder",
+                         choices=("vae", "tiny"))
+    encoder: str = param("vae", "vae: the Wan VAE; tiny: the fast TAEHV encoder (a change "
+                         "restarts the stream's history)", choices=("vae", "tiny"),
+                         effect="restart")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -39,89 +54,20 @@ class VideoParams:
         return self.prompts or ((self.prompt, 1.0),)
 
 
-_ALIASES = {"strength": "noise_scale"}
-_FIELDS = set(VideoParams.__dataclass_fields__)
+def _check(p: VideoParams) -> None:
+    if p.sinks >= p.cache_frames:
+        raise ParamError(f"sinks ({p.sinks}) must be fewer than cache_frames "
+                         f"({p.cache_frames}).")
+    if p.rope_max < p.cache_frames:
+        raise ParamError("rope_max must be at least cache_frames.")
+
+
+SCHEMA = Schema(VideoParams, "video", checks=(_check,))
 #: changes that only need the cross-attention K/V recomputed
 PROMPT_FIELDS = {"prompt", "prompts"}
-#: changes that re-shape the KV cache (it is rebuilt; the stream continues from the next chunk)
-CACHE_SHAPE_FIELDS = {"cache_frames"}
-
-
-def _number(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> Any:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(value).is_integer()
-    if not ok or not lo <= value <= hi:
-        kind = "an integer" if integer else "a number"
-        raise ParamError(f"{name} must be {kind} from {lo:g} to {hi:g}, not {value!r}.")
-    return int(value) if integer else float(value)
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ParamError(f"{name} must be true or false, not {value!r}.")
-    return value
 
 
 def apply(current: VideoParams, changes: Mapping[str, Any]) -> tuple[VideoParams, bool]:
-    """Validate ``changes`` on top of ``current``; returns (params, reset requested)."""
-    updates: dict[str, Any] = {}
-    reset = False
-    for key, value in changes.items():
-        key = _ALIASES.get(key, key)
-        if key == "reset":
-            reset = _bool("reset", value)
-            continue
-        if key not in _FIELDS:
-            raise ParamError(f"the video engine has no parameter {key!r}; it knows "
-                             f"{', '.join(sorted(_FIELDS | {'reset', 'strength'}))}.")
-        if key == "prompt":
-            if not isinstance(value, str) or len(value) > 2000:
-                raise ParamError("prompt must be a string of at most 2000 characters.")
-            updates[key] = value
-        elif key == "prompts":
-            updates[key] = _prompt_list(value)
-        elif key == "seed":
-            updates[key] = _number("seed", value, 0, 2**63 - 1, integer=True)
-        elif key == "noise_scale":
-            updates[key] = _number("noise_scale", value, 0.11, 1.0)
-        elif key == "steps":
-            updates[key] = _number("steps", value, 1, 4, integer=True)
-        elif key in ("stream_batch", "motion_control"):
-            updates[key] = _bool(key, value)
-        elif key == "motion_scale":
-            updates[key] = _number(key, value, 1e-3, 2.0)
-        elif key in ("motion_reduce", "motion_gain", "sink_refresh"):
-            updates[key] = _number(key, value, 0.0, 1.0)
-        elif key == "cache_frames":
-            updates[key] = _number(key, value, 2, 64, integer=True)
-        elif key == "sinks":
-            updates[key] = _number(key, value, 0, 63, integer=True)
-        elif key == "rope_max":
-            updates[key] = _number(key, value, 2, 1000, integer=True)
-        elif key in ("decoder", "encoder"):
-            if value not in ("vae", "tiny"):
-                raise ParamError(f"{key} must be 'vae' or 'tiny'.")
-            updates[key] = value
-    params = replace(current, **updates)
-    if params.sinks >= params.cache_frames:
-        raise ParamError(f"sinks ({params.sinks}) must be fewer than cache_frames "
-                         f"({params.cache_frames}).")
-    if params.rope_max < params.cache_frames:
-        raise ParamError("rope_max must be at least cache_frames.")
-    return params, reset
-
-
-def _prompt_list(value: Any) -> tuple[tuple[str, float], ...]:
-    if not isinstance(value, (list, tuple)) or len(value) > 8:
-        raise ParamError("prompts must be a list of up to 8 [text, weight] pairs.")
-    out = []
-    for item in value:
-        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)
-                and item[1] >= 0):
-            raise ParamError("each entry of prompts must be [text, weight] with weight >= 0.")
-        out.append((item[0], float(item[1])))
-    if out and sum(w for _, w in out) <= 0:
-        raise ParamError("the weights of prompts must not all be zero.")
-    return tuple(out)
+    """Validate ``changes`` on top of ``current``; returns (params, reset asked for or
+    implied by a change that restarts the stream)."""
+    return SCHEMA.apply(current, changes)
