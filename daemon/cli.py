@@ -76,8 +76,39 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                         gpus=gpus)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if args.osc is not None:
+        _add_osc(daemon, args)
     daemon.serve_forever()
     return 0
+
+
+def _add_osc(daemon, args: argparse.Namespace) -> None:
+    """The OSC bridge beside the daemon (daemon/osc.py), a client of it."""
+    from .server import is_loopback
+    if not is_loopback(args.osc_host) and not args.keys:
+        raise CliError(f"OSC on {args.osc_host} would let anyone on the network drive the "
+                       f"streams, and OSC has no authentication; it needs --keys (the daemon's "
+                       f"own port then requires CURVE keys) as a deliberate choice.")
+    feedback = None
+    if args.osc_feedback:
+        host, _, port = args.osc_feedback.rpartition(":")
+        if not host or not port.isdigit():
+            raise CliError(f"--osc-feedback takes HOST:PORT, not {args.osc_feedback!r}.")
+        feedback = (host, int(port))
+    try:
+        import pythonosc  # noqa: F401
+    except ImportError:
+        raise CliError("--osc needs python-osc: pip install 'livediffusion[daemon]'.") from None
+
+    def start(d):
+        from .auth import client_keys
+        from .osc import OscBridge
+        keys = client_keys(args.keys) if args.keys else None
+        endpoint = d.endpoint.replace("//0.0.0.0:", "//127.0.0.1:")
+        return OscBridge(endpoint, args.osc, host=args.osc_host, feedback=feedback,
+                         keys=keys).start()
+    start.__name__ = "the OSC bridge"
+    daemon.add_companion(start, lambda bridge: bridge.stop())
 
 
 def _param_sets(text: str | None) -> tuple[dict, ...]:
@@ -540,6 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "one process per GPU, started by the daemon or by torchrun): 'all', "
                         "a count, or device indices such as 0,1 (one index: '2,'); on a "
                         "machine without GPUs a count starts that many CPU ranks")
+    p.add_argument("--osc", type=int, default=None, metavar="PORT",
+                   help="OSC control on this UDP port: /livediffusion/<stream>/<param> "
+                        "(docs/osc.md)")
+    p.add_argument("--osc-host", default="127.0.0.1",
+                   help="address the OSC port binds (default loopback; anything wider needs "
+                        "--keys)")
+    p.add_argument("--osc-feedback", default=None, metavar="HOST:PORT",
+                   help="send changes and telemetry there (TouchOSC, TouchDesigner's OSC In)")
     p.add_argument("--profile", default=None, metavar="auto|NAME",
                    help="video engines' memory profile (default auto: chosen from the GPU's "
                         "free memory; 'livediffusion doctor' lists the choice, "

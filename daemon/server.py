@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zmq
@@ -79,6 +79,8 @@ class ServerStream:
     out_seq: int = 0
     #: the scheduler's counters, kept when the stream starts closing (it forgets the stream)
     final: dict[str, Any] = field(default_factory=dict)
+    #: the effective parameters the engine last answered (opened, params_ok)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 def is_loopback(host: str) -> bool:
@@ -139,6 +141,11 @@ class Daemon:
         self._startup_error: BaseException | None = None
         self.endpoint = ""
         self.started_at = time.monotonic()
+        #: (start, stop) pairs run beside the daemon as clients of it (the OSC bridge):
+        #: start(daemon) on a thread of its own once the daemon listens, stop(its result)
+        #: before the daemon shuts down
+        self._companions: list[tuple[Callable[[Daemon], Any], Callable[[Any], None]]] = []
+        self._companion_objects: list[tuple[Callable[[Any], None], Any]] = []
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -151,6 +158,33 @@ class Daemon:
         if self._startup_error is not None:
             raise self._startup_error
         return self
+
+    def add_companion(self, start: Callable[[Daemon], Any], stop: Callable[[Any], None]
+                      ) -> None:
+        """Run ``start(daemon)`` beside the daemon once it listens (on a thread: it may
+        connect as a client and wait for the welcome) and ``stop`` on what it returned when
+        the daemon stops.  A companion that fails to start logs one line; the daemon serves
+        on."""
+        self._companions.append((start, stop))
+
+    def _start_companions(self) -> None:
+        def run(start, stop) -> None:
+            try:
+                self._companion_objects.append((stop, start(self)))
+            except Exception as exc:  # noqa: BLE001 - reported; the daemon serves on
+                log.error("%s could not start: %s", getattr(start, "__name__", "a companion"),
+                          exc)
+        for start, stop in self._companions:
+            threading.Thread(target=run, args=(start, stop), daemon=True,
+                             name="companion").start()
+
+    def _stop_companions(self) -> None:
+        while self._companion_objects:
+            stop, obj = self._companion_objects.pop()
+            try:
+                stop(obj)
+            except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                log.warning("a companion did not stop cleanly: %s", exc)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -271,6 +305,7 @@ class Daemon:
                  ", ".join(self.capabilities), self.device, self.serve.policy,
                  "on" if self.serve.pacing else "off")
         self._ready.set()
+        self._start_companions()
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
@@ -303,6 +338,7 @@ class Daemon:
                     self._reap(now)
                     next_reap = now + 0.25
         finally:
+            self._stop_companions()
             self._shutdown(router, ctx, authenticator)
 
     def _poll_timeout_ms(self) -> int:
@@ -660,6 +696,14 @@ class Daemon:
                                                   if i in self.streams},
                                       "uptime_s": round(time.monotonic() - self.started_at, 1)})
 
+    def _on_streams(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        """Every open stream, whoever opened it (controllers address them by name)."""
+        self._send(session.identity, {
+            "type": "streams", "re": rid,
+            "streams": [{"name": s.name, "engine": s.engine, "params": s.params,
+                         "stats": self.stream_stats(s.id)}
+                        for s in self.streams.values() if s.state == "open"]})
+
     def _on_heartbeat(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         self._send(session.identity, {"type": "heartbeat", "re": rid})
 
@@ -821,6 +865,7 @@ class Daemon:
             if stream.state == "closing":
                 return
             stream.state = "open"
+            stream.params = dict(result.body.get("params", {}))
             per_step = int(result.body.get("frames_per_step", 1))
             self.scheduler.set_frames_per_step(stream.id, per_step)
             serve = self.scheduler.info(stream.id).get("serve_fps", stream.fps)
@@ -843,6 +888,7 @@ class Daemon:
                      stream.engine, stream.transport)
             self._send(identity, reply)
         elif result.kind == "params_ok":
+            stream.params = dict(result.body.get("params", stream.params))
             if "frames_per_step" in result.body:
                 self.scheduler.set_frames_per_step(stream.id, result.body["frames_per_step"])
             # a change of steps or decoder changes what the stream's steps cost

@@ -598,7 +598,7 @@ class Client:
                 stream._on_opened(msg)
         elif mtype == "error":
             self._on_error(msg)
-        elif mtype in ("params_ok", "closed", "stats"):
+        elif mtype in ("params_ok", "closed", "stats", "streams"):
             if rid is not None:
                 self._replies[rid] = msg
         # heartbeat replies need nothing beyond _last_heard
@@ -710,6 +710,14 @@ class Client:
                 entry["daemon"] = reply["streams"][str(stream.id)]
             out[stream.name] = entry
         return out
+
+    def streams(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """Every open stream of the daemon, whichever client opened it: ``name``,
+        ``engine``, ``params`` (effective) and ``stats`` (the daemon's counters), for
+        controllers."""
+        if self.state == "disconnected":
+            self.connect(timeout)
+        return list(self._request({"type": "streams"}, timeout).get("streams", []))
 
     def choose_engine(self, wanted: str = "auto") -> str:
         """``wanted`` itself, or for "auto" the best engine the daemon offers

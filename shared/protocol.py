@@ -120,13 +120,16 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "stride": (_INT, False),
     },
     "stats": {"stream": (_INT, False)},
+    # every open stream of every session: names, engines, parameters, statistics (for
+    # controllers: OSC, a control page)
+    "streams": {},
     "heartbeat": {},
     "close": {"stream": (_INT, True)},
     "bye": {},
 }
 
-SERVER_MESSAGES = ("welcome", "opened", "params_ok", "frame", "stats", "heartbeat", "error",
-                   "closed")
+SERVER_MESSAGES = ("welcome", "opened", "params_ok", "frame", "stats", "streams", "heartbeat",
+                   "error", "closed")
 
 
 def pack(msg: Mapping[str, Any]) -> bytes:

@@ -95,7 +95,9 @@ class Param:
         return isinstance(item, str) and len(item) <= 2000
 
     def _seed_ok(self, item: Any) -> bool:
-        return isinstance(item, int) and not isinstance(item, bool) and \
+        """An integer seed (an integral float too, as for int parameters) in range."""
+        return isinstance(item, (int, float)) and not isinstance(item, bool) and \
+            math.isfinite(item) and float(item).is_integer() and \
             0 <= item <= (self.hi if self.hi is not None else 2**63 - 1)
 
     def _indices(self, value: Any) -> tuple[int, ...]:
@@ -226,10 +228,10 @@ def _pairs(name: str, value: Any, most: int, first: str,
     for item in value:
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and first_ok(item[0])
                 and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)
-                and not math.isnan(item[1]) and item[1] >= 0):
-            raise ParamError(f"each entry of {name} must be [{first}, weight] with "
+                and math.isfinite(item[1]) and item[1] >= 0):
+            raise ParamError(f"each entry of {name} must be [{first}, weight] with a finite "
                              f"weight >= 0.")
-        out.append((item[0], float(item[1])))
+        out.append((item[0] if isinstance(item[0], str) else int(item[0]), float(item[1])))
     if out and sum(w for _, w in out) <= 0:
         raise ParamError(f"the weights of {name} must not all be zero.")
     return tuple(out)
