@@ -226,6 +226,60 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preset(args: argparse.Namespace) -> int:
+    """livediffusion preset list | save NAME [--from STREAM] [KEY=VALUE ...] |
+    recall NAME STREAM | delete NAME."""
+    from livediffusion.shared.client import DaemonError
+
+    from .demo import _params
+    rest = list(args.rest)
+    client = _connect(args.endpoint, "preset")
+    try:
+        if args.action == "list":
+            presets = client.presets("list", timeout=args.timeout)
+        elif args.action == "save":
+            if not rest:
+                raise CliError("preset save NAME [--from STREAM] [--keys A,B] [KEY=VALUE ...]")
+            name, changes = rest[0], _params(rest[1:]) if rest[1:] else None
+            if args.keys and args.source:
+                # only these of the stream's parameters
+                current = next((s["params"] for s in client.streams(timeout=args.timeout)
+                                if s["name"] == args.source), None)
+                if current is None:
+                    raise CliError(f"no open stream is named {args.source!r}.")
+                keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+                missing = [k for k in keys if k not in current]
+                if missing:
+                    raise CliError(f"stream {args.source!r} has no {', '.join(missing)}.")
+                changes = {**{k: current[k] for k in keys}, **(changes or {})}
+                presets = client.presets("save", name, params=changes, timeout=args.timeout)
+            else:
+                presets = client.presets("save", name, params=changes, source=args.source,
+                                         timeout=args.timeout)
+        elif args.action == "recall":
+            if len(rest) != 2:
+                raise CliError("preset recall NAME STREAM")
+            effective = client.control(rest[1], preset=rest[0], timeout=args.timeout)
+            print(f"{rest[1]}: preset {rest[0]!r} recalled")
+            for key in sorted(effective):
+                print(f"  {key} = {effective[key]!r}")
+            return 0
+        else:
+            if len(rest) != 1:
+                raise CliError("preset delete NAME")
+            presets = client.presets("delete", rest[0], timeout=args.timeout)
+    except (DaemonError, TimeoutError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        client.close()
+    if not presets:
+        print("no presets")
+    for name, entry in presets.items():
+        params = ", ".join(f"{k}={v!r}" for k, v in sorted(entry["params"].items()))
+        print(f"{name}: {params[:200]}{'...' if len(params) > 200 else ''}")
+    return 0
+
+
 def cmd_webcam(args: argparse.Namespace) -> int:
     import threading
 
@@ -618,6 +672,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("preset", help="named parameter presets, kept by the daemon",
+                       description="list | save NAME [--from STREAM [--keys A,B]] [KEY=VALUE "
+                                   "...] | recall NAME STREAM | delete NAME. Presets live in "
+                                   "the daemon's presets.json (platformdirs' user config "
+                                   "directory) and are recalled by any host, OSC included.")
+    p.add_argument("action", choices=["list", "save", "recall", "delete"])
+    p.add_argument("rest", nargs="*", metavar="ARG")
+    p.add_argument("--from", dest="source", default=None, metavar="STREAM",
+                   help="save: the current parameters of this stream")
+    p.add_argument("--keys", default=None, metavar="A,B",
+                   help="save --from: only these parameters")
+    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_preset)
 
     p = sub.add_parser("webcam", help="restyle a camera or video file into a virtual camera",
                        description="Read a camera (webcam:N) or a video file, stream it "

@@ -25,6 +25,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
                               "auto (from the GPU's free memory) or a profile's name"),
     "LIVEDIFFUSION_FP8": ("auto", "the video DiT's linear layers in FP8: auto (as the "
                           "profile says), 1 (on), 0 (off)"),
+    "LIVEDIFFUSION_PRESETS": ("", "the presets file (default: presets.json in the user's "
+                              "config directory, platformdirs)"),
     "LIVEDIFFUSION_UTILISATION": ("0.9", "share of the device the fair rates may plan for"),
 }
 

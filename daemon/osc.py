@@ -12,6 +12,8 @@ same validation as any client's:
   OSC true/false for bool, a string or an index for a choice, a string for text,
   alternating text and weight for prompts, seed and weight for seeds, integers for indices;
   ``/livediffusion/<stream>/reset`` restarts the stream's history.
+- ``/livediffusion/<stream>/preset NAME`` recalls a saved preset onto the stream
+  (``daemon/presets.py``; ``*`` for every stream).
 - ``/livediffusion/query [stream]`` answers with ``/livediffusion/streams name...``, per engine
   ``/livediffusion/schema <engine> <json>`` and every parameter's current value at its
   address, to the feedback target if one is set, else to the sender.
@@ -241,7 +243,14 @@ class OscBridge:
         from livediffusion.shared.client import DaemonError
         schema = self._schemas.get(self._streams[stream]["engine"], {})
         params, reply = {}, None
+        preset = None
         for name, (args, reply) in changes.items():
+            if name == "preset":
+                if not args or not isinstance(args[0], str):
+                    self._refuse(reply, "type", f"{stream}: preset takes a preset's name.")
+                else:
+                    preset = args[0]
+                continue
             if name != "reset" and name not in schema:
                 if not quiet_unknown:
                     self._refuse(reply, "param", f"stream {_short(stream)} "
@@ -252,6 +261,15 @@ class OscBridge:
                 params[name] = osc_value(schema.get(name), args)
             except OscError as exc:
                 self._refuse(reply, "type", f"{stream}: {exc}")
+        if preset is not None:
+            try:
+                effective = self.client.control(stream, preset=preset, timeout=2.0)
+            except (DaemonError, TimeoutError) as exc:
+                self._refuse(changes["preset"][1], "value", f"{stream}: {exc}")
+            else:
+                if self.feedback is not None:
+                    for name, value in effective.items():
+                        self._send(self.feedback, f"{PREFIX}/{stream}/{name}", osc_args(value))
         if not params:
             return
         try:

@@ -33,6 +33,7 @@ from .config import ServeConfig
 from .engines import INLINE, REGISTRY
 from .playout import Playout
 from .scheduler import Refused, Scheduler
+from .presets import PresetError, PresetStore, for_engine
 from .step import (CloseStream, CommandResult, FrameRef, OpenStream, StepResult, UpdateParams,
                    WorkerReady, batch_key)
 from .worker import EngineWorker, InlineWorker, ThreadedWorker
@@ -101,7 +102,8 @@ class Daemon:
                  max_streams: int = MAX_STREAMS, keys_dir: str | Path | None = None,
                  warm_up: tuple[tuple[int, int], ...] = (),
                  warm_up_params: tuple[dict[str, Any], ...] = (),
-                 serve: ServeConfig | None = None, gpus: tuple[str, ...] = ()) -> None:
+                 serve: ServeConfig | None = None, gpus: tuple[str, ...] = (),
+                 presets_path: str | Path | None = None) -> None:
         if not is_loopback(host) and keys_dir is None:
             raise ValueError(f"binding to {host} exposes the daemon beyond this machine; "
                              f"pass a keys directory (livediffusion keys init DIR) to require "
@@ -141,6 +143,9 @@ class Daemon:
         self._startup_error: BaseException | None = None
         self.endpoint = ""
         self.started_at = time.monotonic()
+        #: named presets (daemon/presets.py), read on first use
+        self.presets_path = presets_path
+        self._presets: PresetStore | None = None
         #: (start, stop) pairs run beside the daemon as clients of it (the OSC bridge):
         #: start(daemon) on a thread of its own once the daemon listens, stop(its result)
         #: before the daemon shuts down
@@ -623,7 +628,60 @@ class Daemon:
     def _on_params(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         stream = self._owned_stream(session, msg)
         stream.worker.submit(UpdateParams((session.identity, rid), stream.id,
-                                          dict(msg["params"])))
+                                          self._changes(stream, msg)))
+
+    def _changes(self, stream: ServerStream, msg: dict[str, Any]) -> dict[str, Any]:
+        """A params/control message's changes: its ``params`` over the named preset's
+        parameters that the stream's engine declares."""
+        params = dict(msg.get("params") or {})
+        if "preset" not in msg:
+            if "params" not in msg:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "give params, a preset, or both.")
+            return params
+        try:
+            saved = self.presets.get(msg["preset"])
+        except PresetError as exc:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, str(exc), stream=stream.id) from None
+        kept, _ = for_engine(saved, self.capabilities.get(stream.engine, {}).get("schema"))
+        if not kept and not params:
+            raise ProtocolError(ErrorCode.BAD_PARAMS,
+                                f"preset {msg['preset']!r:.70} sets none of the parameters "
+                                f"{stream.engine} has.", stream=stream.id)
+        return {**kept, **params}
+
+    @property
+    def presets(self) -> PresetStore:
+        if self._presets is None:
+            self._presets = PresetStore(self.presets_path)
+        return self._presets
+
+    def _on_presets(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        op = msg["op"]
+        try:
+            if op == "save":
+                params = msg.get("params")
+                engine = ""
+                if "from" in msg:
+                    sid = self._names.get(msg["from"])
+                    source = self.streams.get(sid) if sid is not None else None
+                    if source is None or source.state != "open":
+                        raise ProtocolError(ErrorCode.UNKNOWN_STREAM,
+                                            f"no open stream is named {msg['from']!r:.70}.")
+                    params = {**source.params, **(params or {})}
+                    engine = source.engine
+                self.presets.save(msg.get("name"), params, engine=engine)
+            elif op == "delete":
+                self.presets.delete(msg.get("name"))
+            elif op != "list":
+                raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                    f"presets op must be list, save or delete, not {op!r:.40}.")
+        except PresetError as exc:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, str(exc)) from None
+        except OSError as exc:
+            raise ProtocolError(ErrorCode.INTERNAL, f"presets could not be saved: {exc}") \
+                from None
+        self._send(session.identity, {"type": "presets", "re": rid,
+                                      "presets": self.presets.list()})
 
     def _on_control(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         """Parameters for a stream named by any session (a controller beside the tool that
@@ -634,7 +692,7 @@ class Daemon:
             raise ProtocolError(ErrorCode.UNKNOWN_STREAM,
                                 f"no open stream is named {msg['name']!r}.")
         stream.worker.submit(UpdateParams((session.identity, rid), stream.id,
-                                          dict(msg["params"])))
+                                          self._changes(stream, msg)))
 
     def _on_frame(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         stream = self._owned_stream(session, msg)

@@ -223,18 +223,24 @@ class Stream:
         return self
 
     def update(self, params: dict[str, Any] | None = None, *, wait: float = 0.0,
-               **kwargs: Any) -> dict[str, Any] | None:
-        """Change parameters live.  With ``wait`` > 0, block for the daemon's answer and
+               preset: str | None = None, **kwargs: Any) -> dict[str, Any] | None:
+        """Change parameters live; ``preset``: recall a preset saved in the daemon too (the
+        explicit parameters win).  With ``wait`` > 0, block for the daemon's answer and
         return the effective parameters (raises DaemonError if refused)."""
         change = {**(params or {}), **kwargs}
         self.params.update(change)
         if self.state != "open" or self.id is None:
             return None  # applied when the stream (re)opens
-        msg = {"type": "params", "stream": self.id, "params": change}
+        msg: dict[str, Any] = {"type": "params", "stream": self.id, "params": change}
+        if preset is not None:
+            msg["preset"] = preset
         if wait <= 0:
             self.client._send(msg)
             return None
-        return self.client._request(msg, wait).get("params")
+        effective = self.client._request(msg, wait).get("params")
+        if preset is not None and effective:   # what the preset set, kept for a reopen
+            self.params.update(effective)
+        return effective
 
     def stats(self) -> dict[str, Any]:
         """Client-side counters, output FPS and round-trip latency."""
@@ -598,7 +604,7 @@ class Client:
                 stream._on_opened(msg)
         elif mtype == "error":
             self._on_error(msg)
-        elif mtype in ("params_ok", "closed", "stats", "streams"):
+        elif mtype in ("params_ok", "closed", "stats", "streams", "presets"):
             if rid is not None:
                 self._replies[rid] = msg
         # heartbeat replies need nothing beyond _last_heard
@@ -728,15 +734,35 @@ class Client:
         return next((e for e in PREFERRED_ENGINES if e in engines), next(iter(engines), ""))
 
     def control(self, name: str, params: dict[str, Any] | None = None, *,
-                timeout: float = 2.0, **kwargs: Any) -> dict[str, Any]:
+                timeout: float = 2.0, preset: str | None = None,
+                **kwargs: Any) -> dict[str, Any]:
         """Change the parameters of the stream called ``name``, whichever client opened it
-        (a prompt box beside a webcam bridge, say).  Blocks for the daemon's answer and
-        returns the effective parameters; raises DaemonError if refused."""
+        (a prompt box beside a webcam bridge, say); ``preset``: recall a saved preset too
+        (the explicit parameters win).  Blocks for the daemon's answer and returns the
+        effective parameters; raises DaemonError if refused."""
         if self.state == "disconnected":
             self.connect(timeout)
-        reply = self._request({"type": "control", "name": name,
-                               "params": {**(params or {}), **kwargs}}, timeout)
+        msg: dict[str, Any] = {"type": "control", "name": name,
+                               "params": {**(params or {}), **kwargs}}
+        if preset is not None:
+            msg["preset"] = preset
+        reply = self._request(msg, timeout)
         return reply.get("params", {})
+
+    def presets(self, op: str = "list", name: str | None = None,
+                params: dict[str, Any] | None = None, source: str | None = None,
+                timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+        """The daemon's named presets (after ``op``): "list"; "save" ``name`` with
+        ``params``, or the current parameters of the stream named ``source`` (``params``
+        then adds or overrides some); "delete" ``name``.  Returns name -> {"params",
+        "engine", "saved"}."""
+        if self.state == "disconnected":
+            self.connect(timeout)
+        msg: dict[str, Any] = {"type": "presets", "op": op}
+        for key, value in (("name", name), ("params", params), ("from", source)):
+            if value is not None:
+                msg[key] = value
+        return dict(self._request(msg, timeout).get("presets", {}))
 
     def close(self) -> None:
         """Close every stream, say goodbye, release the socket."""

@@ -109,9 +109,14 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "min_fps": (_NUM, False),
         "paced": (_BOOL, False),
     },
-    "params": {"stream": (_INT, True), "params": (_MAP, True)},
+    # params and/or a saved preset's (the explicit params win over the preset's)
+    "params": {"stream": (_INT, True), "params": (_MAP, False), "preset": (_STR, False)},
     # change the parameters of any open stream by its name (another tool's stream, say)
-    "control": {"name": (_STR, True), "params": (_MAP, True)},
+    "control": {"name": (_STR, True), "params": (_MAP, False), "preset": (_STR, False)},
+    # the daemon's named presets: op "list", "save" (name, and params or from: a stream's
+    # name whose current parameters are saved) or "delete" (name)
+    "presets": {"op": (_STR, True), "name": (_STR, False), "params": (_MAP, False),
+                "from": (_STR, False)},
     "frame": {
         "stream": (_INT, True),
         "seq": (_INT, True),
@@ -128,8 +133,8 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "bye": {},
 }
 
-SERVER_MESSAGES = ("welcome", "opened", "params_ok", "frame", "stats", "streams", "heartbeat",
-                   "error", "closed")
+SERVER_MESSAGES = ("welcome", "opened", "params_ok", "frame", "stats", "streams", "presets",
+                   "heartbeat", "error", "closed")
 
 
 def pack(msg: Mapping[str, Any]) -> bytes:

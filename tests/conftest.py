@@ -12,6 +12,13 @@ from livediffusion.shared import Client
 from helpers import Raw
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _presets_file(tmp_path_factory):
+    """Tests never touch the user's own presets (daemons started as processes inherit)."""
+    os.environ.setdefault("LIVEDIFFUSION_PRESETS",
+                          str(tmp_path_factory.mktemp("presets") / "presets.json"))
+
+
 @pytest.fixture
 def daemon():
     d = Daemon(port=0).start()

@@ -211,3 +211,14 @@ def test_osc_beyond_loopback_needs_keys():
                           str(free_tcp_port()), "--engines", "passthrough", "--osc", "0",
                           "--osc-host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "needs --keys" in out.stderr
+
+
+def test_a_preset_is_recalled_over_osc(daemon):
+    endpoint, port, feedback, _ = daemon
+    with Client(endpoint, name="host3") as host:
+        stream = host.open_stream("deck", 64, 64, engine="passthrough")  # noqa: F841
+        host.presets("save", "negative", params={"mode": "invert"})
+        SimpleUDPClient("127.0.0.1", port).send_message("/livediffusion/deck/preset",
+                                                        "negative")
+        eventually(lambda: _assert(params_of(endpoint, "deck")["mode"] == "invert"), host)
+        assert ("invert",) in feedback.wait_for("/livediffusion/deck/mode")

@@ -89,6 +89,8 @@ VALID_CLIENT_MESSAGES = {
     "control": msg("control", name="webcam", params={"prompt": "a cat"}),
     "frame": msg("frame", stream=1, seq=2, slot=0, ts=123456, stride=192),
     "stats": msg("stats", stream=1),
+    "streams": msg("streams"),
+    "presets": msg("presets", op="list"),
     "heartbeat": msg("heartbeat"),
     "close": msg("close", stream=1),
     "bye": msg("bye"),
@@ -155,7 +157,7 @@ def test_unknown_type_is_rejected(mtype):
 
 @pytest.mark.parametrize("mtype, missing", [
     ("open", "name"), ("open", "width"), ("open", "height"),
-    ("params", "stream"), ("params", "params"),
+    ("params", "stream"), ("presets", "op"),
     ("frame", "stream"), ("frame", "seq"),
     ("close", "stream"),
 ])

@@ -123,3 +123,24 @@ def test_params_list_prints_the_declaration_without_a_daemon():
     bad = subprocess.run([sys.executable, "-m", "livediffusion.daemon", "params", "--list",
                           "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "no engine 'nope'" in bad.stderr
+
+
+def test_a_controller_lists_every_stream_with_its_effective_parameters():
+    """The `streams` message: names, engines, effective params and stats of streams any
+    session opened (what OSC and a control page address by name)."""
+    from livediffusion.daemon.server import Daemon
+    from livediffusion.shared import Client
+
+    daemon = Daemon(port=0, engines=("passthrough",)).start(timeout=60)
+    try:
+        with Client(daemon.endpoint, name="tool") as tool, \
+                Client(daemon.endpoint, name="controller") as controller:
+            stream = tool.open_stream("cam", 64, 64, engine="passthrough")  # noqa: F841
+            listed = controller.streams()
+            assert [(s["name"], s["engine"], s["params"]) for s in listed] == \
+                [("cam", "passthrough", {"mode": "identity"})]
+            assert listed[0]["stats"]["state"] == "open"
+            controller.control("cam", {"mode": "invert"})
+            assert controller.streams()[0]["params"] == {"mode": "invert"}
+    finally:
+        daemon.stop()
