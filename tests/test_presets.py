@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,16 @@ def test_a_store_saves_lists_recalls_and_deletes_across_restarts(tmp_path):
         store.save("huge", {"prompt": "x" * 70_000})
     with pytest.raises(PresetError, match="no preset"):
         store.get("nope")
+
+
+def test_the_default_file_is_in_the_users_config_directory(monkeypatch):
+    from livediffusion.daemon.presets import default_path
+    from platformdirs import user_config_dir
+    monkeypatch.delenv("LIVEDIFFUSION_PRESETS", raising=False)
+    path = default_path()
+    assert path.name == "presets.json" and path.parent == Path(user_config_dir("livediffusion"))
+    monkeypatch.setenv("LIVEDIFFUSION_PRESETS", "/somewhere/else.json")
+    assert default_path() == Path("/somewhere/else.json")
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 0, "presets": {}}),
