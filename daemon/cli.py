@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -224,6 +225,70 @@ def cmd_params(args: argparse.Namespace) -> int:
     for key in sorted(changes):
         print(f"{key} = {effective.get(key)!r}")
     return 0
+
+
+def status_rows(streams: list[dict], previous: dict[str, tuple[float, int]], now: float
+                ) -> list[tuple[str, ...]]:
+    """One row per stream for ``livediffusion status``; frames out per second measured
+    between two polls (``previous``: name -> (time, frames_out), updated)."""
+    rows = []
+    for s in sorted(streams, key=lambda s: s["name"]):
+        st, p = s.get("stats", {}), s.get("params", {})
+        out = int(st.get("frames_out", 0))
+        then = previous.get(s["name"])
+        rate = (out - then[1]) / (now - then[0]) if then and now > then[0] else \
+            float(st.get("fps_out", 0.0))
+        previous[s["name"]] = (now, out)
+        prompt = str(p.get("prompt", p.get("mode", "")))
+        rows.append((s["name"], s["engine"], f"{st.get('input_fps', 0):.1f}",
+                     f"{st.get('serve_fps', 0):.1f}", f"{rate:.1f}",
+                     str(st.get("dropped", 0)), str(st.get("decimated", 0)),
+                     str(st.get("late", 0)), f"{st.get('delay_ms', 0):.0f}",
+                     f"{st.get('engine_ms', 0):.1f}", str(p.get("steps", "")),
+                     prompt if len(prompt) <= 40 else prompt[:37] + "..."))
+    return rows
+
+
+STATUS_COLUMNS = ("stream", "engine", "in FPS", "serve FPS", "out FPS", "dropped",
+                  "decimated", "late", "delay ms", "engine ms", "steps", "prompt / mode")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """A live table of every stream of a running daemon (rich), or one snapshot."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from livediffusion.shared.client import DaemonError
+    client = _connect(args.endpoint, "status")
+    previous: dict[str, tuple[float, int]] = {}
+
+    def table() -> Table:
+        streams = client.streams(timeout=args.timeout)
+        out = Table(title=f"livediffusion at {args.endpoint}: {len(streams)} stream(s)",
+                    title_justify="left")
+        for column in STATUS_COLUMNS:
+            out.add_column(column, justify="left" if column in (
+                "stream", "engine", "prompt / mode") else "right")
+        for row in status_rows(streams, previous, time.monotonic()):
+            out.add_row(*row)
+        return out
+
+    console = Console()
+    try:
+        if args.once:
+            console.print(table())
+            return 0
+        with Live(table(), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(table())
+    except KeyboardInterrupt:
+        return 0
+    except (DaemonError, TimeoutError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        client.close()
 
 
 def cmd_preset(args: argparse.Namespace) -> int:
@@ -672,6 +737,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("status", help="a live table of a running daemon's streams",
+                       description="Every stream of a running daemon, whoever opened it: "
+                                   "input, served and delivered FPS, drops, lateness, playout "
+                                   "delay, engine time per step, steps and prompt. Ctrl-C "
+                                   "ends it.")
+    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print one table and exit")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("preset", help="named parameter presets, kept by the daemon",
                        description="list | save NAME [--from STREAM [--keys A,B]] [KEY=VALUE "

@@ -127,3 +127,24 @@ def test_the_preset_command(daemon, tmp_path):
         assert out.returncode != 0 and "no preset is named 'nope'" in out.stderr
         assert cli("delete", "flip").returncode == 0
         assert "flip" not in cli("list").stdout
+
+
+def test_status_prints_every_stream_of_a_running_daemon(daemon):
+    from livediffusion.daemon.cli import status_rows
+    with Client(daemon.endpoint, name="tool") as tool:
+        stream = tool.open_stream("cam", 64, 64, engine="passthrough",  # noqa: F841
+                                  params={"mode": "invert"})
+        out = subprocess.run([sys.executable, "-m", "livediffusion.daemon", "status",
+                              "--once", "--endpoint", daemon.endpoint],
+                             capture_output=True, text=True, timeout=60,
+                             env={**__import__("os").environ, "COLUMNS": "200"})
+        assert out.returncode == 0, out.stderr
+        assert "1 stream(s)" in out.stdout
+        row = next(line for line in out.stdout.splitlines() if "cam" in line)
+        assert "passthrough" in row and "invert" in row
+    # the delivered FPS is measured between polls
+    streams = [{"name": "a", "engine": "e", "params": {}, "stats": {"frames_out": 10}}]
+    seen: dict = {}
+    status_rows(streams, seen, 100.0)
+    streams[0]["stats"]["frames_out"] = 40
+    assert status_rows(streams, seen, 101.0)[0][4] == "30.0"
