@@ -79,8 +79,28 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.osc is not None:
         _add_osc(daemon, args)
+    if args.metrics is not None:
+        _add_metrics(daemon, args)
     daemon.serve_forever()
     return 0
+
+
+def _add_metrics(daemon, args: argparse.Namespace) -> None:
+    """The Prometheus endpoint beside the daemon (daemon/metrics.py), on loopback."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise CliError("--metrics needs prometheus-client: pip install "
+                       "'livediffusion[daemon]'.") from None
+
+    def start(d):
+        from .auth import client_keys
+        from .metrics import MetricsExporter
+        keys = client_keys(args.keys) if args.keys else None
+        return MetricsExporter(d.endpoint.replace("//0.0.0.0:", "//127.0.0.1:"),
+                               args.metrics, keys=keys).start()
+    start.__name__ = "the metrics endpoint"
+    daemon.add_companion(start, lambda exporter: exporter.stop())
 
 
 def _add_osc(daemon, args: argparse.Namespace) -> None:
@@ -698,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--keys)")
     p.add_argument("--osc-feedback", default=None, metavar="HOST:PORT",
                    help="send changes and telemetry there (TouchOSC, TouchDesigner's OSC In)")
+    p.add_argument("--metrics", type=int, default=None, metavar="PORT",
+                   help="a Prometheus text endpoint at http://127.0.0.1:PORT/metrics "
+                        "(per-stream FPS, drops, delay, engine time)")
     p.add_argument("--profile", default=None, metavar="auto|NAME",
                    help="video engines' memory profile (default auto: chosen from the GPU's "
                         "free memory; 'livediffusion doctor' lists the choice, "

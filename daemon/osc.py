@@ -210,6 +210,7 @@ class OscBridge:
             self._wake.wait(self.period)
             self._wake.clear()
             try:
+                self.client.poll(0)   # heartbeats: an idle bridge stays connected
                 self._apply_pending()
                 self._answer_queries()
                 if self.feedback is not None and self.telemetry_period and \

@@ -32,7 +32,7 @@ INNER = "LIVEDIFFUSION_OLDEST_VERSIONS_RUN"
 NOT_PINNED = {"torch"}
 #: the import name where it differs from the distribution's
 MODULES = {"pyzmq": "zmq", "opencv-python-headless": "cv2", "huggingface-hub": "huggingface_hub",
-           "python-osc": "pythonosc"}
+           "python-osc": "pythonosc", "prometheus-client": "prometheus_client"}
 
 #: the tests that touch diffusers, transformers, safetensors, numpy, pyzmq, msgpack and cv2: the
 #: wire protocol, frame rings, client, the daemon's input checks, the engines, loaders, VAE,
@@ -43,7 +43,8 @@ FILES = ["test_protocol.py", "test_ring.py", "test_client.py", "test_bad_input.p
          "test_image_engine.py", "test_video_engine.py", "test_virtualcam.py",
          # python-osc and platformdirs at their oldest: one test each
          "test_osc.py::test_typed_changes_every_stream_query_and_feedback",
-         "test_presets.py::test_the_default_file_is_in_the_users_config_directory"]
+         "test_presets.py::test_the_default_file_is_in_the_users_config_directory",
+         "test_presets.py::test_metrics_are_served_for_every_stream"]
 #: one minute of many chunks on the same code the other video tests run
 DESELECT = ["tests/test_video_engine.py::test_thousands_of_chunks_keep_memory_flat"]
 

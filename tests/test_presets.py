@@ -148,3 +148,29 @@ def test_status_prints_every_stream_of_a_running_daemon(daemon):
     status_rows(streams, seen, 100.0)
     streams[0]["stats"]["frames_out"] = 40
     assert status_rows(streams, seen, 101.0)[0][4] == "30.0"
+
+
+def test_metrics_are_served_for_every_stream(daemon):
+    """The Prometheus endpoint (daemon/metrics.py) as the daemon's --metrics runs it."""
+    import socket
+    import urllib.request
+
+    from livediffusion.daemon.metrics import MetricsExporter
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exporter = MetricsExporter(daemon.endpoint, port).start()
+    try:
+        with Client(daemon.endpoint, name="tool") as tool:
+            stream = tool.open_stream("cam", 64, 64, engine="passthrough")  # noqa: F841
+            import time
+            for _ in range(8):   # 4 s idle between scrapes: the exporter stays connected
+                time.sleep(0.5)
+                tool.poll(0)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                          timeout=10).read().decode()
+    finally:
+        exporter.stop()
+    assert "livediffusion_up 1.0" in text and "livediffusion_streams 1.0" in text
+    assert 'livediffusion_serve_fps{engine="passthrough",stream="cam"} 30.0' in text
+    assert 'livediffusion_frames_out_total{engine="passthrough",stream="cam"}' in text
