@@ -93,14 +93,22 @@ def _add_metrics(daemon, args: argparse.Namespace) -> None:
         raise CliError("--metrics needs prometheus-client: pip install "
                        "'livediffusion[daemon]'.") from None
 
+    def make(endpoint, keys):
+        from .metrics import MetricsExporter
+        return MetricsExporter(endpoint, args.metrics, keys=keys)
+    _add_client_companion(daemon, args, "the metrics endpoint", make)
+
+
+def _add_client_companion(daemon, args: argparse.Namespace, label: str, make) -> None:
+    """A companion that is a client of the daemon: ``make(endpoint, keys)`` builds it
+    (something with ``start()`` returning itself and ``stop()``) once the daemon listens,
+    with the client keys where the daemon requires CURVE."""
     def start(d):
         from .auth import client_keys
-        from .metrics import MetricsExporter
         keys = client_keys(args.keys) if args.keys else None
-        return MetricsExporter(d.endpoint.replace("//0.0.0.0:", "//127.0.0.1:"),
-                               args.metrics, keys=keys).start()
-    start.__name__ = "the metrics endpoint"
-    daemon.add_companion(start, lambda exporter: exporter.stop())
+        return make(d.endpoint.replace("//0.0.0.0:", "//127.0.0.1:"), keys).start()
+    start.__name__ = label
+    daemon.add_companion(start, lambda companion: companion.stop())
 
 
 def _add_osc(daemon, args: argparse.Namespace) -> None:
@@ -121,15 +129,10 @@ def _add_osc(daemon, args: argparse.Namespace) -> None:
     except ImportError:
         raise CliError("--osc needs python-osc: pip install 'livediffusion[daemon]'.") from None
 
-    def start(d):
-        from .auth import client_keys
+    def make(endpoint, keys):
         from .osc import OscBridge
-        keys = client_keys(args.keys) if args.keys else None
-        endpoint = d.endpoint.replace("//0.0.0.0:", "//127.0.0.1:")
-        return OscBridge(endpoint, args.osc, host=args.osc_host, feedback=feedback,
-                         keys=keys).start()
-    start.__name__ = "the OSC bridge"
-    daemon.add_companion(start, lambda bridge: bridge.stop())
+        return OscBridge(endpoint, args.osc, host=args.osc_host, feedback=feedback, keys=keys)
+    _add_client_companion(daemon, args, "the OSC bridge", make)
 
 
 def _param_sets(text: str | None) -> tuple[dict, ...]:
@@ -251,6 +254,7 @@ def status_rows(streams: list[dict], previous: dict[str, tuple[float, int]], now
                 ) -> list[tuple[str, ...]]:
     """One row per stream for ``livediffusion status``; frames out per second measured
     between two polls (``previous``: name -> (time, frames_out), updated)."""
+    from .engines.base import clip
     rows = []
     for s in sorted(streams, key=lambda s: s["name"]):
         st, p = s.get("stats", {}), s.get("params", {})
@@ -259,13 +263,12 @@ def status_rows(streams: list[dict], previous: dict[str, tuple[float, int]], now
         rate = (out - then[1]) / (now - then[0]) if then and now > then[0] else \
             float(st.get("fps_out", 0.0))
         previous[s["name"]] = (now, out)
-        prompt = str(p.get("prompt", p.get("mode", "")))
+        prompt = clip(str(p.get("prompt", p.get("mode", ""))), 40)
         rows.append((s["name"], s["engine"], f"{st.get('input_fps', 0):.1f}",
                      f"{st.get('serve_fps', 0):.1f}", f"{rate:.1f}",
                      str(st.get("dropped", 0)), str(st.get("decimated", 0)),
                      str(st.get("late", 0)), f"{st.get('delay_ms', 0):.0f}",
-                     f"{st.get('engine_ms', 0):.1f}", str(p.get("steps", "")),
-                     prompt if len(prompt) <= 40 else prompt[:37] + "..."))
+                     f"{st.get('engine_ms', 0):.1f}", str(p.get("steps", "")), prompt))
     return rows
 
 

@@ -54,18 +54,13 @@ class _Collector:
         count.add_metric([], float(len(streams)))
         yield count
         labels = ["stream", "engine"]
-        for key, about in COUNTERS.items():
-            family = CounterMetricFamily(f"livediffusion_{key}", about, labels=labels)
-            for s in streams:
-                family.add_metric([s["name"], s["engine"]],
-                                  float(s.get("stats", {}).get(key, 0)))
-            yield family
-        for key, about in GAUGES.items():
-            family = GaugeMetricFamily(f"livediffusion_{key}", about, labels=labels)
-            for s in streams:
-                family.add_metric([s["name"], s["engine"]],
-                                  float(s.get("stats", {}).get(key, 0.0)))
-            yield family
+        for kind, table in ((CounterMetricFamily, COUNTERS), (GaugeMetricFamily, GAUGES)):
+            for key, about in table.items():
+                family = kind(f"livediffusion_{key}", about, labels=labels)
+                for s in streams:
+                    family.add_metric([s["name"], s["engine"]],
+                                      float(s.get("stats", {}).get(key, 0)))
+                yield family
 
 
 class MetricsExporter:

@@ -43,15 +43,16 @@ from pythonosc.dispatcher import Dispatcher
 from pythonosc.osc_server import BlockingOSCUDPServer
 from pythonosc.udp_client import SimpleUDPClient
 
+from .engines.base import shown
+
 log = logging.getLogger("livediffusion.osc")
+
+
+def _shown(value: Any) -> str:
+    return shown(value, 60)
 
 PREFIX = "/livediffusion"
 TELEMETRY = ("fps_out", "input_fps", "serve_fps", "dropped", "late", "delay_ms", "engine_ms")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class OscError(ValueError):
@@ -70,7 +71,7 @@ def osc_value(spec: dict[str, Any] | None, args: list[Any]) -> Any:
     number = isinstance(first, (int, float)) and not isinstance(first, bool)
     if kind in ("float", "int"):
         if not number:
-            raise OscError(f"{name} takes a number, not {_short(first)}.")
+            raise OscError(f"{name} takes a number, not {_shown(first)}.")
         return float(first) if kind == "float" else \
             (int(first) if float(first).is_integer() else first)
     if kind == "bool":
@@ -78,17 +79,17 @@ def osc_value(spec: dict[str, Any] | None, args: list[Any]) -> Any:
             return first
         if number:
             return first != 0
-        raise OscError(f"{name} takes 0/1 or true/false, not {_short(first)}.")
+        raise OscError(f"{name} takes 0/1 or true/false, not {_shown(first)}.")
     if kind == "choice":
         if isinstance(first, str):
             return first
         if number and float(first).is_integer() and 0 <= int(first) < len(spec["choices"]):
             return spec["choices"][int(first)]
         raise OscError(f"{name} takes one of {', '.join(spec['choices'])} or its index "
-                       f"0..{len(spec['choices']) - 1}, not {_short(first)}.")
+                       f"0..{len(spec['choices']) - 1}, not {_shown(first)}.")
     if kind == "text":
         if not isinstance(first, str):
-            raise OscError(f"{name} takes a string, not {_short(first)}.")
+            raise OscError(f"{name} takes a string, not {_shown(first)}.")
         return first
     if kind in ("prompts", "seeds"):
         if len(args) % 2:
@@ -173,7 +174,7 @@ class OscBridge:
         self.received += 1
         parts = address.split("/")
         if len(parts) < 3 or "/".join(parts[:2]) != PREFIX:
-            self._refuse(client_address, "address", f"unknown OSC address {_short(address)} "
+            self._refuse(client_address, "address", f"unknown OSC address {_shown(address)} "
                          f"(use {PREFIX}/<stream>/<param>)")
             return
         if parts[2] == "query" and len(parts) == 3:
@@ -182,7 +183,7 @@ class OscBridge:
             self._wake.set()
             return
         if len(parts) != 4 or not parts[2] or not parts[3]:
-            self._refuse(client_address, "address", f"unknown OSC address {_short(address)} "
+            self._refuse(client_address, "address", f"unknown OSC address {_shown(address)} "
                          f"(use {PREFIX}/<stream>/<param>)")
             return
         stream, name = parts[2], parts[3]
@@ -234,7 +235,7 @@ class OscBridge:
             names = list(self._streams) if target == "*" else [target]
             if target != "*" and target not in self._streams:
                 reply = next(iter(changes.values()))[1]
-                self._refuse(reply, "stream", f"no open stream is named {_short(target)}")
+                self._refuse(reply, "stream", f"no open stream is named {_shown(target)}")
                 continue
             for stream in names:
                 self._control(stream, changes, quiet_unknown=target == "*")
@@ -254,9 +255,9 @@ class OscBridge:
                 continue
             if name != "reset" and name not in schema:
                 if not quiet_unknown:
-                    self._refuse(reply, "param", f"stream {_short(stream)} "
+                    self._refuse(reply, "param", f"stream {_shown(stream)} "
                                  f"({self._streams[stream]['engine']}) has no parameter "
-                                 f"{_short(name)}")
+                                 f"{_shown(name)}")
                 continue
             try:
                 params[name] = osc_value(schema.get(name), args)
@@ -268,9 +269,7 @@ class OscBridge:
             except (DaemonError, TimeoutError) as exc:
                 self._refuse(changes["preset"][1], "value", f"{stream}: {exc}")
             else:
-                if self.feedback is not None:
-                    for name, value in effective.items():
-                        self._send(self.feedback, f"{PREFIX}/{stream}/{name}", osc_args(value))
+                self._echo(stream, effective, effective)
         if not params:
             return
         try:
@@ -289,8 +288,13 @@ class OscBridge:
         except TimeoutError as exc:
             self._refuse(reply, "value", f"{stream}: {exc}")
             return
+        self._echo(stream, effective, params)
+
+    def _echo(self, stream: str, effective: dict[str, Any], names) -> None:
+        """The effective values of ``names`` to the feedback target (a fader follows what
+        the daemon took)."""
         if self.feedback is not None:
-            for name in params:
+            for name in names:
                 if name in effective:
                     self._send(self.feedback, f"{PREFIX}/{stream}/{name}",
                                osc_args(effective[name]))
@@ -305,7 +309,7 @@ class OscBridge:
             target = self.feedback or SimpleUDPClient(*reply_to[:2])
             names = [only] if only else sorted(self._streams)
             if only and only not in self._streams:
-                self._refuse(reply_to, "stream", f"no open stream is named {_short(only)}")
+                self._refuse(reply_to, "stream", f"no open stream is named {_shown(only)}")
                 continue
             self._send(target, f"{PREFIX}/streams", names)
             for engine in sorted({self._streams[n]["engine"] for n in names}):

@@ -25,6 +25,16 @@ class EngineError(Exception):
         self.code = code
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, "..." marking a cut."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A client's value in a message: its repr, cut to ``limit`` characters."""
+    return clip(repr(value), limit)
+
+
 class ParamError(EngineError):
     def __init__(self, message: str) -> None:
         super().__init__(message, code="bad_params")

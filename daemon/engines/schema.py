@@ -25,7 +25,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
-from .base import ParamError
+from .base import ParamError, shown
 
 KINDS = ("float", "int", "bool", "choice", "text", "prompts", "seeds", "indices")
 EFFECTS = ("live", "rebuild", "restart")
@@ -70,13 +70,13 @@ class Param:
             return _number(self.name, value, self.lo, self.hi, integer=kind == "int")
         if kind == "bool":
             if not isinstance(value, bool):
-                raise ParamError(f"{self.name} must be true or false, not {_show(value)}.")
+                raise ParamError(f"{self.name} must be true or false, not {shown(value)}.")
             return value
         if kind == "choice":
             if value not in self.choices:
                 raise ParamError(f"{self.name} must be one of "
                                  f"{', '.join(repr(c) for c in self.choices)}, not "
-                                 f"{_show(value)}.")
+                                 f"{shown(value)}.")
             return value
         if kind == "text":
             if not isinstance(value, str) or len(value) > self.max_length:
@@ -161,14 +161,14 @@ class Schema:
         for key, value in changes.items():
             if key == "reset":
                 if not isinstance(value, bool):
-                    raise ParamError(f"reset must be true or false, not {_show(value)}.")
+                    raise ParamError(f"reset must be true or false, not {shown(value)}.")
                 reset = reset or value
                 continue
             name = self.aliases.get(key, key)
             spec = self.params.get(name) if isinstance(name, str) else None
             if spec is None:
                 raise ParamError(f"the {self.engine} engine has no parameter "
-                                 f"{_show(key)}; it knows {', '.join(self.names())}.")
+                                 f"{shown(key)}; it knows {', '.join(self.names())}.")
             updates[name] = spec.check(value)
         for rule in self.after:
             rule(updates)
@@ -199,12 +199,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _show(value: Any, limit: int = 40) -> str:
-    """A client's value in an error message: repr, shortened."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _number(name: str, value: Any, lo: float | None, hi: float | None,
             integer: bool = False) -> Any:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
@@ -216,7 +210,7 @@ def _number(name: str, value: Any, lo: float | None, hi: float | None,
     if not ok:
         kind = "an integer" if integer else "a number"
         span = f" from {lo:g} to {hi:g}" if lo is not None and hi is not None else ""
-        raise ParamError(f"{name} must be {kind}{span}, not {_show(value)}.")
+        raise ParamError(f"{name} must be {kind}{span}, not {shown(value)}.")
     return int(value) if integer else float(value)
 
 
