@@ -3,6 +3,7 @@
 
 #include "ld_msgpack.h"
 #include "ld_ring.h"
+#include "ld_schema.h"
 
 #include <ctype.h>
 #include <math.h>
@@ -35,12 +36,17 @@ struct ld_client {
 	ld_settings cfg;
 	int have_cfg;
 	char token[33];
-	int64_t next_id, hello_id, params_id, stats_id, close_id;
+	int64_t next_id, hello_id, params_id, stats_id, close_id, presets_id;
 	int conn;
 	double last_heard, hello_sent, last_hb, last_stats, hb_interval, hb_timeout, busy_timeout;
 	uint8_t *welcome_buf;
 	ld_mp_doc welcome;
 	const ld_mp_node *engines;
+	unsigned welcome_gen;
+
+	/* the daemon's presets: names, each followed by '\n' */
+	char presets[8192];
+	unsigned presets_gen;
 
 	/* the stream */
 	int sstate;
@@ -181,17 +187,46 @@ static void choose_engine(const ld_client *c, char *out, size_t len)
 		ld_mp_copy_str(&c->engines->v.items[0], out, len);
 }
 
-/* The first candidate of p->keys that the engine lists, copied into key; 0 if none. */
-static int engine_key(const ld_mp_node *known, const ld_param *p, char *key, size_t len)
+/* The schema entry of parameter `name` (or of which `name` is an alias, *alias then set). */
+static const ld_mp_node *schema_entry(const ld_mp_node *caps, const char *name, int *alias)
 {
+	const ld_mp_node *schema = ld_mp_get(caps, "schema");
+	if (alias)
+		*alias = 0;
+	if (!schema || schema->type != LD_MP_ARRAY)
+		return NULL;
+	for (uint32_t i = 0; i < schema->len; i++)
+		if (ld_mp_is_str(ld_mp_get(&schema->v.items[i], "name"), name))
+			return &schema->v.items[i];
+	for (uint32_t i = 0; i < schema->len; i++) {
+		const ld_mp_node *aliases = ld_mp_get(&schema->v.items[i], "aliases");
+		for (uint32_t j = 0; aliases && aliases->type == LD_MP_ARRAY && j < aliases->len; j++)
+			if (ld_mp_is_str(&aliases->v.items[j], name)) {
+				if (alias)
+					*alias = 1;
+				return &schema->v.items[i];
+			}
+	}
+	return NULL;
+}
+
+/* The first candidate of p->keys that the engine lists, copied into key (an alias of its
+ * schema as the parameter's own name); 0 if none. */
+static int engine_key(const ld_mp_node *caps, const ld_param *p, char *key, size_t len)
+{
+	const ld_mp_node *known = ld_mp_get(caps, "params");
 	const char *k = p->keys;
 	while (*k) {
 		const char *bar = strchr(k, '|');
 		size_t n = bar ? (size_t)(bar - k) : strlen(k);
 		if (n && n < len) {
+			int alias;
 			memcpy(key, k, n);
 			key[n] = '\0';
 			if (ld_mp_get(known, key))
+				return 1;
+			const ld_mp_node *e = schema_entry(caps, key, &alias);
+			if (e && alias && ld_mp_copy_str(ld_mp_get(e, "name"), key, len))
 				return 1;
 		}
 		if (!bar)
@@ -204,11 +239,11 @@ static int engine_key(const ld_mp_node *known, const ld_param *p, char *key, siz
 /* Encodes the engine parameters (a map) for the current engine into w. */
 static void encode_params(const ld_client *c, ld_mpw *w)
 {
-	const ld_mp_node *known = ld_mp_get(engine_caps(c, c->engine), "params");
+	const ld_mp_node *caps = engine_caps(c, c->engine);
 	char keys[LD_MAX_PARAMS][64];
 	int idx[LD_MAX_PARAMS], n = 0;
 	for (int i = 0; i < c->cfg.nparams && n < LD_MAX_PARAMS; i++) {
-		if (!engine_key(known, &c->cfg.params[i], keys[n], sizeof(keys[n])))
+		if (!engine_key(caps, &c->cfg.params[i], keys[n], sizeof(keys[n])))
 			continue;
 		int dup = 0; /* a later parameter of the same key wins */
 		for (int j = 0; j < n; j++)
@@ -376,29 +411,117 @@ static void send_open(ld_client *c)
 	ld_mpw_free(&w);
 }
 
+/* `"transition": {"seconds": T}` when T > 0 (one more field of the message). */
+static void put_transition(ld_mpw *w, double seconds)
+{
+	if (!(seconds > 0))
+		return;
+	ld_mpw_str(w, "transition");
+	ld_mpw_map(w, 1);
+	ld_mpw_str(w, "seconds");
+	ld_mpw_double(w, seconds);
+}
+
+void ld_encode_recall(ld_mpw *w, int64_t id, int64_t stream, const char *preset,
+		      double transition)
+{
+	begin(w, "params", id, 2 + (transition > 0));
+	ld_mpw_str(w, "stream");
+	ld_mpw_int(w, stream);
+	ld_mpw_str(w, "preset");
+	ld_mpw_str(w, preset);
+	put_transition(w, transition);
+}
+
+/* 1 when two parsed values encode to the same bytes. */
+static int same_value(const ld_mp_node *a, const ld_mp_node *b)
+{
+	ld_mpw x, y;
+	ld_mpw_init(&x);
+	ld_mpw_init(&y);
+	ld_mp_write_node(&x, a);
+	ld_mp_write_node(&y, b);
+	int same = !x.failed && !y.failed && x.len == y.len && memcmp(x.buf, y.buf, x.len) == 0;
+	ld_mpw_free(&x);
+	ld_mpw_free(&y);
+	return same;
+}
+
+/* Into d: the entries of the new parameters `now` that differ from those last sent, and the
+ * schema's default for each parameter sent before and no longer set. Returns how many. */
+static uint32_t params_diff(const ld_client *c, const ld_mpw *now, ld_mpw *d)
+{
+	ld_mp_doc a, b;
+	uint32_t n = 0;
+	if (ld_mp_parse(&a, now->buf, now->len) != 0)
+		return 0;
+	if (ld_mp_parse(&b, c->sent_params.buf, c->sent_params.len) != 0)
+		b.nodes = NULL;
+	ld_mpw body;
+	ld_mpw_init(&body);
+	const ld_mp_node *na = a.nodes, *nb = b.nodes;
+	for (uint32_t i = 0; i < na->len; i++) {
+		const ld_mp_node *k = &na->v.items[2 * i], *v = &na->v.items[2 * i + 1];
+		char key[64];
+		ld_mp_copy_str(k, key, sizeof(key));
+		const ld_mp_node *old = ld_mp_get(nb, key);
+		if (old && same_value(old, v))
+			continue;
+		ld_mp_write_node(&body, k);
+		ld_mp_write_node(&body, v);
+		n++;
+	}
+	const ld_mp_node *caps = engine_caps(c, c->engine);
+	for (uint32_t i = 0; nb && nb->type == LD_MP_MAP && i < nb->len; i++) {
+		const ld_mp_node *k = &nb->v.items[2 * i];
+		char key[64];
+		ld_mp_copy_str(k, key, sizeof(key));
+		const ld_mp_node *def = ld_mp_get(schema_entry(caps, key, NULL), "default");
+		if (ld_mp_get(na, key) || !def)
+			continue;
+		ld_mp_write_node(&body, k);
+		ld_mp_write_node(&body, def);
+		n++;
+	}
+	ld_mpw_map(d, n);
+	ld_mpw_raw(d, body.buf, body.len);
+	ld_mpw_free(&body);
+	ld_mp_doc_free(&a);
+	if (b.nodes)
+		ld_mp_doc_free(&b);
+	return n;
+}
+
 static void send_params(ld_client *c)
 {
-	ld_mpw p;
+	ld_mpw p, d;
 	ld_mpw_init(&p);
+	ld_mpw_init(&d);
 	encode_params(c, &p);
-	if (p.len == c->sent_params.len && memcmp(p.buf, c->sent_params.buf, p.len) == 0) {
+	if ((p.len == c->sent_params.len && memcmp(p.buf, c->sent_params.buf, p.len) == 0) ||
+	    params_diff(c, &p, &d) == 0) {
+		ld_mpw_reset(&c->sent_params);
+		ld_mpw_raw(&c->sent_params, p.buf, p.len);
 		ld_mpw_free(&p);
+		ld_mpw_free(&d);
 		return;
 	}
 	ld_mpw w;
 	ld_mpw_init(&w);
 	c->params_id = c->next_id++;
-	begin(&w, "params", c->params_id, 2);
+	begin(&w, "params", c->params_id, 2 + (c->cfg.transition > 0));
 	ld_mpw_str(&w, "stream");
 	ld_mpw_int(&w, c->stream_id);
 	ld_mpw_str(&w, "params");
-	ld_mpw_raw(&w, p.buf, p.len);
+	ld_mpw_raw(&w, d.buf, d.len);
+	put_transition(&w, c->cfg.transition);
 	if (send_msg(c, &w, NULL, 0) == 0) {
 		ld_mpw_reset(&c->sent_params);
 		ld_mpw_raw(&c->sent_params, p.buf, p.len);
 	}
 	ld_mpw_free(&w);
 	ld_mpw_free(&p);
+	ld_mpw_free(&d);
 }
 
 /* ---- connection ------------------------------------------------------------------------------ */
@@ -543,8 +666,19 @@ static void on_welcome(ld_client *c, const ld_mp_node *m, const uint8_t *buf, si
 		return;
 	c->engines = ld_mp_get(ld_mp_get(c->welcome.nodes, "capabilities"), "engines");
 	c->conn = CONN_READY;
+	c->welcome_gen++;
 	c->last_hb = c->last_stats = now_s();
 	c->sstate = STREAM_NONE; /* (re)opened by the next poll */
+	ld_client_refresh_presets(c);
+}
+
+static void on_presets(ld_client *c, const ld_mp_node *m)
+{
+	char names[sizeof(c->presets)];
+	if (ld_parse_presets(m, names, sizeof(names)) < 0)
+		return;
+	memcpy(c->presets, names, sizeof(names));
+	c->presets_gen++;
 }
 
 /* Maps the ring an `opened` message names (its ring_in or ring_out map). 0 = attached. */
@@ -633,6 +767,8 @@ static void on_error(ld_client *c, const ld_mp_node *m)
 	}
 	if (re == c->close_id)
 		return; /* closing a stream the daemon already forgot */
+	if (re == c->presets_id && strcmp(code, "unknown_type") == 0)
+		return; /* a daemon from before presets: there are none */
 	if (ld_mp_as_i64(ld_mp_get(m, "stream"), &sid) && sid != c->stream_id && re != c->params_id)
 		return; /* about a stream of ours that is gone */
 	set_error(c, code, message);
@@ -668,6 +804,8 @@ static void handle(ld_client *c, const uint8_t *buf, size_t len, const uint8_t *
 		on_error(c, m);
 	else if (ld_mp_is_str(type, "stats"))
 		on_stats(c, m);
+	else if (ld_mp_is_str(type, "presets"))
+		on_presets(c, m);
 	ld_mp_doc_free(&doc);
 }
 
@@ -1053,6 +1191,69 @@ void ld_client_engines(const ld_client *c, char *buf, size_t len)
 			break;
 		used += (size_t)n;
 	}
+}
+
+void ld_client_engine(const ld_client *c, char *buf, size_t len)
+{
+	if (c->sstate == STREAM_OPEN || c->sstate == STREAM_OPENING)
+		snprintf(buf, len, "%s", c->engine);
+	else if (c->engines)
+		choose_engine(c, buf, len);
+	else if (len)
+		buf[0] = '\0';
+}
+
+unsigned ld_client_welcome_gen(const ld_client *c)
+{
+	return c->welcome_gen;
+}
+
+int ld_client_schema(const ld_client *c, const char *engine, ld_mpw *w)
+{
+	const ld_mp_node *schema = ld_mp_get(engine_caps(c, engine), "schema");
+	ld_mpw_reset(w);
+	if (!schema || schema->type != LD_MP_ARRAY)
+		return -1;
+	ld_mp_write_node(w, schema);
+	return w->failed ? -1 : 0;
+}
+
+void ld_client_presets(const ld_client *c, char *buf, size_t len, unsigned *gen)
+{
+	snprintf(buf, len, "%s", c->presets);
+	if (gen)
+		*gen = c->presets_gen;
+}
+
+void ld_client_refresh_presets(ld_client *c)
+{
+	if (c->conn != CONN_READY)
+		return; /* asked for after the next welcome anyway */
+	ld_mpw w;
+	ld_mpw_init(&w);
+	c->presets_id = c->next_id++;
+	begin(&w, "presets", c->presets_id, 1);
+	ld_mpw_str(&w, "op");
+	ld_mpw_str(&w, "list");
+	send_msg(c, &w, NULL, 0);
+	ld_mpw_free(&w);
+}
+
+int ld_client_recall(ld_client *c, const char *preset)
+{
+	if (c->sstate != STREAM_OPEN || c->conn != CONN_READY) {
+		set_error(c, "preset", "no open stream to recall it into");
+		return -1;
+	}
+	ld_mpw w;
+	ld_mpw_init(&w);
+	c->params_id = c->next_id++;
+	ld_encode_recall(&w, c->params_id, c->stream_id, preset, c->cfg.transition);
+	int rc = send_msg(c, &w, NULL, 0);
+	ld_mpw_free(&w);
+	if (rc == 0)
+		c->error[0] = '\0';
+	return rc;
 }
 
 void ld_client_status_line(const ld_client *c, char *buf, size_t len)

@@ -10,11 +10,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ld_msgpack.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-#define LD_MAX_PARAMS 24
+#define LD_MAX_PARAMS 48
 #define LD_PARAM_STR_MAX 2048
 /* seconds a change of text parameters only (a prompt being typed) waits for more changes
  * before it is sent: a new prompt costs the engine a text encoding */
@@ -23,8 +25,9 @@ extern "C" {
 enum { LD_P_STR, LD_P_INT, LD_P_FLOAT, LD_P_BOOL };
 
 /* One user-facing parameter. `keys` lists candidate engine parameter names separated by '|'
- * ("strength|noise_scale"): the first one the engine lists in its capabilities is sent; a
- * parameter no candidate of which the engine knows is left out. */
+ * ("strength|noise_scale"): the first one the engine lists in its capabilities (a name, or an
+ * alias in its schema, which is sent under the parameter's name) is sent; a parameter no
+ * candidate of which the engine knows is left out. */
 typedef struct ld_param {
 	char keys[64];
 	int type;
@@ -41,6 +44,7 @@ typedef struct ld_settings {
 	char transport[8];    /* "shm", "inline", or "" = shm on this machine, inline beyond */
 	char keys_dir[512];   /* "" or a `livediffusion keys init` folder: CURVE (protocol 9) */
 	uint32_t fixed_w, fixed_h; /* processing size; 0 x 0 = the source's size */
+	double transition;    /* > 0: params and recalls ask for a transition of this many seconds */
 	int nparams;
 	ld_param params[LD_MAX_PARAMS];
 } ld_settings;
@@ -63,7 +67,9 @@ void ld_client_free(ld_client *c);
 
 /* Applies settings: a new endpoint reconnects, a new name / engine / size reopens the stream,
  * new parameters are sent as a `params` message (a change of text alone after
- * LD_TYPING_PAUSE seconds without another change). */
+ * LD_TYPING_PAUSE seconds without another change). `open` carries every parameter; a `params`
+ * message only those whose value changed, and the engine's default (from its schema) for a
+ * parameter that is no longer set. */
 void ld_client_configure(ld_client *c, const ld_settings *s);
 /* The size of the picture the frames come from; 0 x 0 = none (no stream is opened). */
 void ld_client_set_source_size(ld_client *c, uint32_t w, uint32_t h);
@@ -87,6 +93,27 @@ const uint8_t *ld_client_output(const ld_client *c, uint32_t *w, uint32_t *h, ui
 void ld_client_status(const ld_client *c, ld_status *st);
 /* The daemon's engines, comma-separated ("" before the first welcome). */
 void ld_client_engines(const ld_client *c, char *buf, size_t len);
+/* The engine the stream uses (or would use now: "auto" resolved), "" before the first welcome. */
+void ld_client_engine(const ld_client *c, char *buf, size_t len);
+/* Bumped on every welcome: the engines and their schemas may have changed. */
+unsigned ld_client_welcome_gen(const ld_client *c);
+/* Encodes the schema array of an engine of the daemon into w (reset first); 0 = done,
+ * -1 = the daemon has no such engine or it has no schema. */
+int ld_client_schema(const ld_client *c, const char *engine, ld_mpw *w);
+
+/* The daemon's presets, each name followed by '\n' ("" before the first answer); *gen is
+ * bumped on every answer. The list is asked for after each welcome and by
+ * ld_client_refresh_presets. */
+void ld_client_presets(const ld_client *c, char *buf, size_t len, unsigned *gen);
+void ld_client_refresh_presets(ld_client *c);
+/* Recalls a daemon preset into the open stream (`params` with `preset`, and `transition` when
+ * the settings ask for one). 0 = sent; -1 = no open stream (the error says so). A refusal
+ * comes back as the status's error. */
+int ld_client_recall(ld_client *c, const char *preset);
+/* The recall message's bytes (what ld_client_recall sends). */
+void ld_encode_recall(ld_mpw *w, int64_t id, int64_t stream, const char *preset,
+		      double transition);
+
 /* "streaming video-tiny 512x288 | in 30.0 fps | out 29.8 fps | 95 ms | drops 3" */
 void ld_client_status_line(const ld_client *c, char *buf, size_t len);
 

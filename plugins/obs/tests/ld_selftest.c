@@ -8,6 +8,10 @@
  *   ld_selftest fit SW SH MIN MAX MULTIPLE
  *   ld_selftest extra TEXT             ld_parse_extra_params
  *   ld_selftest engines                LD_PREFERRED_ENGINES
+ *   ld_selftest schema                 stdin: hex of a schema array; stdout: one line per
+ *        property description (ld_schema_props), fields separated by " | "
+ *   ld_selftest presets                stdin: hex of a presets answer; stdout: the names
+ *   ld_selftest recall ID STREAM PRESET TRANSITION   hex of the recall message
  *   ld_selftest bench ENDPOINT W H N   N passthrough round trips of a BGRA frame: one line
  *        "p50_ms X p99_ms Y fps Z"
  *   ld_selftest typing ENDPOINT OUTFILE   passthrough, mode typed letter by letter from
@@ -16,11 +20,14 @@
  *        streams the test pattern; after N outputs saves OUTPREFIX.1 (BGRA), applies THEN
  *        (extra-params text) and after N more saves OUTPREFIX.2; prints status lines.
  *        $LD_SELFTEST_TRANSPORT (shm, inline), $LD_SELFTEST_KEYS (a CURVE keys folder) and
- *        $LD_SELFTEST_FIXED (WxH) set the matching settings, for client and bench.
+ *        $LD_SELFTEST_FIXED (WxH) set the matching settings, for client and bench;
+ *        $LD_SELFTEST_TRANSITION (seconds) too, and $LD_SELFTEST_RECALL (a preset name) is
+ *        recalled after THEN is applied. At the end, "presets NAME,NAME," (the daemon's).
  */
 #include "ld_client.h"
 #include "ld_msgpack.h"
 #include "ld_ring.h"
+#include "ld_schema.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -320,7 +327,8 @@ static void stream_for(ld_client *c, uint8_t *px, uint64_t *seq, int ms)
 static void env_settings(ld_settings *s)
 {
 	const char *transport = getenv("LD_SELFTEST_TRANSPORT"), *keys = getenv("LD_SELFTEST_KEYS");
-	const char *fixed = getenv("LD_SELFTEST_FIXED");
+	const char *fixed = getenv("LD_SELFTEST_FIXED"), *transition = getenv("LD_SELFTEST_TRANSITION");
+	s->transition = transition ? atof(transition) : 0.0;
 	snprintf(s->transport, sizeof(s->transport), "%s", transport ? transport : "");
 	snprintf(s->keys_dir, sizeof(s->keys_dir), "%s", keys ? keys : "");
 	if (fixed && sscanf(fixed, "%ux%u", &s->fixed_w, &s->fixed_h) != 2)
@@ -369,6 +377,10 @@ static int cmd_client(char **a)
 			phase = 2;
 			s->nparams = ld_parse_extra_params(a[6], s->params, LD_MAX_PARAMS);
 			ld_client_configure(c, s);
+			if (getenv("LD_SELFTEST_RECALL")) {
+				ld_client_poll(c, 5);
+				printf("recall %d\n", ld_client_recall(c, getenv("LD_SELFTEST_RECALL")));
+			}
 			/* a change of text alone waits LD_TYPING_PAUSE before it is sent */
 			stream_for(c, px, &seq, (int)(LD_TYPING_PAUSE * 1000) + 300);
 			outs = 0;
@@ -377,6 +389,11 @@ static int cmd_client(char **a)
 	}
 	ld_client_status_line(c, line, sizeof(line));
 	printf("final %s\n", line);
+	char names[2048];
+	ld_client_presets(c, names, sizeof(names), NULL);
+	for (char *nl = strchr(names, '\n'); nl; nl = strchr(nl, '\n'))
+		*nl = ',';
+	printf("presets %s\n", names);
 	ld_client_free(c);
 	free(px);
 	free(s);
@@ -415,6 +432,70 @@ static int cmd_typing(char **a)
 	free(px);
 	free(s);
 	return out ? 0 : 1;
+}
+
+/* Reads one hex line from stdin into buf; returns its byte count, or -1. */
+static long read_hex(uint8_t *buf, size_t cap)
+{
+	static char line[1 << 20];
+	if (!fgets(line, sizeof(line), stdin))
+		return -1;
+	size_t len = strcspn(line, "\r\n"), n = 0;
+	for (size_t i = 0; i + 1 < len && n < cap; i += 2) {
+		unsigned v;
+		sscanf(line + i, "%2x", &v);
+		buf[n++] = (uint8_t)v;
+	}
+	return (long)n;
+}
+
+static const char *const WIDGETS[] = {"extra", "float_slider", "float", "int_slider", "int",
+				      "bool", "list", "text", "text_multiline"};
+
+static int cmd_schema(void)
+{
+	static uint8_t buf[1 << 19];
+	static ld_prop props[LD_PROP_MAX];
+	long n = read_hex(buf, sizeof(buf));
+	ld_mp_doc doc;
+	if (n < 0 || ld_mp_parse(&doc, buf, (size_t)n) != 0) {
+		printf("ERROR\n");
+		return 1;
+	}
+	int count = ld_schema_props(doc.nodes, props, LD_PROP_MAX);
+	for (int i = 0; i < count; i++) {
+		const ld_prop *p = &props[i];
+		printf("%s | %s | %s | %s | %.17g %.17g %.17g | ", p->key, p->kind,
+		       WIDGETS[p->widget], p->label, p->lo, p->hi, p->step);
+		if (p->widget == LD_W_FLOAT_SLIDER || p->widget == LD_W_FLOAT)
+			printf("%.17g", p->def_f);
+		else if (p->widget == LD_W_INT_SLIDER || p->widget == LD_W_INT || p->widget == LD_W_BOOL)
+			printf("%lld", (long long)p->def_i);
+		else
+			printf("%s", p->def_s);
+		printf(" | ");
+		for (int j = 0; j < p->nchoices; j++)
+			printf("%s%s", j ? "," : "", p->choices[j]);
+		printf(" | %s | %s\n", p->aliases, p->tooltip);
+	}
+	ld_mp_doc_free(&doc);
+	return 0;
+}
+
+static int cmd_presets(void)
+{
+	static uint8_t buf[1 << 19];
+	char names[8192];
+	long n = read_hex(buf, sizeof(buf));
+	ld_mp_doc doc;
+	if (n < 0 || ld_mp_parse(&doc, buf, (size_t)n) != 0) {
+		printf("ERROR\n");
+		return 1;
+	}
+	int count = ld_parse_presets(doc.nodes, names, sizeof(names));
+	printf("count %d\n%s", count, names);
+	ld_mp_doc_free(&doc);
+	return 0;
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -515,6 +596,18 @@ int main(int argc, char **argv)
 	if (strcmp(cmd, "engines") == 0) {
 		for (int i = 0; LD_PREFERRED_ENGINES[i]; i++)
 			printf("%s\n", LD_PREFERRED_ENGINES[i]);
+		return 0;
+	}
+	if (strcmp(cmd, "schema") == 0)
+		return cmd_schema();
+	if (strcmp(cmd, "presets") == 0)
+		return cmd_presets();
+	if (strcmp(cmd, "recall") == 0 && argc == 6) {
+		ld_mpw w;
+		ld_mpw_init(&w);
+		ld_encode_recall(&w, atoll(argv[2]), atoll(argv[3]), argv[4], atof(argv[5]));
+		print_hex("recall", &w);
+		ld_mpw_free(&w);
 		return 0;
 	}
 	if (strcmp(cmd, "typing") == 0 && argc == 4)
