@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from livediffusion.daemon.server import Daemon
-from livediffusion.plugins.touchdesigner.livediffusion_td import (PAGES, TDBridge,
+from livediffusion.plugins.touchdesigner import livediffusion_td as ld
+from livediffusion.plugins.touchdesigner.livediffusion_td import (PAGES, TD_NAME, TDBridge,
                                                                   parse_prompts)
 
 
@@ -139,55 +140,195 @@ def test_parameters_map_onto_the_engine_live(daemon):
         bridge.disconnect()
 
 
-def test_parameter_pages_and_prompt_lists():
+def test_fixed_pages_and_prompt_lists():
     names = [n for page in PAGES.values() for n, *_ in page]
-    assert len(names) == len(set(names)) and all(n[0].isupper() and n[1:].islower()
-                                                 for n in names)  # TD's naming rule
-    assert set(PAGES) == {"Daemon", "Generation", "Stream", "Status"}
+    assert len(names) == len(set(names)) and all(TD_NAME.match(n) for n in names)
+    assert set(PAGES) == {"Daemon", "Stream", "Presets", "Status"}   # Generation: generated
     assert parse_prompts("a:1; b : 0.5 ;c") == [["a", 1.0], ["b", 0.5], ["c", 1.0]]
     assert parse_prompts("") == []
 
 
-class FakePar:
-    def __init__(self, name, value):
-        self.name, self.value = name, value
+class TDPar:
+    """A custom parameter as TD's Par class has it (the members the component sets), and
+    what TD does with a value: clamps numbers when clampMin/clampMax are on, and queues a
+    value change for the Parameter Execute DAT (scripts' changes too, as in TD)."""
+
+    START = {"Float": 0.0, "Int": 0, "Toggle": False, "Menu": "", "Str": "", "Pulse": None}
+
+    def __init__(self, page, name, style, label):
+        self.page, self.name, self.style, self.label = page, name, style, label
+        self._val = self.default = self.START[style]
+        self.min = self.normMin = 0
+        self.max = self.normMax = 1
+        self.clampMin = self.clampMax = self.readOnly = False
+        self.help = ""
+        self.menuNames, self.menuLabels = [], []
+        self.mode = "ParMode.CONSTANT"
+
+    @property
+    def val(self):
+        return self._val
+
+    @val.setter
+    def val(self, value):
+        if self.style in ("Float", "Int"):
+            value = (float if self.style == "Float" else int)(value)
+            if self.clampMin:
+                value = max(value, self.min)
+            if self.clampMax:
+                value = min(value, self.max)
+        if value != self._val:
+            self._val = value
+            self.page.comp.changed.append(self)
 
     def eval(self):
-        return self.value
+        return self._val
+
+    @property
+    def valid(self):
+        return self in self.page._pars and self.page in self.page.comp.customPages
+
+    def destroy(self):
+        self.page._pars.remove(self)
+        self.page.comp.calls.append(("destroy", self.name))
 
 
-class FakeComp:
-    """The few things the shims touch: path, customPars, op(name), par.<Name> = value."""
+class TDPage:
+    """TD's Page class: append<Style>(name, label=None, ...) returns a ParGroup (a list
+    here), sort, destroy; TD's naming rule is enforced."""
 
-    def __init__(self, values, top):
+    def __init__(self, comp, name):
+        self.comp, self.name, self._pars = comp, name, []
+
+    @property
+    def pars(self):
+        return list(self._pars)
+
+    def _append(self, style, name, label=None, size=1, order=None, replace=True):
+        assert TD_NAME.match(name), f"TD refuses the name {name!r}"
+        assert size == 1 and order is None
+        for page in self.comp.customPages:
+            for par in page.pars:
+                if par.name == name:
+                    assert replace, name
+                    par.destroy()      # replace=True: fresh attributes, value reset
+        par = TDPar(self, name, style, label or name)
+        self._pars.append(par)
+        self.comp.calls.append(("append" + style, name, label))
+        return [par]
+
+    def appendFloat(self, name, label=None, size=1, order=None, replace=True):
+        return self._append("Float", name, label, size, order, replace)
+
+    def appendInt(self, name, label=None, size=1, order=None, replace=True):
+        return self._append("Int", name, label, size, order, replace)
+
+    def appendStr(self, name, label=None, order=None, replace=True):
+        return self._append("Str", name, label, 1, order, replace)
+
+    def appendToggle(self, name, label=None, order=None, replace=True):
+        return self._append("Toggle", name, label, 1, order, replace)
+
+    def appendMenu(self, name, label=None, order=None, replace=True):
+        return self._append("Menu", name, label, 1, order, replace)
+
+    def appendPulse(self, name, label=None, order=None, replace=True):
+        return self._append("Pulse", name, label, 1, order, replace)
+
+    def sort(self, *names):
+        assert sorted(names) == sorted(p.name for p in self._pars)
+        self._pars.sort(key=lambda p: names.index(p.name))
+
+    def destroy(self):
+        self.comp.customPages.remove(self)
+
+
+class TDParCollection:
+    """comp.par: ``comp.par.Name`` is the Par (None if missing, as getattr with a default
+    reads it), ``comp.par.Name = v`` sets its value."""
+
+    def __init__(self, comp):
+        object.__setattr__(self, "_comp", comp)
+
+    def __getattr__(self, name):
+        for par in self._comp.customPars:
+            if par.name == name:
+                return par
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        getattr(self, name).val = value
+
+
+class TDComp:
+    """A Base COMP with custom pages (appendCustomPage makes a page even when one of that
+    name exists, as TD does), customPars, par, op(name), and every call recorded."""
+
+    def __init__(self, top, **values):
         self.path = f"/project1/livediffusion{id(self)}"
-        self.customPars = [FakePar(k, v) for k, v in values.items()]
+        self.customPages, self.calls, self.changed = [], [], []
+        self.par = TDParCollection(self)
         self.top, self.script = top, FakeScriptTOP()
         self.script.cooked = 0
         self.script.cook = lambda force=False: setattr(self.script, "cooked",
                                                        self.script.cooked + 1)
-        self.par = type("Pars", (), {})()
+        ld.build_fixed_pages(self)
+        for name, value in values.items():
+            setattr(self.par, name, value)
+        self.changed.clear()   # the values it was saved with, before any callback ran
+
+    def appendCustomPage(self, name):
+        page = TDPage(self, name)
+        self.customPages.append(page)
+        self.calls.append(("appendCustomPage", name))
+        return page
+
+    def sortCustomPages(self, *names):
+        self.customPages.sort(key=lambda p: names.index(p.name))
+
+    @property
+    def customPars(self):
+        return [par for page in self.customPages for par in page.pars]
+
+    def page(self, name):
+        (page,) = [p for p in self.customPages if p.name == name]
+        return page
 
     def op(self, name):
         return {"resolution1": self.top, "script1": self.script}[name]
+
+    def td_frames(self, seconds, fps=60.0):
+        """TD's frame loop: Execute DAT, Script TOP, then the Parameter Execute DAT for
+        every value that changed (by the user or by the component itself)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            ld.on_frame_start(self)
+            ld.on_cook(self, self.script)
+            changed, self.changed = self.changed, []
+            for par in changed:
+                if par.valid:
+                    ld.on_value_change(self, par)
+            time.sleep(1 / fps)
 
 
 def test_the_one_line_shims_drive_the_component(daemon):
     import ast
     from pathlib import Path
 
-    from livediffusion.plugins.touchdesigner import livediffusion_td as ld
-
-    comp = FakeComp({"Endpoint": daemon.endpoint, "Engine": "passthrough"}, FakeTOP(32, 32))
+    comp = TDComp(FakeTOP(32, 32), Endpoint=daemon.endpoint, Engine="passthrough")
     try:
         for _ in range(60):
             ld.on_frame_start(comp)
             ld.on_cook(comp, comp.script)
             time.sleep(1 / 60)
         assert comp.script.cooked == 60 and comp.script.copied[-1].dtype == np.uint8
-        assert comp.par.State == "streaming passthrough 32x32" and comp.par.Fpsout > 0
-        ld.on_value_change(comp, FakePar("Seed", 5))
-        ld.on_pulse(comp, FakePar("Reset", None))
+        assert comp.par.State.eval() == "streaming passthrough 32x32"
+        assert comp.par.Fpsout.eval() > 0
+        schema = ld._BRIDGES[comp.path].client.capabilities["engines"]["passthrough"]["schema"]
+        assert [p.name for p in comp.page("Generation").pars] == \
+            [ld.td_name(e["name"]) for e in schema] and schema[0]["name"] == "mode"
+        ld.on_value_change(comp, comp.par.Mode)   # the page made from passthrough's schema
+        ld.on_pulse(comp, comp.par.Reset)
     finally:
         ld._BRIDGES.pop(comp.path).disconnect()
     # every shim function is one statement calling this module

@@ -8,7 +8,7 @@ livediffusion.tox beside this script.
 
 import os
 
-from livediffusion.plugins.touchdesigner.livediffusion_td import PAGES
+from livediffusion.plugins.touchdesigner.livediffusion_td import build_fixed_pages
 
 HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else \
     project.folder  # noqa: F821 - TD global
@@ -28,24 +28,9 @@ def build(parent_path="/project1"):
     if old is not None:
         old.destroy()
     comp = host.create(baseCOMP, "livediffusion")  # noqa: F821 - TD global
-    for page_name, pars in PAGES.items():
-        page = comp.appendCustomPage(page_name)
-        for name, kind, default, label in pars:
-            if kind == "pulse":
-                page.appendPulse(name, label=label)
-                continue
-            if kind in ("str", "status") and not isinstance(default, (int, float)):
-                par = page.appendStr(name, label=label)[0]
-            elif kind == "int" or (kind == "status" and isinstance(default, int)):
-                par = page.appendInt(name, label=label)[0]
-            elif kind == "toggle":
-                par = page.appendToggle(name, label=label)[0]
-            else:
-                par = page.appendFloat(name, label=label)[0]
-            par.default = default
-            par.val = default
-            if kind == "status":
-                par.readOnly = True
+    # the fixed pages (PAGES) and an empty Generation page: the component fills that one
+    # from the engine's schema once it is connected, and rebuilds it when the engine changes
+    build_fixed_pages(comp)
     inp = comp.create(inTOP, "in1")  # noqa: F821
     res = comp.create(resolutionTOP, "resolution1")  # noqa: F821
     res.inputConnectors[0].connect(inp)
