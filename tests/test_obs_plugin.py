@@ -18,6 +18,7 @@ import pytest
 
 from livediffusion.daemon.server import Daemon, free_port
 from livediffusion.plugins.obs.build import selftest_path
+from livediffusion.shared import Client
 from livediffusion.shared.client import PREFERRED_ENGINES
 from livediffusion.shared.protocol import FrameSpec
 from livediffusion.shared.ring import FrameRing
@@ -276,6 +277,205 @@ def test_extra_parameters_are_typed(selftest):
                                 "flag bool true", "prompt str a cat = a dog", "neg int -4"]
 
 
+# --- engine schema -> properties, presets, recall ------------------------------------------------
+
+def schema_lines(selftest, schema) -> dict[str, list[str]]:
+    out = run(selftest, "schema", stdin=pack(schema).hex().encode() + b"\n")
+    rows = [line.split(" | ") for line in out.splitlines()]
+    assert all(len(r) == 9 for r in rows), out
+    return {r[0]: r[1:] for r in rows}
+
+
+def daemon_schemas(engines=("passthrough", "image-tiny", "video-tiny")) -> dict:
+    d = Daemon(port=0, engines=engines).start()
+    try:
+        with Client(d.endpoint, name="schema-test") as c:
+            return {name: caps["schema"] for name, caps in c.capabilities["engines"].items()}
+    finally:
+        d.stop()
+
+
+def test_the_engines_schema_becomes_property_descriptions(selftest):
+    schemas = daemon_schemas()
+    video = schema_lines(selftest, schemas["video-tiny"])
+    image = schema_lines(selftest, schemas["image-tiny"])
+    passthrough = schema_lines(selftest, schemas["passthrough"])
+    # every schema entry, in the engine's order, under a stable "p_<name>" key
+    assert list(video) == ["p_" + e["name"] for e in schemas["video-tiny"]]
+    # kind, widget, label, "lo hi step", default, choices, aliases, tooltip
+    assert video["p_noise_scale"][:6] == ["float", "float_slider", "Noise scale",
+                                          "0.11 1 0.001", "0.80000000000000004", ""]
+    assert video["p_noise_scale"][6] == "strength"
+    assert video["p_noise_scale"][7].startswith("how much of the input is replaced")
+    assert image["p_guidance"][:5] == ["float", "float_slider", "Guidance", "0 20 0.10000000000000001",
+                                       "1"]
+    assert image["p_strength"][3] == "0 1 0.01"
+    assert video["p_steps"][:4] == ["int", "int_slider", "Steps", "1 4 1"]
+    assert video["p_seed"][:5] == ["int", "int", "Seed", "0 2147483647 1", "42"]  # 32-bit OBS int
+    assert video["p_rope_max"][1:3] == ["int", "Rope max (latent frames)"]  # too wide: a spinner
+    assert video["p_stream_batch"][:2] == ["bool", "bool"] and video["p_stream_batch"][4] == "1"
+    assert video["p_decoder"][1] == "list" and video["p_decoder"][4:6] == ["vae", "vae,tiny"]
+    assert video["p_prompt"][1] == "text_multiline"
+    assert video["p_prompt"][4] == "a painting in vivid colours"
+    assert image["p_negative_prompt"][1] == "text"
+    assert [k for k, r in image.items() if r[1] == "extra"] == ["p_prompts", "p_seeds",
+                                                                 "p_t_index_list"]
+    assert video["p_cache_frames"][7].endswith("A change rebuilds part of the stream's state.")
+    assert video["p_encoder"][7].endswith("A change restarts the stream's history.")
+    assert list(passthrough) == ["p_" + e["name"] for e in schemas["passthrough"]]
+    assert passthrough["p_mode"][:6] == ["choice", "list", "Mode", "0 0 0", "identity",
+                                         "identity,invert"]
+
+
+def test_unusual_schema_entries(selftest):
+    rows = schema_lines(selftest, [
+        {"name": "free", "kind": "float", "default": 2, "description": "no bounds"},
+        {"name": "half", "kind": "float", "default": 0.5, "lo": 0.0, "description": ""},
+        {"name": "count", "kind": "int", "default": 3, "description": "no bounds"},
+        {"name": "big", "kind": "int", "default": -5, "lo": -2**40, "hi": 2**40},
+        {"name": "gizmo", "kind": "vector3", "default": [1, 2, 3], "description": "new kind"},
+        {"kind": "int", "default": 1},                       # no name: skipped
+        {"name": 7, "kind": "int"},                          # not a str: skipped
+        {"name": "many", "kind": "choice", "default": "c3",
+         "choices": [f"c{i}" for i in range(20)]},
+        {"name": "flag", "kind": "bool", "default": 1},      # not a bool: false
+    ])
+    assert list(rows) == ["p_free", "p_half", "p_count", "p_big", "p_gizmo", "p_many", "p_flag"]
+    assert rows["p_free"][1:5] == ["float", "Free", "-1000000000 1000000000 0.01", "2"]
+    assert rows["p_half"][1:4] == ["float", "Half", "0 1000000000 0.01"]
+    assert rows["p_count"][1:4] == ["int", "Count", "-2147483648 2147483647 1"]
+    assert rows["p_big"][1:5] == ["int", "Big", "-2147483648 2147483647 1", "-5"]
+    assert rows["p_gizmo"][1] == "extra"
+    assert rows["p_many"][5] == ",".join(f"c{i}" for i in range(16))
+    assert rows["p_flag"][4] == "0"
+    # not an array: nothing
+    assert run(selftest, "schema", stdin=pack({"name": "x"}).hex().encode() + b"\n") == ""
+
+
+def test_preset_lists_are_read_from_the_daemons_answer(selftest, daemon):
+    with Client(daemon.endpoint, name="presets-test") as c:
+        c.presets("save", "warm look", params={"mode": "invert"})
+        c.presets("save", "zé", params={"mode": "identity"})
+    raw = Raw(daemon.endpoint)
+    try:
+        raw.send({"type": "hello", "id": 1, "client": "presets-test"})
+        assert raw.sock.poll(3000)
+        raw.sock.recv_multipart()
+        raw.send({"type": "presets", "id": 2, "op": "list"})
+        assert raw.sock.poll(3000)
+        answer = raw.sock.recv_multipart()[0]
+    finally:
+        raw.close()
+    names = list(msgpack.unpackb(answer)["presets"])
+    assert set(names) >= {"warm look", "zé"}
+    out = run(selftest, "presets", stdin=answer.hex().encode() + b"\n")
+    assert out.splitlines() == [f"count {len(names)}", *names]
+    for bad in ({"type": "presets"}, {"type": "streams", "presets": {}},
+                {"type": "presets", "presets": []}):
+        assert run(selftest, "presets", stdin=pack(bad).hex().encode() + b"\n") == "count -1\n"
+    assert run(selftest, "presets", stdin=pack({"type": "presets", "presets": {}}).hex().encode()
+               + b"\n") == "count 0\n"
+
+
+def test_recall_message_bytes(selftest):
+    for transition, extra in ((0, {}), (2.5, {"transition": {"seconds": 2.5}})):
+        out = run(selftest, "recall", "5", "300", "warm look", str(transition))
+        want = {"v": 1, "type": "params", "id": 5, "stream": 300, "preset": "warm look", **extra}
+        assert bytes.fromhex(out.split()[1]) == pack(want)
+
+
+def fake_daemon_params(selftest, tmp_path, params: str, then: str, schema: list,
+                       env: dict) -> list[dict]:
+    """The messages ld_selftest's client sends to a fake daemon (a ROUTER) that answers hello,
+    open (inline) and echoes every frame as an output frame."""
+    import zmq
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    proc = subprocess.Popen([str(selftest), "client", f"tcp://127.0.0.1:{port}", "fake",
+                             "16", "8", "2", params, then, str(tmp_path / "p"), "15"],
+                            stdout=subprocess.PIPE, text=True,
+                            env={"LD_SELFTEST_TRANSPORT": "inline", **env})
+    seen, out_seq = [], 0
+    try:
+        while proc.poll() is None:
+            if not router.poll(100):
+                continue
+            parts = router.recv_multipart()
+            peer, msg = parts[0], msgpack.unpackb(parts[1])
+            seen.append(msg)
+            if msg["type"] == "hello":
+                router.send_multipart([peer, pack({
+                    "v": 1, "type": "welcome", "re": msg["id"], "session": 1, "protocol": 1,
+                    "heartbeat_interval": 1.0, "heartbeat_timeout": 3.0,
+                    "capabilities": {"engines": {"fake": {
+                        "params": {e["name"]: e["default"] for e in schema},
+                        "schema": schema}}}})])
+            elif msg["type"] == "open":
+                spec = {"width": 16, "height": 8, "format": "bgra", "channels": 4,
+                        "dtype": "uint8", "origin": "top", "stride": 64}
+                router.send_multipart([peer, pack({
+                    "v": 1, "type": "opened", "re": msg["id"], "stream": 9, "name": msg["name"],
+                    "transport": "inline", "input": spec, "output": spec,
+                    "params": msg["params"]})])
+            elif msg["type"] == "frame":
+                out_seq += 1
+                router.send_multipart([peer, pack({"v": 1, "type": "frame", "stream": 9,
+                                                   "seq": out_seq, "ts": msg["ts"]}), parts[2]])
+        assert proc.wait(20) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        router.close()
+    return [m for m in seen if m["type"] in ("open", "params", "presets")]
+
+
+def test_c_client_sends_only_what_changed(selftest, tmp_path):
+    schema = [{"name": "mode", "kind": "choice", "default": "identity",
+               "choices": ["identity", "invert"]},
+              {"name": "level", "kind": "int", "default": 1, "lo": 0, "hi": 9},
+              {"name": "noise_scale", "kind": "float", "default": 0.8, "lo": 0.1, "hi": 1.0,
+               "aliases": ["strength"]},
+              {"name": "unused", "kind": "int", "default": 0}]
+    msgs = fake_daemon_params(selftest, tmp_path, "mode=invert;level=2;strength=0.5",
+                              "level=3;strength=0.5", schema,
+                              {"LD_SELFTEST_TRANSITION": "1.5"})
+    kinds = [m["type"] for m in msgs]
+    assert kinds[:2] == ["presets", "open"], kinds          # the preset list, asked after welcome
+    # open: everything set; an alias goes out under the parameter's name
+    assert msgs[1]["params"] == {"mode": "invert", "level": 2, "noise_scale": 0.5}
+    params = [m for m in msgs if m["type"] == "params"]
+    # then only the changed level, and mode (no longer set) back to the engine's default,
+    # with the transition the settings ask for
+    assert len(params) == 1, params
+    assert params[0]["params"] == {"level": 3, "mode": "identity"}
+    assert params[0]["transition"] == {"seconds": 1.5} and params[0]["stream"] == 9
+    # without a transition, no transition field
+    msgs = fake_daemon_params(selftest, tmp_path, "level=2", "level=4", schema, {})
+    params = [m for m in msgs if m["type"] == "params"]
+    assert [p["params"] for p in params] == [{"level": 4}] and "transition" not in params[0]
+
+
+def test_c_client_recalls_a_daemon_preset(selftest, daemon, tmp_path):
+    with Client(daemon.endpoint, name="presets-test") as c:
+        c.presets("save", "negative", params={"mode": "invert"})
+    out = run(selftest, "client", daemon.endpoint, "passthrough", "32", "24", "6",
+              "mode=identity", "mode=identity", str(tmp_path / "r"), "30",
+              env={"LD_SELFTEST_RECALL": "negative"})
+    assert "recall 0" in out, out
+    first = np.fromfile(f"{tmp_path / 'r'}.1", np.uint8).reshape(24, 32, 4)
+    np.testing.assert_array_equal(first, pattern(32, 24, int(first[0, 0, 0])))
+    second = np.fromfile(f"{tmp_path / 'r'}.2", np.uint8).reshape(24, 32, 4)
+    np.testing.assert_array_equal(second, inverted(pattern(32, 24, 255 - int(second[0, 0, 0]))))
+    presets = next(line for line in out.splitlines() if line.startswith("presets "))
+    assert "negative," in presets
+    # an unknown preset: the daemon's bad_params shows in the status, the stream goes on
+    out = run(selftest, "client", daemon.endpoint, "passthrough", "32", "24", "3",
+              "mode=identity", "mode=identity", str(tmp_path / "u"), "30",
+              env={"LD_SELFTEST_RECALL": "no such preset"})
+    assert "final streaming passthrough" in out and "bad_params" in out, out
+
+
 # --- the client core against a real daemon ------------------------------------------------------
 
 def inverted(frame: np.ndarray) -> np.ndarray:
@@ -461,7 +661,7 @@ def test_client_core_compiles_for_windows():
     zmq_h = Path("/usr/include/zmq.h")
     if not zmq_h.exists():
         skip_or_fail("zmq.h is not installed (libzmq3-dev)")
-    for source in ("src/ld_msgpack.c", "src/ld_ring.c", "src/ld_client.c",
+    for source in ("src/ld_msgpack.c", "src/ld_ring.c", "src/ld_schema.c", "src/ld_client.c",
                    "tests/ld_selftest.c"):
         result = subprocess.run([gcc, "-std=c11", "-Wall", "-Wextra", "-Werror",
                                  "-Wno-format-truncation", "-fsyntax-only",
