@@ -33,9 +33,12 @@ from .config import ServeConfig
 from .engines import INLINE, REGISTRY
 from .playout import Playout
 from .scheduler import Refused, Scheduler
+from .engines.base import ParamError
 from .presets import PresetError, PresetStore, for_engine
-from .step import (CloseStream, CommandResult, FrameRef, OpenStream, StepResult, UpdateParams,
-                   WorkerReady, batch_key)
+from .step import (CloseStream, CommandResult, CueCommand, FrameRef, OpenStream, StepResult,
+                   UpdateParams, WorkerReady, batch_key)
+from .transitions import MAX_CUES
+from .transitions import parse_spec as parse_transition
 from .worker import EngineWorker, InlineWorker, ThreadedWorker
 
 log = logging.getLogger("livediffusion.daemon")
@@ -82,6 +85,9 @@ class ServerStream:
     final: dict[str, Any] = field(default_factory=dict)
     #: the effective parameters the engine last answered (opened, params_ok)
     params: dict[str, Any] = field(default_factory=dict)
+    #: the worker's last word on the stream's transition and cue list (None: none)
+    transition: dict[str, Any] | None = None
+    cues: dict[str, Any] | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -628,7 +634,19 @@ class Daemon:
     def _on_params(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         stream = self._owned_stream(session, msg)
         stream.worker.submit(UpdateParams((session.identity, rid), stream.id,
-                                          self._changes(stream, msg)))
+                                          self._changes(stream, msg),
+                                          self._transition(stream, msg)))
+
+    @staticmethod
+    def _transition(stream: ServerStream, msg: dict[str, Any]) -> tuple[float, str, str] | None:
+        """A params/control message's ``transition`` (None: none, or 0 seconds)."""
+        if "transition" not in msg:
+            return None
+        try:
+            spec = parse_transition(msg["transition"])
+        except ParamError as exc:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, str(exc), stream=stream.id) from None
+        return spec if spec[0] > 0 else None
 
     def _changes(self, stream: ServerStream, msg: dict[str, Any]) -> dict[str, Any]:
         """A params/control message's changes: its ``params`` over the named preset's
@@ -686,13 +704,47 @@ class Daemon:
     def _on_control(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         """Parameters for a stream named by any session (a controller beside the tool that
         owns the stream); the answer goes to the asker."""
-        sid = self._names.get(msg["name"])
+        stream = self._named_stream(msg["name"])
+        stream.worker.submit(UpdateParams((session.identity, rid), stream.id,
+                                          self._changes(stream, msg),
+                                          self._transition(stream, msg)))
+
+    def _on_cues(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        """A stream's cue list: the session's own (``stream``) or any by ``name``.  Each
+        cue's preset is resolved here, its params winning, as in ``control``."""
+        if "stream" in msg:
+            stream = self._owned_stream(session, msg)
+        elif "name" in msg:
+            stream = self._named_stream(msg["name"])
+        else:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "cues needs a stream or a name.")
+        cues = msg.get("cues")
+        if msg["op"] == "play":
+            if not isinstance(cues, list) or not cues:
+                raise ProtocolError(ErrorCode.BAD_PARAMS, "play needs a list of cues.",
+                                    stream=stream.id)
+            if len(cues) > MAX_CUES:
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"a cue list holds at most "
+                                    f"{MAX_CUES} cues, not {len(cues)}.", stream=stream.id)
+            resolved = []
+            for i, cue in enumerate(cues):
+                if isinstance(cue, dict) and "preset" in cue:
+                    cue = {**cue, "params": self._changes(stream, cue)}
+                elif isinstance(cue, dict) and not isinstance(cue.get("params", {}), dict):
+                    raise ProtocolError(ErrorCode.BAD_PARAMS, f"cue {i}'s params must be a "
+                                        f"map.", stream=stream.id)
+                resolved.append(cue)
+            cues = resolved
+        stream.worker.submit(CueCommand((session.identity, rid), stream.id, msg["op"], cues,
+                                        bool(msg.get("loop", False)),
+                                        int(msg.get("index", 0))))
+
+    def _named_stream(self, name: str) -> ServerStream:
+        sid = self._names.get(name)
         stream = self.streams.get(sid) if sid is not None else None
         if stream is None or stream.state != "open":
-            raise ProtocolError(ErrorCode.UNKNOWN_STREAM,
-                                f"no open stream is named {msg['name']!r}.")
-        stream.worker.submit(UpdateParams((session.identity, rid), stream.id,
-                                          self._changes(stream, msg)))
+            raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"no open stream is named {name!r}.")
+        return stream
 
     def _on_frame(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         stream = self._owned_stream(session, msg)
@@ -791,6 +843,7 @@ class Daemon:
             "decimated": sched.get("decimated", 0), "late": stream.playout.late,
             "delay_ms": round(stream.playout.delay * 1000.0, 1),
             "paced": stream.playout.paced,
+            "transition": stream.transition, "cues": stream.cues,
         }
 
     def _begin_close(self, stream: ServerStream, request: Any) -> None:
@@ -945,16 +998,24 @@ class Daemon:
                      stream.output.height, stream.output.format, stream.output.dtype,
                      stream.engine, stream.transport)
             self._send(identity, reply)
-        elif result.kind == "params_ok":
+        elif result.kind in ("params_ok", "cues"):
             stream.params = dict(result.body.get("params", stream.params))
+            stream.transition = result.body.get("transition")
+            stream.cues = result.body.get("cues")
             if "frames_per_step" in result.body:
                 self.scheduler.set_frames_per_step(stream.id, result.body["frames_per_step"])
             # a change of steps or decoder changes what the stream's steps cost
             self.scheduler.set_key(stream.id, batch_key(
                 stream.engine, stream.input.width, stream.input.height,
                 self.capabilities[stream.engine], result.body.get("params")))
-            self._send(identity, {"type": "params_ok", "re": rid, "stream": stream.id,
-                                  "params": result.body.get("params", {})})
+            if result.body.get("quiet"):
+                return  # a transition moving: booked, nobody asked
+            reply = {"type": result.kind, "re": rid, "stream": stream.id,
+                     "params": result.body.get("params", {})}
+            for key in ("transition", "target", "cues"):
+                if result.body.get(key) is not None:
+                    reply[key] = result.body[key]
+            self._send(identity, reply)
         elif result.kind == "closed":
             self._release(stream)
             log.info("stream %d %r closed; memory released", stream.id, stream.name)

@@ -76,6 +76,21 @@ class UpdateParams:
     request: Any
     stream_id: int
     params: dict[str, Any]
+    #: (seconds, curve, blend): move there over time (daemon/transitions.py); None: at once
+    transition: tuple[float, str, str] | None = None
+
+
+@dataclass
+class CueCommand:
+    """A stream's cue list: op play (with ``cues``: maps of params, transition, hold,
+    label), pause, resume, next, jump (``index``), stop or status."""
+
+    request: Any
+    stream_id: int
+    op: str
+    cues: list[dict[str, Any]] | None = None
+    loop: bool = False
+    index: int = 0
 
 
 @dataclass
@@ -84,13 +99,14 @@ class CloseStream:
     stream_id: int
 
 
-Command = OpenStream | UpdateParams | CloseStream
+Command = OpenStream | UpdateParams | CueCommand | CloseStream
 
 
 @dataclass
 class CommandResult:
-    """kind: opened / params_ok / closed / error.  ``body`` holds the reply's fields
-    (opened: params and frames_per_step; error: code and message)."""
+    """kind: opened / params_ok / cues / closed / error.  ``body`` holds the reply's fields
+    (opened: params and frames_per_step; error: code and message).  A params_ok whose body
+    has ``quiet`` comes from a transition moving: the front books it and answers no one."""
 
     kind: str
     stream_id: int

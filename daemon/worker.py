@@ -30,8 +30,9 @@ from livediffusion.shared.ring import FrameRing, RingError, TornRead
 
 from .engines import PIPELINE_PARTS, REGISTRY, pipeline_factory
 from .engines.base import Engine, EngineError, InputFrame, StreamConfig, StreamInput
-from .step import (CloseStream, CommandResult, FrameRef, OpenStream, OutFrame, StepPlan,
-                   StepResult, StreamReport, UpdateParams, WorkerReady, batch_key)
+from .step import (CloseStream, CommandResult, CueCommand, FrameRef, OpenStream, OutFrame,
+                   StepPlan, StepResult, StreamReport, UpdateParams, WorkerReady, batch_key)
+from .transitions import CueList, Transition, parse_cues
 
 log = logging.getLogger("livediffusion.worker")
 
@@ -46,6 +47,13 @@ class WorkerStream:
     paced: bool = True
     #: input seq -> arrival time, for the frames the engine may still return
     arrivals: dict[int, float] = field(default_factory=dict)
+    #: the timed transition under way and the cue list playing (daemon/transitions.py)
+    transition: Transition | None = None
+    cues: CueList | None = None
+    #: the changes last handed to the engine by the transition, and when the front last
+    #: heard where it is
+    moved: dict[str, Any] = field(default_factory=dict)
+    told: float = 0.0
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -74,6 +82,8 @@ class EngineWorker:
         self.held: list[CommandResult] = []
         #: (key, batch size, ms) of the warm-up's steady steps: the cost model's first entries
         self.warm_costs: list[tuple[tuple, int, float]] = []
+        #: engine name -> parameter name -> kind (its schema), for transitions
+        self._kinds: dict[str, dict[str, str]] = {}
 
     # --- building --------------------------------------------------------------------------
 
@@ -137,7 +147,8 @@ class EngineWorker:
         """Run one command or plan; returns its result and any held-back ``opened`` answer
         whose stream became ready meanwhile."""
         if isinstance(item, StepPlan):
-            out = [self._step(item)]
+            moved = self._move(item)
+            out = moved + [self._step(item)]
         elif isinstance(item, OpenStream):
             result = self._open(item)
             if result.kind == "opened" and not self.engines[item.engine].stream_ready(
@@ -148,6 +159,8 @@ class EngineWorker:
                 out = [result]
         elif isinstance(item, UpdateParams):
             out = [self._params(item)]
+        elif isinstance(item, CueCommand):
+            out = self._cues(item)
         else:
             self.held = [r for r in self.held if r.stream_id != item.stream_id]
             self._close(item.stream_id)
@@ -193,20 +206,182 @@ class EngineWorker:
     def _params(self, command: UpdateParams) -> CommandResult:
         stream = self.streams.get(command.stream_id)
         if stream is None:
-            return CommandResult("error", command.stream_id, command.request,
-                                 {"code": ErrorCode.UNKNOWN_STREAM,
-                                  "message": f"stream {command.stream_id} is not open."})
+            return self._not_open(command)
+        now = time.monotonic()
         try:
-            effective = stream.engine.update_params(command.stream_id, command.params)
+            if command.transition is not None and command.transition[0] > 0:
+                self._begin(stream, command.params, command.transition, now)
+                moved = self._move_one(stream, now)
+                if moved is not None and moved.kind == "error":
+                    moved.request = command.request
+                    return moved
+                return self._where(stream, "params_ok", command.request, now)
+            changes = dict(command.params)
+            running = stream.transition
+            if running is not None:  # a plain change takes these parameters over
+                changes = {**running.take_over(set(changes) - {"reset"}), **changes}
+                if running.empty:
+                    stream.transition = None
+            effective = stream.engine.update_params(command.stream_id, changes)
         except Exception as exc:  # noqa: BLE001
             code = getattr(exc, "code", ErrorCode.BAD_PARAMS)
             return CommandResult("error", command.stream_id, command.request,
                                  {"code": code, "message": str(exc)})
         stream.config.params = dict(effective)
-        return CommandResult("params_ok", command.stream_id, command.request,
-                             {"params": effective,
-                              "frames_per_step": stream.engine.frames_per_step(
-                                  command.stream_id)})
+        return self._where(stream, "params_ok", command.request, now)
+
+    @staticmethod
+    def _not_open(command) -> CommandResult:
+        return CommandResult("error", command.stream_id, command.request,
+                             {"code": ErrorCode.UNKNOWN_STREAM,
+                              "message": f"stream {command.stream_id} is not open."})
+
+    def _where(self, stream: WorkerStream, kind: str, request: Any, now: float,
+               quiet: bool = False) -> CommandResult:
+        """A result with the stream's parameters, transition and cue list as they are."""
+        sid = stream.config.stream_id
+        body: dict[str, Any] = {"params": dict(stream.config.params),
+                                "frames_per_step": stream.engine.frames_per_step(sid),
+                                "transition": stream.transition.state(now)
+                                if stream.transition is not None else None,
+                                "cues": stream.cues.report(now) if stream.cues else None}
+        if stream.transition is not None:
+            body["target"] = {**stream.config.params, **stream.transition.target}
+        if quiet:
+            body["quiet"] = True
+        stream.told = now
+        return CommandResult(kind, sid, request, body)
+
+    def _begin(self, stream: WorkerStream, changes: dict[str, Any],
+               spec: tuple[float, str, str], now: float) -> None:
+        """Start a transition towards ``changes`` (a running one is replaced: it goes on
+        from where it is, and its changes not overridden are kept)."""
+        if "reset" in changes:
+            raise EngineError("reset cannot be part of a timed transition.", "bad_params")
+        sid = stream.config.stream_id
+        if stream.transition is not None:
+            changes = {**stream.transition.changes, **changes}
+        target = stream.engine.check_params(sid, changes)
+        seconds, curve, blend = spec
+        kinds = self._kinds.get(stream.engine.name)
+        if kinds is None:
+            schema = stream.engine.capabilities().get("schema") or []
+            kinds = self._kinds[stream.engine.name] = {e["name"]: e["kind"] for e in schema}
+        stream.transition = Transition(dict(stream.config.params), target, dict(changes),
+                                       seconds, kinds, curve, blend)
+        stream.moved = {}
+
+    def _move(self, plan: StepPlan) -> list[CommandResult]:
+        """Before a step: move the transitions and cue lists of the plan's streams."""
+        now = time.monotonic()
+        out: list[CommandResult] = []
+        for item in plan.items:
+            stream = self.streams.get(item.stream_id)
+            if stream is not None and (stream.transition is not None or stream.cues):
+                result = self._move_one(stream, now)
+                if result is not None:
+                    out.append(result)
+        return out
+
+    def _move_one(self, stream: WorkerStream, now: float) -> CommandResult | None:
+        """One stream's transition (and cue list) brought to ``now``: the parameters of
+        the moment handed to the engine.  Returns what the front should hear: a quiet
+        params_ok when something ended or began, and 4 times a second while moving; an
+        error (the transition or cue list is dropped) if the engine refuses."""
+        sid = stream.config.stream_id
+        changed_state = False
+        try:
+            cues = stream.cues
+            if cues is not None:
+                t = stream.transition
+                index = cues.due(now, t is None or t.done(now))
+                if index is not None:
+                    cue = cues.cues[index]
+                    self._begin(stream, cue.changes, (cue.transition, cue.curve, cue.blend),
+                                now)
+                    cues.started(index)
+                    changed_state = True
+                elif cues.state == "done":
+                    changed_state = True
+            t = stream.transition
+            if t is not None:
+                if t.began is None and t.paused_at is None and \
+                        stream.engine.prepare(sid, t.target):
+                    t.began = now
+                    changed_state = True
+                if t.began is not None:
+                    changes = t.at(now)
+                    if changes and changes != stream.moved:
+                        stream.config.params = dict(stream.engine.update_params(sid, changes))
+                        stream.moved = changes
+                    if t.done(now):
+                        stream.transition = None
+                        changed_state = True
+            if cues is not None and cues.state == "done" and stream.transition is None:
+                stream.cues = None
+        except Exception as exc:  # noqa: BLE001 - the stream goes on where it is
+            stream.transition = stream.cues = None
+            message = f"transition stopped: {exc}"
+            log.error("stream %d: %s", sid, message)
+            return CommandResult("error", sid, None,
+                                 {"code": getattr(exc, "code", ErrorCode.BAD_PARAMS),
+                                  "message": message})
+        if changed_state or now - stream.told >= 0.25:
+            return self._where(stream, "params_ok", None, now, quiet=True)
+        return None
+
+    def _cues(self, command: CueCommand) -> list[CommandResult]:
+        stream = self.streams.get(command.stream_id)
+        if stream is None:
+            return [self._not_open(command)]
+        now = time.monotonic()
+        op = command.op
+        try:
+            if op == "play":
+                cues = parse_cues(command.cues)
+                merged: dict[str, Any] = {}
+                for i, cue in enumerate(cues):  # every cue checked before the first plays
+                    merged.update(cue.changes)
+                    try:
+                        stream.engine.check_params(command.stream_id, merged)
+                    except EngineError as exc:
+                        raise EngineError(f"cue {i}: {exc}", exc.code) from None
+                stream.cues = CueList(cues, loop=command.loop)
+            elif stream.cues is None and op in ("pause", "resume", "next", "jump"):
+                raise EngineError("no cue list is playing on this stream.", "bad_params")
+            elif op == "pause":
+                stream.cues.pause(now)
+                if stream.transition is not None:
+                    stream.transition.pause(now)
+            elif op == "resume":
+                stream.cues.resume(now)
+                if stream.transition is not None:
+                    stream.transition.resume(now)
+            elif op in ("next", "jump"):
+                cues = stream.cues
+                index = cues.index + 1 if op == "next" else command.index
+                if op == "next" and index >= len(cues.cues) and cues.loop:
+                    index = 0
+                if not 0 <= index < len(cues.cues):
+                    raise EngineError(f"there is no cue {index}: the list has "
+                                      f"{len(cues.cues)} (0 to {len(cues.cues) - 1}).",
+                                      "bad_params")
+                cue = cues.cues[index]
+                cues.resume(now)
+                self._begin(stream, cue.changes, (cue.transition, cue.curve, cue.blend), now)
+                cues.started(index)
+            elif op == "stop":
+                stream.cues = None
+            elif op != "status":
+                raise EngineError(f"the cue op must be play, pause, resume, next, jump, stop "
+                                  f"or status, not {op[:40]!r}.", "bad_message")
+        except Exception as exc:  # noqa: BLE001 - a refusal answers the asker
+            return [CommandResult("error", command.stream_id, command.request,
+                                  {"code": getattr(exc, "code", ErrorCode.BAD_PARAMS),
+                                   "message": str(exc)})]
+        moved = self._move_one(stream, now)
+        reply = self._where(stream, "cues", command.request, now)
+        return ([moved] if moved is not None and moved.kind == "error" else []) + [reply]
 
     def _close(self, sid: int) -> None:
         stream = self.streams.pop(sid, None)

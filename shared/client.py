@@ -223,10 +223,13 @@ class Stream:
         return self
 
     def update(self, params: dict[str, Any] | None = None, *, wait: float = 0.0,
-               preset: str | None = None, **kwargs: Any) -> dict[str, Any] | None:
+               preset: str | None = None, transition: float | dict[str, Any] | None = None,
+               **kwargs: Any) -> dict[str, Any] | None:
         """Change parameters live; ``preset``: recall a preset saved in the daemon too (the
-        explicit parameters win).  With ``wait`` > 0, block for the daemon's answer and
-        return the effective parameters (raises DaemonError if refused)."""
+        explicit parameters win); ``transition``: move there over that many seconds (or a
+        map {"seconds", "curve": "linear"|"smooth", "blend": "linear"|"slerp"}) instead of
+        at once.  With ``wait`` > 0, block for the daemon's answer and return the effective
+        parameters (raises DaemonError if refused)."""
         change = {**(params or {}), **kwargs}
         self.params.update(change)
         if self.state != "open" or self.id is None:
@@ -234,6 +237,8 @@ class Stream:
         msg: dict[str, Any] = {"type": "params", "stream": self.id, "params": change}
         if preset is not None:
             msg["preset"] = preset
+        if transition is not None:
+            msg["transition"] = transition
         if wait <= 0:
             self.client._send(msg)
             return None
@@ -604,7 +609,7 @@ class Client:
                 stream._on_opened(msg)
         elif mtype == "error":
             self._on_error(msg)
-        elif mtype in ("params_ok", "closed", "stats", "streams", "presets"):
+        elif mtype in ("params_ok", "closed", "stats", "streams", "presets", "cues"):
             if rid is not None:
                 self._replies[rid] = msg
         # heartbeat replies need nothing beyond _last_heard
@@ -735,19 +740,42 @@ class Client:
 
     def control(self, name: str, params: dict[str, Any] | None = None, *,
                 timeout: float = 2.0, preset: str | None = None,
+                transition: float | dict[str, Any] | None = None,
                 **kwargs: Any) -> dict[str, Any]:
         """Change the parameters of the stream called ``name``, whichever client opened it
         (a prompt box beside a webcam bridge, say); ``preset``: recall a saved preset too
-        (the explicit parameters win).  Blocks for the daemon's answer and returns the
-        effective parameters; raises DaemonError if refused."""
+        (the explicit parameters win); ``transition``: over that many seconds (see
+        ``Stream.update``).  Blocks for the daemon's answer and returns the effective
+        parameters; raises DaemonError if refused."""
         if self.state == "disconnected":
             self.connect(timeout)
         msg: dict[str, Any] = {"type": "control", "name": name,
                                "params": {**(params or {}), **kwargs}}
         if preset is not None:
             msg["preset"] = preset
+        if transition is not None:
+            msg["transition"] = transition
         reply = self._request(msg, timeout)
         return reply.get("params", {})
+
+    def cues(self, name: str, op: str = "status", cues: list[dict[str, Any]] | None = None,
+             *, loop: bool = False, index: int | None = None,
+             timeout: float = 2.0) -> dict[str, Any]:
+        """The cue list of the stream called ``name``: op "play" with ``cues`` (maps of
+        ``params`` and/or ``preset``, ``transition`` seconds, ``hold`` seconds, ``label``)
+        and ``loop``; "pause", "resume", "next", "jump" (``index``), "stop", "status".
+        Returns the daemon's answer: ``cues`` (state, index, count...), ``transition`` and
+        ``params``."""
+        if self.state == "disconnected":
+            self.connect(timeout)
+        msg: dict[str, Any] = {"type": "cues", "name": name, "op": op}
+        if cues is not None:
+            msg["cues"] = cues
+        if loop:
+            msg["loop"] = True
+        if index is not None:
+            msg["index"] = index
+        return dict(self._request(msg, timeout))
 
     def presets(self, op: str = "list", name: str | None = None,
                 params: dict[str, Any] | None = None, source: str | None = None,

@@ -110,9 +110,16 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "paced": (_BOOL, False),
     },
     # params and/or a saved preset's (the explicit params win over the preset's)
-    "params": {"stream": (_INT, True), "params": (_MAP, False), "preset": (_STR, False)},
+    # ("transition": seconds, or {seconds, curve, blend}: move there over time)
+    "params": {"stream": (_INT, True), "params": (_MAP, False), "preset": (_STR, False),
+               "transition": (_NUM + _MAP, False)},
     # change the parameters of any open stream by its name (another tool's stream, say)
-    "control": {"name": (_STR, True), "params": (_MAP, False), "preset": (_STR, False)},
+    "control": {"name": (_STR, True), "params": (_MAP, False), "preset": (_STR, False),
+                "transition": (_NUM + _MAP, False)},
+    # a stream's cue list (own stream, or any by name): op play (cues, loop), pause,
+    # resume, next, jump (index), stop, status
+    "cues": {"stream": (_INT, False), "name": (_STR, False), "op": (_STR, True),
+             "cues": (_LIST, False), "loop": (_BOOL, False), "index": (_INT, False)},
     # the daemon's named presets: op "list", "save" (name, and params or from: a stream's
     # name whose current parameters are saved) or "delete" (name)
     "presets": {"op": (_STR, True), "name": (_STR, False), "params": (_MAP, False),
@@ -134,7 +141,7 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 }
 
 SERVER_MESSAGES = ("welcome", "opened", "params_ok", "frame", "stats", "streams", "presets",
-                   "heartbeat", "error", "closed")
+                   "cues", "heartbeat", "error", "closed")
 
 
 def pack(msg: Mapping[str, Any]) -> bytes:

@@ -62,7 +62,7 @@ def test_live_parameter_change_applies_to_the_next_frame(client):
     stream = client.open_stream("live", 64, 48)
     frame = rgb(seed=4)
     assert np.array_equal(round_trip(stream, frame).pixels, frame)
-    assert stream.update(mode="invert", wait=2.0) == {"mode": "invert"}
+    assert stream.update(mode="invert", wait=2.0) == {"mode": "invert", "gain": 1.0}
     assert np.array_equal(round_trip(stream, frame).pixels, 255 - frame)
 
 

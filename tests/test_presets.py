@@ -92,7 +92,7 @@ def test_presets_are_saved_from_a_stream_and_recalled_onto_any(daemon):
         ctl.presets("save", "inv", params={"mode": "invert", "prompt": "only for others"})
         assert img.update(preset="inv", wait=5)["prompt"] == "only for others"
         # onto another engine: what it declares (passthrough has only mode)
-        assert ctl.control("cam", preset="inv") == {"mode": "invert"}
+        assert ctl.control("cam", preset="inv") == {"mode": "invert", "gain": 1.0}
         with pytest.raises(DaemonError, match="sets none of the parameters passthrough"):
             ctl.control("cam", preset="forest")
         with pytest.raises(DaemonError, match="no preset is named 'gone'"):

@@ -91,6 +91,7 @@ VALID_CLIENT_MESSAGES = {
     "stats": msg("stats", stream=1),
     "streams": msg("streams"),
     "presets": msg("presets", op="list"),
+    "cues": msg("cues", name="webcam", op="play", cues=[{"preset": "night", "transition": 2.0}]),
     "heartbeat": msg("heartbeat"),
     "close": msg("close", stream=1),
     "bye": msg("bye"),

@@ -138,9 +138,9 @@ def test_a_controller_lists_every_stream_with_its_effective_parameters():
             stream = tool.open_stream("cam", 64, 64, engine="passthrough")  # noqa: F841
             listed = controller.streams()
             assert [(s["name"], s["engine"], s["params"]) for s in listed] == \
-                [("cam", "passthrough", {"mode": "identity"})]
+                [("cam", "passthrough", {"mode": "identity", "gain": 1.0})]
             assert listed[0]["stats"]["state"] == "open"
             controller.control("cam", {"mode": "invert"})
-            assert controller.streams()[0]["params"] == {"mode": "invert"}
+            assert controller.streams()[0]["params"] == {"mode": "invert", "gain": 1.0}
     finally:
         daemon.stop()

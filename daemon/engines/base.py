@@ -122,6 +122,19 @@ class Engine(ABC):
     def close_stream(self, stream_id: int) -> None:
         """Free everything the stream holds. Must not raise for unknown ids."""
 
+    def check_params(self, stream_id: int, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """The effective parameters ``changes`` would give the stream, validated but not
+        applied (a timed transition checks its target before it starts); raises
+        ParamError."""
+        raise ParamError(f"the {self.name} engine cannot check parameters ahead, so it "
+                         f"takes no timed transitions.")
+
+    def prepare(self, stream_id: int, params: Mapping[str, Any]) -> bool:
+        """Start what effective parameters ``params`` need done beside the stream before a
+        transition can move towards them (their prompts encoded), and say whether it is
+        done; asked again at each step until it is.  A transition's clock starts then."""
+        return True
+
     def settle(self, timeout: float | None = 30.0) -> None:
         """Wait for work an engine does beside its streams (a prompt being encoded) and
         apply it: for warm-ups, benchmarks and tests that need a stream ready at once."""

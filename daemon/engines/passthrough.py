@@ -25,6 +25,9 @@ class PassthroughParams:
                       "format); invert: every colour channel c becomes 1 - c on the 0..1 "
                       "scale (255 - c for uint8), then the output format (alpha opaque)",
                       choices=MODES)
+    gain: float = param(1.0, "every colour channel multiplied by this after the mode (0: "
+                        "black, 1: as is; a fade to black and back over a transition)",
+                        lo=0.0, hi=4.0)
 
 
 SCHEMA = Schema(PassthroughParams, "passthrough")
@@ -57,13 +60,20 @@ class PassthroughEngine(Engine):
         self._streams[stream_id] = (config, merged)
         return merged
 
+    def check_params(self, stream_id: int, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self._check({**self._streams[stream_id][1], **params})
+
     def submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
         outputs = []
         for item in batch:
             config, params = self._streams[item.stream_id]
             frame = item.frames[-1]
-            if params["mode"] == "invert":
-                rgb = 1.0 - to_canonical(as_tensor(frame.pixels, self.device), frame.spec)
+            if params["mode"] == "invert" or params["gain"] != 1.0:
+                rgb = to_canonical(as_tensor(frame.pixels, self.device), frame.spec)
+                if params["mode"] == "invert":
+                    rgb = 1.0 - rgb
+                if params["gain"] != 1.0:
+                    rgb = (rgb * params["gain"]).clamp(0.0, 1.0)
                 pixels = from_canonical(rgb, config.output)
             else:
                 pixels = convert(frame.pixels, frame.spec, config.output, self.device)

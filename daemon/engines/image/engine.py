@@ -132,6 +132,19 @@ class ImageEngine(Engine):
             self.reset_stream(stream_id)
         return new.to_dict()
 
+    def check_params(self, stream_id: int, changes: Mapping[str, Any]) -> dict[str, Any]:
+        return P.apply(self.streams[stream_id].params, changes)[0].to_dict()
+
+    def prepare(self, stream_id: int, params: Mapping[str, Any]) -> bool:
+        texts = [t for t, w in params.get("prompts") or [(params.get("prompt", ""), 1.0)]
+                 if w > 0] + [params.get("negative_prompt", "")]
+
+        def cached(text: str) -> bool:
+            with self._text_lock:
+                return text in self._text_cache
+        return self._beside.ready(stream_id, texts, cached, self._text,
+                                  inline=not self.text_thread)
+
     def reset_stream(self, stream_id: int) -> None:
         stream = self.streams[stream_id]
         stream.buf_x = stream.buf_r = stream.last_z = None
@@ -141,6 +154,7 @@ class ImageEngine(Engine):
 
     def close_stream(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self._beside.forget(stream_id)
 
     def shutdown(self) -> None:
         self._beside.shutdown()

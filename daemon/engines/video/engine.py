@@ -38,6 +38,7 @@ from ...models.offload import Offloaded
 from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
                     StreamOutput, check_size)
 from ..beside import Beside
+from ..blend import blend
 from . import params as P
 from .kv_cache import CachePolicy, KVCache, SharedGraphs
 from .noise import MotionController, chunk_noise, renoise, sigma, timesteps
@@ -57,7 +58,8 @@ class Chunk:
     id: int
     x: torch.Tensor            # (1, 16, 1, h, w) at its current step
     schedule: list[float]      # timesteps told to the model, fixed at admission
-    seed: int
+    #: the seed, or [seed, weight] pairs, its noise is drawn from
+    seeds: Any
     in_seqs: list[int]         # the input frames it came from
     ts: list[int]
     step: int = 0
@@ -320,6 +322,21 @@ class VideoEngine(Engine):
         self._configure_motion(stream)
         return new.to_dict()
 
+    def check_params(self, stream_id: int, changes: Mapping[str, Any]) -> dict[str, Any]:
+        new, _ = P.apply(self.streams[stream_id].params, changes)
+        self._check_decoder(new)
+        return new.to_dict()
+
+    def prepare(self, stream_id: int, params: Mapping[str, Any]) -> bool:
+        texts = [t for t, w in params.get("prompts") or [(params.get("prompt", ""), 1.0)]
+                 if w > 0]
+
+        def cached(text: str) -> bool:
+            with self._prompt_lock:
+                return text in self._prompt_cache
+        return self._beside.ready(stream_id, texts, cached, self._prompt_embedding,
+                                  inline=not self.text_thread)
+
     def _pending(self, stream: VideoStream) -> bool:
         """Chunks of the stream not yet clean."""
         return bool(stream.in_flight)
@@ -349,6 +366,7 @@ class VideoEngine(Engine):
 
     def close_stream(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self._beside.forget(stream_id)
         self._drop_stale_graphs()  # its several-stream graphs and their buffers go now
 
     def shutdown(self) -> None:
@@ -431,9 +449,10 @@ class VideoEngine(Engine):
         stream.next_chunk += 1
         stream.cache.admit(cid)
         schedule = timesteps(stream.params.steps, scale)
-        eps = chunk_noise(stream.params.seed, cid, 0, tuple(z.shape), z.device, z.dtype)
+        eps = chunk_noise(stream.params.noise_seeds(), cid, 0, tuple(z.shape), z.device,
+                          z.dtype)
         x = scale * eps + (1.0 - scale) * z
-        return Chunk(cid, x, schedule, stream.params.seed, in_seqs, ts)
+        return Chunk(cid, x, schedule, stream.params.noise_seeds(), in_seqs, ts)
 
     def _forward(self, work: list[tuple[VideoStream, list[Chunk]]]) -> _Done:
         """One DiT forward over chunks of one or more streams (each stream's chunks at
@@ -487,7 +506,7 @@ class VideoEngine(Engine):
                 done.add(stream, c)
                 stream.cache.forget(c.id)
             else:
-                c.x = renoise(x0, sigma(c.schedule[c.step + 1]), c.seed, c.id, c.step + 1)
+                c.x = renoise(x0, sigma(c.schedule[c.step + 1]), c.seeds, c.id, c.step + 1)
                 c.step += 1
         return done
 
@@ -548,7 +567,7 @@ class VideoEngine(Engine):
     def _want_prompt(self, stream: VideoStream, p: P.VideoParams) -> None:
         """Ask for the stream's prompt: at once when every text is cached (a switch back to
         an earlier prompt costs nothing), else encoded on the text thread."""
-        key = p.weighted_prompts()
+        key = (p.weighted_prompts(), p.prompt_blend)
         if key == stream.prompt_key:
             return
         stream.prompt_key = key
@@ -604,9 +623,10 @@ class VideoEngine(Engine):
 
     @staticmethod
     def _blend(p: P.VideoParams, embedding) -> torch.Tensor:
-        pairs = [(text, w) for text, w in p.weighted_prompts() if w > 0]
-        total = sum(w for _, w in pairs)
-        return sum(embedding(text) * (w / total) for text, w in pairs)
+        """The weighted prompts' embeddings blended as ``prompt_blend`` says (linear with the
+        weights normalised, or slerp)."""
+        return blend([(embedding(text), w) for text, w in p.weighted_prompts() if w > 0],
+                     p.prompt_blend)
 
     def _encode_text(self, text: str) -> torch.Tensor:
         from ...models.wan import encode_prompt

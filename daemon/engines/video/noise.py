@@ -33,19 +33,30 @@ def sigma(t: float) -> float:
     return t / 1000.0
 
 
-def chunk_noise(seed: int, chunk: int, step: int, shape: tuple[int, ...],
+def chunk_noise(seeds, chunk: int, step: int, shape: tuple[int, ...],
                 device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gaussian noise that depends only on (seed, chunk, step): the same in Stream Batch and
-    in the sequential schedule, and reproducible for a seed."""
+    in the sequential schedule, and reproducible for a seed.  ``seeds``: one seed, or
+    [seed, weight] pairs whose noises are blended with unit variance kept
+    (sum w_i n_i / sqrt(sum w_i^2)), so a seed transition is a slerp of the noise."""
+    pairs = [(int(s), float(w)) for s, w in (((seeds, 1.0),) if isinstance(seeds, int)
+                                             else seeds) if w > 0]
+    if len(pairs) == 1:
+        return _noise(pairs[0][0], chunk, step, shape).to(device, dtype)
+    out = sum(_noise(s, chunk, step, shape) * w for s, w in pairs)
+    return (out / sum(w * w for _, w in pairs) ** 0.5).to(device, dtype)
+
+
+def _noise(seed: int, chunk: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(
         (seed * 1_000_003 + chunk * 131 + step) % (2**63))
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device, dtype)
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
-def renoise(x0: torch.Tensor, s_next: float, seed: int, chunk: int, step: int) -> torch.Tensor:
+def renoise(x0: torch.Tensor, s_next: float, seeds, chunk: int, step: int) -> torch.Tensor:
     """A chunk's clean estimate noised to the next step's level (the sampler between two
     steps): (1 - s) * x0 + s * eps, eps the chunk's noise for that step."""
-    eps = chunk_noise(seed, chunk, step, tuple(x0.shape), x0.device, x0.dtype)
+    eps = chunk_noise(seeds, chunk, step, tuple(x0.shape), x0.device, x0.dtype)
     return (1.0 - s_next) * x0 + s_next * eps
 
 

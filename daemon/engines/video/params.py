@@ -17,8 +17,13 @@ class VideoParams:
     prompts: tuple[tuple[str, float], ...] = param(
         (), "weighted prompts [[text, weight], ...], blended; when set they replace prompt",
         kind="prompts", max_length=8)
+    prompt_blend: str = param("linear", "how weighted prompts blend: linear or slerp of the "
+                              "text embeddings", choices=("linear", "slerp"))
     seed: int = param(42, "noise seed (results are reproducible per seed)", lo=0,
                       hi=2**63 - 1)
+    seeds: tuple[tuple[int, float], ...] = param(
+        (), "weighted seeds [[seed, weight], ...], noise blended to unit variance; when set "
+        "they replace seed", kind="seeds", max_length=8, hi=2**63 - 1)
     noise_scale: float = param(0.8, "how much of the input is replaced (0.11 keeps it almost, "
                                "1 replaces it)", lo=0.11, hi=1.0, aliases=("strength",))
     steps: int = param(2, "denoising steps per chunk (more: cleaner, slower)", lo=1, hi=4)
@@ -48,10 +53,15 @@ class VideoParams:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["prompts"] = [list(p) for p in self.prompts]
+        out["seeds"] = [list(s) for s in self.seeds]
         return out
 
     def weighted_prompts(self) -> tuple[tuple[str, float], ...]:
         return self.prompts or ((self.prompt, 1.0),)
+
+    def noise_seeds(self) -> int | tuple[tuple[int, float], ...]:
+        """What the chunk noise is drawn from: the seed, or the weighted seeds."""
+        return self.seeds or self.seed
 
 
 def _check(p: VideoParams) -> None:
@@ -64,7 +74,7 @@ def _check(p: VideoParams) -> None:
 
 SCHEMA = Schema(VideoParams, "video", checks=(_check,))
 #: changes that only need the cross-attention K/V recomputed
-PROMPT_FIELDS = {"prompt", "prompts"}
+PROMPT_FIELDS = {"prompt", "prompts", "prompt_blend"}
 
 
 def apply(current: VideoParams, changes: Mapping[str, Any]) -> tuple[VideoParams, bool]:

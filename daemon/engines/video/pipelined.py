@@ -276,7 +276,7 @@ class PipelineVideoEngine(VideoEngine):
                 last = c.step + 1 >= len(c.schedule)
                 elements.append({
                     "sid": sid, "gen": self._generation[sid], "cid": c.id, "step": c.step,
-                    "last": last, "seed": c.seed, "sigma": sigma(c.schedule[c.step]),
+                    "last": last, "seed": c.seeds, "sigma": sigma(c.schedule[c.step]),
                     "sigma_next": None if last else sigma(c.schedule[c.step + 1])})
                 self._travelling[(sid, c.id)] = c
                 chunks.append(c)
