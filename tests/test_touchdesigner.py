@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from livediffusion.daemon.server import Daemon
+from livediffusion.shared import Client
 from livediffusion.plugins.touchdesigner import livediffusion_td as ld
 from livediffusion.plugins.touchdesigner.livediffusion_td import (PAGES, TD_NAME, TDBridge,
                                                                   parse_prompts)
@@ -363,3 +364,279 @@ def test_the_td_folder_is_self_contained(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert str(tmp_path / "td") in run.stdout.split()[0]
+
+
+# --- issue 16: the engine page from the schema, presets ---------------------------------------
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A daemon with three engines of different schemas, and a presets file of its own."""
+    d = Daemon(port=0, engines=("passthrough", "image-tiny", "video-tiny"),
+               presets_path=tmp_path_factory.mktemp("td") / "presets.json").start(timeout=120)
+    yield d
+    d.stop()
+
+
+class RecordingClient(Client):
+    """The real client, keeping what it sends to the daemon."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent = []
+
+    def _send(self, msg, payload=None):
+        if msg.get("type") in ("params", "presets", "open"):
+            self.sent.append(dict(msg))
+        return super()._send(msg, payload)
+
+    def params_sent(self):
+        return [m for m in self.sent if m["type"] == "params"]
+
+
+def td_comp(daemon, engine, top=None, **values):
+    comp = TDComp(top or FakeTOP(64, 48), Endpoint=daemon.endpoint, Engine=engine, **values)
+    ld._BRIDGES[comp.path] = TDBridge({p.name: p.eval() for p in comp.customPars},
+                                      client_factory=RecordingClient)
+    return comp, ld._BRIDGES[comp.path]
+
+
+def until(comp, pred, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        comp.td_frames(0.05)
+        if pred():
+            return True
+    return pred()
+
+
+def daemon_params(daemon, name="touchdesigner"):
+    """The stream's effective parameters as any controller sees them (streams message)."""
+    with Client(daemon.endpoint, name="observer") as ctl:
+        (stream,) = [s for s in ctl.streams() if s["name"] == name]
+        return stream["engine"], stream["params"]
+
+
+def streaming(bridge):
+    return bridge.status()["State"].startswith("streaming")
+
+
+def test_the_generation_page_is_made_from_the_engines_schema(live):
+    comp, bridge = td_comp(live, "image-tiny")
+    try:
+        # before the engine is known there is no engine parameter (a fixed page only)
+        assert comp.page("Generation").pars == []
+        assert until(comp, lambda: streaming(bridge))
+        schema = bridge.client.capabilities["engines"]["image-tiny"]["schema"]
+        page = comp.page("Generation")
+        assert [p.name for p in comp.customPages] == list(ld.PAGE_ORDER)
+        assert [p.name for p in page.pars] == [ld.td_name(e["name"]) for e in schema]
+        styles = {"float": "Float", "int": "Int", "bool": "Toggle", "choice": "Menu"}
+        for entry, par in zip(schema, page.pars):
+            assert par.style == styles.get(entry["kind"], "Str"), entry
+            assert par.help.startswith(entry["description"])
+            if entry["kind"] in ("float", "int"):
+                # MIDI: a CHOP export maps 0..1 over normMin..normMax, inside the range
+                assert par.normMin < par.normMax <= par.max and par.normMin >= par.min
+                assert par.normMax - par.normMin <= 100_000 and par.clampMin and par.clampMax
+            if entry["kind"] == "choice":
+                assert par.menuNames == entry["choices"] and par.val == entry["default"]
+        pars = {p.name: p for p in page.pars}
+        assert (pars["Strength"].min, pars["Strength"].max, pars["Strength"].normMin,
+                pars["Strength"].normMax) == (0.0, 1.0, 0.0, 1.0)
+        assert (pars["Steps"].min, pars["Steps"].max, pars["Steps"].val) == (1, 4, 1)
+        assert pars["Seed"].max == 2**31 - 1 and (pars["Seed"].normMin,
+                                                  pars["Seed"].normMax) == (0, 1000)
+        assert pars["Maxskip"].label == "Max skip (frames)"
+        assert pars["Similarityfilter"].val is False and pars["Prompts"].val == ""
+        assert pars["Negativeprompt"].label == "Negative prompt"
+
+        # the user's values; then another engine: the page follows, values stay where the
+        # parameter still exists (the same Par, so an export on it would stay too)
+        comp.par.Prompt = "a harbour at night"
+        comp.par.Strength = 0.7
+        prompt_par = comp.par.Prompt
+        assert until(comp, lambda: daemon_params(live)[1]["prompt"] == "a harbour at night")
+        comp.par.Engine = "video-tiny"
+        assert until(comp, lambda: streaming(bridge) and bridge.engine == "video-tiny", 40)
+        comp.td_frames(0.1)
+        video = bridge.client.capabilities["engines"]["video-tiny"]["schema"]
+        assert [p.name for p in page.pars] == [ld.td_name(e["name"]) for e in video]
+        assert comp.par.Prompt is prompt_par and prompt_par.val == "a harbour at night"
+        assert getattr(comp.par, "Cfg", None) is None                 # image-only: gone
+        assert comp.par.Noisescale.val == 0.7      # carried by its alias, strength
+        assert comp.par.Cacheframes.label == "Cache frames (latent frames)"
+        engine, params = daemon_params(live)
+        assert engine == "video-tiny" and params["prompt"] == "a harbour at night"
+        assert params["noise_scale"] == 0.7
+        comp.par.Engine = "passthrough"
+        assert until(comp, lambda: streaming(bridge) and bridge.engine == "passthrough")
+        comp.td_frames(0.1)
+        assert [p.name for p in page.pars][0] == "Mode" and comp.par.Mode.menuNames == \
+            ["identity", "invert"]
+        assert getattr(comp.par, "Prompt", None) is None
+        assert bridge.status()["Lasterror"] == ""
+    finally:
+        ld._BRIDGES.pop(comp.path).disconnect()
+
+
+def test_td_names_map_back_to_the_schema(live):
+    with Client(live.endpoint, name="probe") as client:
+        engines = client.capabilities["engines"]
+    for engine, caps in engines.items():
+        schema = caps["schema"]
+        names = ld.td_names(schema)
+        assert len(set(names.values())) == len(schema)
+        assert all(TD_NAME.match(n) and n not in ld.FIXED_NAMES for n in names.values())
+        bridge = TDBridge()
+        bridge.adopt_schema(schema)
+        for entry in schema:    # round trip: TD name -> the schema entry
+            assert bridge.by_td[bridge.td_of[entry["name"]]]["name"] == entry["name"]
+    assert ld.td_names([{"name": "noise_scale"}, {"name": "noisescale"}, {"name": "2d"},
+                        {"name": "state"}, {"name": "x-y"}]) == \
+        {"noise_scale": "Noisescale", "noisescale": "Noisescale2", "2d": "P2d",
+         "state": "State2", "x-y": "Xy"}   # distinct, and never a fixed parameter (State)
+
+
+def test_values_convert_to_the_schema_kinds():
+    conv = ld.to_daemon
+    assert conv({"kind": "float"}, 1) == 1.0 and isinstance(conv({"kind": "float"}, 1), float)
+    assert conv({"kind": "int"}, 3.0) == 3 and isinstance(conv({"kind": "int"}, 3.0), int)
+    assert conv({"kind": "bool"}, 1) is True and conv({"kind": "bool"}, 0) is False
+    assert conv({"kind": "choice"}, "slerp") == "slerp"
+    assert conv({"kind": "prompts"}, "a forest:1; a city:0.5") == [["a forest", 1.0],
+                                                                   ["a city", 0.5]]
+    assert conv({"kind": "seeds"}, "42; 7:0.5") == [[42, 1.0], [7, 0.5]]
+    assert conv({"kind": "indices"}, "1, 5 9") == [1, 5, 9] and conv({"kind": "indices"},
+                                                                     "") == []
+    assert conv({"kind": "mystery"}, '{"a": 1}') == {"a": 1}     # opaque: JSON, or as typed
+    assert conv({"kind": "mystery"}, "as typed") == "as typed"
+    for kind, text in (("seeds", "x:1"), ("indices", "1, two")):
+        with pytest.raises(ValueError):
+            conv({"kind": kind}, text)
+    # and back, as TD shows them: each round-trips
+    for entry, value in (({"kind": "prompts"}, [["time: 10pm", 1.0], ["b", 0.25]]),
+                         ({"kind": "seeds"}, [[42, 1.0], [7, 0.5]]),
+                         ({"kind": "indices"}, [10, 30, 45]), ({"kind": "float"}, 0.7),
+                         ({"kind": "int"}, 3), ({"kind": "bool"}, True),
+                         ({"kind": "text"}, "a: b; c")):
+        if entry["kind"] != "text":
+            assert conv(entry, ld.to_td(entry, value)) == value, (entry, value)
+    assert ld.to_td({"kind": "indices"}, [1, 5, 9]) == "1, 5, 9"
+    assert ld.to_td({"kind": "int"}, 2**63 - 1) == 2**31 - 1      # TD's int parameters
+
+
+def test_a_change_sends_that_parameter_alone_and_a_refusal_shows(live):
+    comp, bridge = td_comp(live, "image-tiny")
+    try:
+        assert until(comp, lambda: streaming(bridge))
+        client = bridge.client
+        client.sent.clear()
+        comp.par.Steps = 3
+        comp.par.Strength = 5.0            # TD clamps it to the schema's hi
+        comp.par.Tindexlist = "10, 30, 45"
+        assert until(comp, lambda: daemon_params(live)[1]["t_index_list"] == [10, 30, 45])
+        assert [m["params"] for m in client.params_sent()] == \
+            [{"steps": 3}, {"strength": 1.0}, {"t_index_list": [10, 30, 45]}]
+        _, params = daemon_params(live)
+        assert params["steps"] == 3 and params["strength"] == 1.0
+        # values the component writes itself or that the daemon has are not sent again
+        comp.td_frames(0.3)
+        assert len(client.params_sent()) == 3
+        # refused by the daemon: shown, the stream goes on, the old value stays in force
+        comp.par.Prompt = "x" * 2001
+        assert until(comp, lambda: bridge.status()["Lasterror"].startswith("Prompt: "))
+        assert "2000" in bridge.status()["Lasterror"]
+        frames_before = len(comp.script.copied)
+        comp.td_frames(0.5)
+        assert streaming(bridge) and len(comp.script.copied) > frames_before
+        assert daemon_params(live)[1]["prompt"] == "a painting in vivid colours"
+        # a text that does not parse is not sent at all
+        sent = len(client.params_sent())
+        comp.par.Seeds = "forty-two"
+        comp.td_frames(0.2)
+        assert bridge.status()["Lasterror"].startswith("Seeds: ")
+        assert len(client.params_sent()) == sent
+        # an accepted change clears the error
+        comp.par.Seeds = "42:1; 7:0.5"
+        assert until(comp, lambda: bridge.status()["Lasterror"] == "")
+        assert daemon_params(live)[1]["seeds"] == [[42, 1.0], [7, 0.5]]
+        # a reopen (a new input size) sends the accepted values, not the refused prompt
+        comp.top = FakeTOP(48, 32)
+        assert until(comp, lambda: bridge.status()["State"] == "streaming image-tiny 48x32")
+        opened = [m for m in client.sent if m["type"] == "open"][-1]["params"]
+        assert "prompt" not in opened and opened["steps"] == 3
+        _, params = daemon_params(live)
+        assert params["steps"] == 3 and params["seeds"] == [[42, 1.0], [7, 0.5]]
+        assert bridge.status()["Lasterror"] == ""
+    finally:
+        ld._BRIDGES.pop(comp.path).disconnect()
+
+
+def presets(daemon, *args, **kwargs):
+    with Client(daemon.endpoint, name="ctl") as ctl:
+        return ctl.presets(*args, **kwargs)
+
+
+def test_presets_refresh_recall_with_a_transition_and_save(live):
+    if True:
+        presets(live, "save", "forest", params={"prompt": "a forest", "steps": 3})
+        comp, bridge = td_comp(live, "image-tiny")
+        try:
+            assert until(comp, lambda: streaming(bridge) and "forest" in
+                         comp.par.Preset.menuNames)     # filled once connected
+            assert comp.par.Preset.val == "forest"
+            presets(live, "save", "city", params={"prompt": "a city", "guidance": 2.0})
+            comp.td_frames(0.2)
+            assert "city" not in comp.par.Preset.menuNames   # until Refresh
+            ld.on_pulse(comp, comp.par.Refresh)
+            assert until(comp, lambda: "city" in comp.par.Preset.menuNames)
+
+            bridge.client.sent.clear()
+            comp.par.Transition = 1.0
+            comp.par.Preset = "forest"
+            comp.td_frames(0.1)
+            ld.on_pulse(comp, comp.par.Recall)
+            assert until(comp, lambda: comp.par.Prompt.val == "a forest")
+            (recall,) = bridge.client.params_sent()
+            assert recall == {"type": "params", "stream": bridge.stream.id, "params": {},
+                              "preset": "forest", "transition": {"seconds": 1.0},
+                              "id": recall["id"]}
+            assert comp.par.Steps.val == 3        # the recalled values are shown in TD
+            comp.td_frames(0.3)
+            assert len(bridge.client.params_sent()) == 1    # and not echoed back
+            # the daemon gets there over the transition (params_ok answered with its target)
+            assert until(comp, lambda: daemon_params(live)[1]["steps"] == 3, 10)
+            assert daemon_params(live)[1]["prompt"] == "a forest"
+
+            # a parameter driven by an export keeps its driver
+            comp.par.Guidance.mode = "ParMode.EXPORT"
+            comp.par.Transition = 0.0
+            comp.par.Preset = "city"
+            comp.td_frames(0.1)
+            ld.on_pulse(comp, comp.par.Recall)
+            assert until(comp, lambda: comp.par.Prompt.val == "a city")
+            assert comp.par.Guidance.val == 1.0 and daemon_params(live)[1]["guidance"] == 2.0
+
+            # save the stream's current parameters under a name
+            comp.par.Steps = 2
+            comp.par.Presetname = "mine"
+            comp.td_frames(0.2)
+            ld.on_pulse(comp, comp.par.Save)
+            assert until(comp, lambda: "mine" in comp.par.Preset.menuNames)
+            assert comp.par.Preset.val == "mine"
+            saved = presets(live)["mine"]
+            assert saved["engine"] == "image-tiny"
+            assert saved["params"]["prompt"] == "a city" and saved["params"]["steps"] == 2
+            assert "mine (image-tiny)" in comp.par.Preset.menuLabels
+
+            # a recall the daemon refuses: shown, the stream goes on
+            presets(live, "delete", "forest")
+            comp.par.Preset = "forest"
+            comp.td_frames(0.1)
+            ld.on_pulse(comp, comp.par.Recall)
+            assert until(comp, lambda: "no preset is named" in bridge.status()["Lasterror"])
+            assert bridge.status()["Lasterror"].startswith("Recall forest: ")
+            comp.td_frames(0.3)
+            assert streaming(bridge) and daemon_params(live)[1]["prompt"] == "a city"
+        finally:
+            ld._BRIDGES.pop(comp.path).disconnect()

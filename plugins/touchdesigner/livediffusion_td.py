@@ -490,7 +490,9 @@ class TDBridge:
             self.last_error = f"{what}: {reply.get('message', reply.get('code'))}" if what \
                 else str(reply.get("message", reply.get("code")))
             return
-        effective = reply.get("params") or {}
+        # during a transition ``params`` is where the stream is on its way, ``target``
+        # where it goes: TD shows (and a reopen sends) the target
+        effective = reply.get("target") or reply.get("params") or {}
         self.refused -= names
         self.last_error = ""
         self._take_effective(effective, keep=names | self._in_flight() | self._dirty)
