@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from livediffusion.shared.client import DaemonError
 from livediffusion.shared.protocol import DEFAULT_PORT, HEARTBEAT_TIMEOUT_S
@@ -240,13 +241,72 @@ def cmd_params(args: argparse.Namespace) -> int:
         raise CliError(str(exc).replace("--param", "each change")) from None
     client = _connect(args.endpoint, "params")
     try:
-        effective = client.control(args.stream, changes, timeout=args.timeout)
+        effective = client.control(args.stream, changes, timeout=args.timeout,
+                                   transition=_transition(args))
     except (DaemonError, TimeoutError) as exc:
         raise CliError(str(exc)) from None
     finally:
         client.close()
+    if args.over:
+        print(f"moving over {args.over:g} s from:")
     for key in sorted(changes):
         print(f"{key} = {effective.get(key)!r}")
+    return 0
+
+
+def _transition(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--over/--curve/--blend as a message's transition (None: at once)."""
+    if not args.over:
+        return None
+    return {"seconds": args.over, "curve": args.curve, "blend": args.blend}
+
+
+def _add_transition_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--over", type=float, default=0.0, metavar="SECONDS",
+                   help="move there over this many seconds, chunk by chunk (numbers glide, "
+                        "the prompt and seed blend; the rest changes at the end)")
+    p.add_argument("--curve", choices=["linear", "smooth"], default="linear")
+    p.add_argument("--blend", choices=["linear", "slerp"], default="linear",
+                   help="how the prompt's embeddings blend on the way")
+
+
+def cmd_cues(args: argparse.Namespace) -> int:
+    """livediffusion cues STREAM play FILE.json [--loop] | pause | resume | next |
+    jump N | stop | status."""
+    from livediffusion.shared.client import DaemonError
+    cues = index = None
+    if args.op == "play":
+        if not args.arg:
+            raise CliError("cues STREAM play FILE.json (a list of cues: preset or params, "
+                           "transition, hold, label)")
+        try:
+            with open(args.arg, encoding="utf-8") as fh:
+                cues = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot read the cue list {args.arg}: {exc}") from None
+    elif args.op == "jump":
+        try:
+            index = int(args.arg or "")
+        except ValueError:
+            raise CliError("cues STREAM jump N (the cue's index, from 0)") from None
+    client = _connect(args.endpoint, "cues")
+    try:
+        reply = client.cues(args.stream, args.op, cues, loop=args.loop, index=index,
+                            timeout=args.timeout)
+    except (DaemonError, TimeoutError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        client.close()
+    state = reply.get("cues")
+    if state is None:
+        print(f"{args.stream}: no cue list")
+    else:
+        print(f"{args.stream}: cue {state['index']} of {state['count']} "
+              f"{state['label']!r} {state['state']}{' (loop)' if state['loop'] else ''}")
+    moving = reply.get("transition")
+    if moving:
+        print(f"  transition {moving['progress'] * 100:.0f}% of {moving['seconds']:g} s: "
+              f"{', '.join(moving['moving']) or '-'}")
     return 0
 
 
@@ -347,7 +407,8 @@ def cmd_preset(args: argparse.Namespace) -> int:
         elif args.action == "recall":
             if len(rest) != 2:
                 raise CliError("preset recall NAME STREAM")
-            effective = client.control(rest[1], preset=rest[0], timeout=args.timeout)
+            effective = client.control(rest[1], preset=rest[0], timeout=args.timeout,
+                                       transition=_transition(args))
             print(f"{rest[1]}: preset {rest[0]!r} recalled")
             for key in sorted(effective):
                 print(f"  {key} = {effective[key]!r}")
@@ -760,9 +821,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", metavar="ENGINE", dest="list_engine",
                    help="print ENGINE's parameters (kind, default, range, effect, meaning): a "
                         "running daemon's, else the declaration in this install")
+    _add_transition_args(p)
     p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("cues", help="play a cue list (presets with transition and hold times)",
+                       description="A stream's cue list: play FILE.json (a JSON list of cues, "
+                                   "each {\"preset\": NAME and/or \"params\": {...}, "
+                                   "\"transition\": seconds, \"hold\": seconds, \"label\": "
+                                   "text}), pause, resume, next, jump N, stop, status.")
+    p.add_argument("stream", help="the stream's name")
+    p.add_argument("op", choices=["play", "pause", "resume", "next", "jump", "stop", "status"])
+    p.add_argument("arg", nargs="?", help="play: the cue file; jump: the index")
+    p.add_argument("--loop", action="store_true", help="play: start over after the last cue")
+    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_cues)
 
     p = sub.add_parser("status", help="a live table of a running daemon's streams",
                        description="Every stream of a running daemon, whoever opened it: "
@@ -786,6 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save: the current parameters of this stream")
     p.add_argument("--keys", default=None, metavar="A,B",
                    help="save --from: only these parameters")
+    _add_transition_args(p)
     p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_preset)

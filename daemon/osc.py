@@ -14,6 +14,12 @@ same validation as any client's:
   ``/livediffusion/<stream>/reset`` restarts the stream's history.
 - ``/livediffusion/<stream>/preset NAME`` recalls a saved preset onto the stream
   (``daemon/presets.py``; ``*`` for every stream).
+- ``/livediffusion/<stream>/transition SECONDS [curve] [blend]`` sets the time the bridge's
+  later changes and recalls of that stream (``*``: of every stream) take to arrive
+  (``daemon/transitions.py``: numbers glide, the prompt and seed blend; 0: at once).
+- ``/livediffusion/<stream>/cue OP [ARGS]``: the stream's cue list; ``play`` with triples
+  ``PRESET TRANSITION HOLD`` (seconds), ``loop`` likewise but starting over at the end,
+  ``pause``, ``resume``, ``next``, ``jump N``, ``stop``.
 - ``/livediffusion/query [stream]`` answers with ``/livediffusion/streams name...``, per engine
   ``/livediffusion/schema <engine> <json>`` and every parameter's current value at its
   address, to the feedback target if one is set, else to the sender.
@@ -139,6 +145,8 @@ class OscBridge:
         self._last_log: dict[str, float] = {}
         self._streams: dict[str, dict] = {}   # name -> {"engine", "params", "stats"}
         self._schemas: dict[str, dict[str, dict]] = {}   # engine -> param -> spec
+        #: stream name ("*": every stream) -> the transition the bridge's changes take
+        self._transitions: dict[str, dict[str, Any]] = {}
         self.received = 0
         self.refused = 0
         self._threads: list[threading.Thread] = []
@@ -232,6 +240,12 @@ class OscBridge:
             return
         self._refresh()
         for target, changes in pending.items():
+            if target == "*" and "transition" in changes:  # streams opened later too
+                self._set_transition("*", *changes.pop("transition"))
+                for name in self._streams:
+                    self._transitions.pop(name, None)
+                if not changes:
+                    continue
             names = list(self._streams) if target == "*" else [target]
             if target != "*" and target not in self._streams:
                 reply = next(iter(changes.values()))[1]
@@ -246,7 +260,14 @@ class OscBridge:
         schema = self._schemas.get(self._streams[stream]["engine"], {})
         params, reply = {}, None
         preset = None
+        if "transition" in changes:   # first: it applies to what came with it
+            self._set_transition(stream, *changes["transition"])
         for name, (args, reply) in changes.items():
+            if name == "transition":
+                continue
+            if name == "cue":
+                self._cue(stream, args, reply)
+                continue
             if name == "preset":
                 if not args or not isinstance(args[0], str):
                     self._refuse(reply, "type", f"{stream}: preset takes a preset's name.")
@@ -263,14 +284,23 @@ class OscBridge:
                 params[name] = osc_value(schema.get(name), args)
             except OscError as exc:
                 self._refuse(reply, "type", f"{stream}: {exc}")
+        moving = self._transitions.get(stream, self._transitions.get("*"))
         if preset is not None:
             try:
-                effective = self.client.control(stream, preset=preset, timeout=2.0)
+                effective = self.client.control(stream, preset=preset, timeout=2.0,
+                                                transition=moving)
             except (DaemonError, TimeoutError) as exc:
                 self._refuse(changes["preset"][1], "value", f"{stream}: {exc}")
             else:
-                self._echo(stream, effective, effective)
+                if moving is None:  # moving, the answer is where it starts: no echo
+                    self._echo(stream, effective, effective)
         if not params:
+            return
+        if moving is not None:
+            try:
+                self.client.control(stream, params, timeout=2.0, transition=moving)
+            except (DaemonError, TimeoutError) as exc:
+                self._refuse(reply, "value", f"{stream}: {exc}")
             return
         try:
             effective = self.client.control(stream, params, timeout=2.0)
@@ -289,6 +319,51 @@ class OscBridge:
             self._refuse(reply, "value", f"{stream}: {exc}")
             return
         self._echo(stream, effective, params)
+
+    def _set_transition(self, stream: str, args: list, reply: tuple) -> None:
+        """``/<stream>/transition SECONDS [curve] [blend]``: what the bridge's later changes
+        of ``stream`` take (0: at once)."""
+        from .transitions import parse_spec
+        from .engines.base import ParamError
+        keys = ("seconds", "curve", "blend")
+        try:
+            spec = dict(zip(keys, parse_spec(dict(zip(keys, args)))))
+        except (ParamError, TypeError) as exc:
+            self._refuse(reply, "type", f"{stream}: transition takes SECONDS [linear|smooth] "
+                         f"[linear|slerp]: {exc}")
+            return
+        if spec["seconds"] > 0:
+            self._transitions[stream] = spec
+        else:
+            self._transitions.pop(stream, None)
+
+    def _cue(self, stream: str, args: list, reply: tuple) -> None:
+        """``/<stream>/cue OP [ARGS]`` (see the module docstring)."""
+        from livediffusion.shared.client import DaemonError
+        op = args[0] if args and isinstance(args[0], str) else None
+        rest = list(args[1:])
+        cues, index = None, None
+        if op in ("play", "loop"):
+            if not rest or len(rest) % 3:
+                self._refuse(reply, "type", f"{stream}: cue {op} takes PRESET TRANSITION HOLD "
+                             f"triples.")
+                return
+            cues = [{"preset": str(rest[i]), "transition": rest[i + 1], "hold": rest[i + 2]}
+                    for i in range(0, len(rest), 3)]
+        elif op == "jump":
+            if len(rest) != 1 or not isinstance(rest[0], (int, float)):
+                self._refuse(reply, "type", f"{stream}: cue jump takes the cue's index.")
+                return
+            index = int(rest[0])
+        elif op not in ("pause", "resume", "next", "stop"):
+            self._refuse(reply, "type", f"{stream}: cue takes play, loop, pause, resume, "
+                         f"next, jump or stop, not {_shown(op)}.")
+            return
+        try:
+            self.client.cues(stream, "play" if op == "loop" else op, cues, loop=op == "loop",
+                             index=index, timeout=2.0)
+        except (DaemonError, TimeoutError) as exc:
+            self._refuse(reply, "value", f"{stream}: {exc}")
 
     def _echo(self, stream: str, effective: dict[str, Any], names) -> None:
         """The effective values of ``names`` to the feedback target (a fader follows what

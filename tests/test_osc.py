@@ -222,3 +222,47 @@ def test_a_preset_is_recalled_over_osc(daemon):
                                                         "negative")
         eventually(lambda: _assert(params_of(endpoint, "deck")["mode"] == "invert"), host)
         assert ("invert",) in feedback.wait_for("/livediffusion/deck/mode")
+
+
+def test_transitions_and_cue_lists_over_osc(daemon):
+    endpoint, port, feedback, lines = daemon
+    osc = SimpleUDPClient("127.0.0.1", port)
+    with Client(endpoint, name="host4") as host:
+        stream = host.open_stream("fader", 32, 16, engine="passthrough")
+        frame = np.full((16, 32, 3), 200, np.uint8)
+
+        def level() -> float:
+            stream.send(frame)
+            out = stream.wait(2.0)
+            assert out is not None
+            return float(out.pixels.mean())
+        assert level() == 200.0
+        osc.send_message("/livediffusion/fader/transition", [1.0, "smooth"])
+        osc.send_message("/livediffusion/fader/gain", 0.0)
+        seen = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not seen or seen[-1] > 0):
+            seen.append(level())
+            time.sleep(0.02)
+        assert seen[-1] == 0.0 and len({v for v in seen if 0 < v < 200}) >= 3, seen
+        # at once again, then a cue list of a preset and a value back
+        osc.send_message("/livediffusion/fader/transition", 0)
+        host.presets("save", "half", params={"gain": 0.5})
+        osc.send_message("/livediffusion/fader/cue", ["play", "half", 0.0, 0.3])
+        eventually(lambda: _assert(level() == 100.0), host)
+        replies = Listener()   # refusals go back to the sender: send from its socket
+        from pythonosc.osc_message_builder import OscMessageBuilder
+        for address, args in (("/livediffusion/fader/cue", ["dance"]),
+                              ("/livediffusion/fader/transition", ["soon"])):
+            msg = OscMessageBuilder(address)
+            for a in args:
+                msg.add_arg(a)
+            replies.server.socket.sendto(msg.build().dgram, ("127.0.0.1", port))
+            time.sleep(0.05)   # not coalesced with the next
+
+        def refused():
+            text = " | ".join(e[0] for e in replies.values("/livediffusion/error"))
+            assert "cue takes play" in text and "transition takes SECONDS" in text, text
+        eventually(refused, host)
+        replies.close()
+        assert level() == 100.0
