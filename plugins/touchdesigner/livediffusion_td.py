@@ -435,8 +435,11 @@ class TDBridge:
 
     def _ask(self, msg: dict[str, Any], on_reply: Callable[[dict[str, Any]], None],
              names: set[str] | frozenset[str] = frozenset()) -> bool:
-        """Send a request now, handle its answer (or error) at a later frame: the one
-        place that builds on the client's request ids.  False if it could not be sent."""
+        """Send a request now, handle its answer (or error) at a later frame.  False if it
+        could not be sent.  The shared client's public requests wait for their answer
+        (``Client.presets``, ``Stream.update(wait=...)``) and its ``wait=0`` update forgets
+        the answer, so this is the one place that uses its request ids and reply table
+        (``_ids``, ``_send``, ``_replies``)."""
         client = self.client
         if client is None or not client.connected:
             return False
