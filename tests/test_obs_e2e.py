@@ -147,6 +147,60 @@ def test_filter_shows_the_daemons_output(obs, tmp_path):
              "the 'no daemon' status")
 
 
+def test_properties_come_from_the_schema_and_presets_have_hotkeys(obs, tmp_path):
+    """A connected filter builds its properties from the engine's schema (the image engine's
+    guidance slider with its range and description, as OBS holds it: logged by the filter),
+    registers one hotkey per daemon preset, and a hotkey recalls the preset into its stream;
+    a property changed afterwards goes out alone (the recalled value stays)."""
+    from PIL import Image
+    Image.fromarray(quad_image()).save(tmp_path / "quad.png")
+    scene = obs.cl.get_current_program_scene().current_program_scene_name
+    obs.cl.create_input(scene, "quad-presets", "image_source",
+                        {"file": str(tmp_path / "quad.png")}, True)
+    with spawned_daemon("passthrough,image-tiny") as endpoint:
+        with Client(endpoint, name="e2e") as c:
+            c.presets("save", "e2e guided", params={"guidance": 3.5, "mode": "invert"})
+
+        def params() -> dict:
+            with Client(endpoint, name="e2e-streams") as c:  # a fresh one: no heartbeats here
+                for s in c.streams():
+                    if s["name"] == "obs:quad-presets":
+                        return s["params"]
+            return {}
+        cli("setup", "--source", "quad-presets", "--engine", "image-tiny", "--param",
+            "seed=7", "--endpoint", endpoint, *ws_args(obs))
+        wait_for(lambda: "streaming image-tiny" in
+                 ows.list_filters(obs.cl, "quad-presets")[0].status, 60,
+                 "the image engine's stream")
+        wait_for(lambda: "image-tiny property p_guidance: float 0..20 step 0.1 | "
+                         "classifier-free guidance" in obs.log(), 20,
+                 "the schema's guidance property")
+        log = obs.log()
+        assert "image-tiny property p_steps: int 1..4 |" in log
+        assert "image-tiny property p_prompts" not in log  # a list kind: through Extra
+        # the old "seed" key of `obs setup` reached the stream as the p_seed property
+        assert params()["seed"] == 7 and params()["guidance"] == 1.0
+        settings = ows.list_filters(obs.cl, "quad-presets")[0].settings
+        assert settings.get("p_seed") == 7 and "seed" not in settings
+
+        hotkey = "livediffusion.preset.e2e guided"
+        try:
+            wait_for(lambda: hotkey in obs.cl.get_hotkey_list().hotkeys, 20,
+                     "the preset's hotkey")
+        except AssertionError as exc:
+            lines = [line for line in obs.log().splitlines()
+                     if "livediffusion" in line and "property" not in line]
+            raise AssertionError(f"{exc}; OBS log: {lines[-10:]}") from None
+        obs.cl.trigger_hotkey_by_name(hotkey)
+        wait_for(lambda: params().get("guidance") == 3.5, 20, "the recalled preset")
+        obs.cl.set_source_filter_settings("quad-presets", "livediffusion",
+                                          {"p_delta": 1.5}, True)
+        wait_for(lambda: params().get("delta") == 1.5, 20, "the changed property")
+        assert params()["guidance"] == 3.5 and params()["seed"] == 7
+        with Client(endpoint, name="e2e") as c:
+            c.presets("delete", "e2e guided")
+
+
 def test_media_source_path_without_the_plugin(obs, tmp_path):
     import cv2
     writer = cv2.VideoWriter(str(tmp_path / "quad.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 15,

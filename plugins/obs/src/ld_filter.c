@@ -108,6 +108,7 @@ struct ld_filter {
 	char props_engine[64]; /* the engine the properties were last built for (UI thread) */
 
 	/* video tick only */
+	obs_source_t *hotkey_parent; /* the source the preset hotkeys are registered on */
 	unsigned schema_seen, presets_seen;
 	char engine_seen[64];
 
@@ -291,9 +292,11 @@ static bool listed_preset(const char *names, const char *name)
 	return false;
 }
 
-/* One hotkey per daemon preset on the filter ("livediffusion.preset.<name>"): registers the
- * new ones, unregisters those of presets that are gone. Never holds the lock while calling
- * into the hotkey system (whose thread takes the lock in hotkey_pressed). */
+/* One hotkey per daemon preset ("livediffusion.preset.<name>") on the filter's source (OBS
+ * refuses hotkeys on filters, which are private sources; they show under the source in
+ * Settings > Hotkeys and are saved with it): registers the new ones, unregisters those of
+ * presets that are gone. Never holds the lock while calling into the hotkey system (whose
+ * thread takes the lock in hotkey_pressed). */
 static void sync_hotkeys(struct ld_filter *f, const char *names)
 {
 	struct preset_hotkey *keep = bzalloc(sizeof(f->hotkeys)), *drop = bzalloc(sizeof(f->hotkeys));
@@ -322,9 +325,14 @@ static void sync_hotkeys(struct ld_filter *f, const char *names)
 			continue;
 		snprintf(id, sizeof(id), HOTKEY_PREFIX "%s", name);
 		snprintf(desc, sizeof(desc), "livediffusion: recall preset %s", name);
-		obs_hotkey_id hk = obs_hotkey_register_source(f->self, id, desc, hotkey_pressed, f);
-		if (hk == OBS_INVALID_HOTKEY_ID)
+		obs_hotkey_id hk = obs_hotkey_register_source(f->hotkey_parent, id, desc,
+							      hotkey_pressed, f);
+		if (hk == OBS_INVALID_HOTKEY_ID) {
+			blog(LOG_WARNING, "[livediffusion] could not register hotkey '%s'", id);
 			continue;
+		}
+		blog(LOG_INFO, "[livediffusion] hotkey '%s' on '%s'", id,
+		     obs_source_get_name(f->hotkey_parent));
 		keep[nkeep].id = hk;
 		snprintf(keep[nkeep].name, sizeof(keep[nkeep].name), "%s", name);
 		nkeep++;
@@ -973,10 +981,16 @@ static void filter_tick(void *data, float seconds)
 
 	/* a new schema, engine or preset list: properties, parameters and hotkeys follow */
 	char engine[64], *names = NULL;
+	obs_source_t *parent = obs_filter_get_parent(f->self);
+	bool moved = parent != f->hotkey_parent;
+	if (moved) { /* added to a source, or to another one */
+		unregister_hotkeys(f);
+		f->hotkey_parent = parent;
+	}
 	pthread_mutex_lock(&f->lock);
 	unsigned schema_gen = f->schema_gen, presets_gen = f->presets_gen;
 	snprintf(engine, sizeof(engine), "%s", f->engine_now);
-	if (presets_gen != f->presets_seen)
+	if ((presets_gen != f->presets_seen || moved) && parent)
 		names = bmemdup(f->presets, PRESETS_LEN);
 	pthread_mutex_unlock(&f->lock);
 	bool schema_new = schema_gen != f->schema_seen || strcmp(engine, f->engine_seen) != 0;
@@ -990,11 +1004,16 @@ static void filter_tick(void *data, float seconds)
 			log_properties(f, engine);
 	}
 	if (names) {
+		int count = 0;
+		for (const char *p = names; (p = strchr(p, '\n')) != NULL; p++)
+			count++;
+		blog(LOG_INFO, "[livediffusion] '%s': %d preset(s) in the daemon",
+		     obs_source_get_name(f->self), count);
 		f->presets_seen = presets_gen;
 		sync_hotkeys(f, names);
 		bfree(names);
 	}
-	if (schema_new || presets_gen != f->presets_seen || names)
+	if (schema_new || names)
 		obs_source_update_properties(f->self);
 }
 
