@@ -328,12 +328,38 @@ def status_rows(streams: list[dict], previous: dict[str, tuple[float, int]], now
                      f"{st.get('serve_fps', 0):.1f}", f"{rate:.1f}",
                      str(st.get("dropped", 0)), str(st.get("decimated", 0)),
                      str(st.get("late", 0)), f"{st.get('delay_ms', 0):.0f}",
-                     f"{st.get('engine_ms', 0):.1f}", str(p.get("steps", "")), prompt))
+                     f"{st.get('latency_p50_ms', 0):.0f}/{st.get('latency_p99_ms', 0):.0f}",
+                     f"{st.get('batch', 0):.1f}", f"{st.get('engine_ms', 0):.1f}",
+                     str(p.get("steps", "")), _moving(st), prompt))
     return rows
 
 
+def _moving(stats: dict) -> str:
+    """A stream's transition and cue list in a few characters."""
+    parts = []
+    t, c = stats.get("transition"), stats.get("cues")
+    if c:
+        parts.append(f"cue {c['index'] + 1}/{c['count']}" + (" ||" if c["state"] == "paused"
+                                                             else ""))
+    if t:
+        parts.append("waiting" if t["waiting"] else f"{t['progress'] * 100:.0f}%")
+    return " ".join(parts) or "-"
+
+
+def device_lines(overview: dict) -> list[str]:
+    """Under the table: each engine worker's busy share and each GPU's memory."""
+    lines = [f"worker {','.join(w['engines'])} on {w['device']}: busy {w['busy'] * 100:.0f}%"
+             for w in overview.get("workers", [])]
+    for g in overview.get("gpus", []):
+        util = f", {g['utilization']}% utilised" if g.get("utilization") is not None else ""
+        lines.append(f"GPU {g['index']} {g['name']}: {g['memory_used_gib']:.1f} of "
+                     f"{g['memory_total_gib']:.1f} GiB{util}")
+    return lines
+
+
 STATUS_COLUMNS = ("stream", "engine", "in FPS", "serve FPS", "out FPS", "dropped",
-                  "decimated", "late", "delay ms", "engine ms", "steps", "prompt / mode")
+                  "decimated", "late", "delay ms", "latency p50/p99 ms", "batch",
+                  "engine ms", "steps", "moving", "prompt / mode")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -347,9 +373,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     previous: dict[str, tuple[float, int]] = {}
 
     def table() -> Table:
-        streams = client.streams(timeout=args.timeout)
+        overview = client.overview(timeout=args.timeout)
+        streams = overview.get("streams", [])
         out = Table(title=f"livediffusion at {args.endpoint}: {len(streams)} stream(s)",
-                    title_justify="left")
+                    title_justify="left", caption="\n".join(device_lines(overview)) or None,
+                    caption_justify="left")
         for column in STATUS_COLUMNS:
             out.add_column(column, justify="left" if column in (
                 "stream", "engine", "prompt / mode") else "right")

@@ -16,8 +16,14 @@ own state.  Per stream, labelled ``stream`` and ``engine``:
 | ``livediffusion_delay_ms`` | gauge | playout delay |
 | ``livediffusion_engine_ms`` | gauge | engine time per step (moving average) |
 
-plus ``livediffusion_streams`` (open streams) and ``livediffusion_up`` (1 when the daemon
-answered the scrape).
+| ``livediffusion_latency_p50_ms`` / ``_p99_ms`` | gauge | input arrival to output publication in the daemon |
+| ``livediffusion_batch`` | gauge | streams per engine step (mean of the last 64) |
+
+plus ``livediffusion_streams`` (open streams), ``livediffusion_up`` (1 when the daemon
+answered the scrape), ``livediffusion_worker_busy`` (labelled ``engines`` and ``device``: the
+share of the last 5 s the worker spent in steps) and, per GPU (labelled ``gpu`` and ``name``),
+``livediffusion_gpu_memory_used_gib``, ``livediffusion_gpu_memory_total_gib`` and
+``livediffusion_gpu_utilization`` (NVML's %, only where nvidia-ml-py is installed).
 """
 
 from __future__ import annotations
@@ -37,7 +43,13 @@ COUNTERS = {"frames_in": "input frames the engine took",
             "decimated": "frames skipped to keep the served rate",
             "late": "output frames ready after their paced time"}
 GAUGES = {"input_fps": "the rate the host sends", "serve_fps": "the rate the stream is served",
-          "delay_ms": "playout delay, ms", "engine_ms": "engine time per step, ms"}
+          "delay_ms": "playout delay, ms", "engine_ms": "engine time per step, ms",
+          "latency_p50_ms": "input arrival to output publication in the daemon, median, ms",
+          "latency_p99_ms": "input arrival to output publication in the daemon, p99, ms",
+          "batch": "streams per engine step (mean of the last 64)"}
+GPU_GAUGES = {"memory_used_gib": "GPU memory in use (every process), GiB",
+              "memory_total_gib": "GPU memory in all, GiB",
+              "utilization": "GPU utilisation, % (NVML)"}
 
 
 class _Collector:
@@ -45,11 +57,12 @@ class _Collector:
         self.exporter = exporter
 
     def collect(self) -> Iterator:
-        streams = self.exporter.streams()
+        overview = self.exporter.overview()
         up = GaugeMetricFamily("livediffusion_up", "1 when the daemon answered this scrape")
-        up.add_metric([], 0.0 if streams is None else 1.0)
+        up.add_metric([], 0.0 if overview is None else 1.0)
         yield up
-        streams = streams or []
+        overview = overview or {}
+        streams = overview.get("streams", [])
         count = GaugeMetricFamily("livediffusion_streams", "open streams")
         count.add_metric([], float(len(streams)))
         yield count
@@ -61,6 +74,20 @@ class _Collector:
                     family.add_metric([s["name"], s["engine"]],
                                       float(s.get("stats", {}).get(key, 0)))
                 yield family
+        busy = GaugeMetricFamily("livediffusion_worker_busy", "share of the last 5 s an "
+                                 "engine worker spent in steps", labels=["engines", "device"])
+        for w in overview.get("workers", []):
+            busy.add_metric([",".join(w.get("engines", [])), str(w.get("device", ""))],
+                            float(w.get("busy", 0.0)))
+        yield busy
+        for key, about in GPU_GAUGES.items():
+            family = GaugeMetricFamily(f"livediffusion_gpu_{key}", about,
+                                       labels=["gpu", "name"])
+            for g in overview.get("gpus", []):
+                if g.get(key) is not None:
+                    family.add_metric([str(g["index"]), str(g.get("name", ""))],
+                                      float(g[key]))
+            yield family
 
 
 class MetricsExporter:
@@ -75,10 +102,10 @@ class MetricsExporter:
         self.server = None
         self._stopped = threading.Event()
 
-    def streams(self) -> list[dict] | None:
+    def overview(self) -> dict | None:
         with self._lock:
             try:
-                return self.client.streams(timeout=2.0)
+                return self.client.overview(timeout=2.0)
             except Exception as exc:  # noqa: BLE001 - a scrape says up 0 instead
                 log.warning("metrics: the daemon did not answer (%s)", exc)
                 return None

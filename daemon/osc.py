@@ -26,7 +26,8 @@ same validation as any client's:
 - With ``--osc-feedback HOST:PORT``, a change is echoed there (the effective value, so a
   fader follows what the daemon took), and each stream's telemetry goes there twice a second:
   ``/livediffusion/<stream>/telemetry/<name>`` for fps_out, input_fps, serve_fps, dropped,
-  late, delay_ms, engine_ms.
+  late, delay_ms, engine_ms, latency_p50_ms, latency_p99_ms, batch, and
+  ``/livediffusion/gpu/<index>/<name>`` for memory_used_gib, memory_total_gib, utilization.
 - Refused input (an unknown address, stream or parameter, a wrong type, a value out of range)
   is one log line (at most one per five seconds per kind) and ``/livediffusion/error <text>``
   to the sender; nothing else changes.
@@ -58,7 +59,8 @@ def _shown(value: Any) -> str:
     return shown(value, 60)
 
 PREFIX = "/livediffusion"
-TELEMETRY = ("fps_out", "input_fps", "serve_fps", "dropped", "late", "delay_ms", "engine_ms")
+TELEMETRY = ("fps_out", "input_fps", "serve_fps", "dropped", "late", "delay_ms", "engine_ms",
+             "latency_p50_ms", "latency_p99_ms", "batch")
 
 
 class OscError(ValueError):
@@ -230,8 +232,11 @@ class OscBridge:
                 self._refuse(None, "internal", f"OSC bridge: {type(exc).__name__}: {exc}")
             time.sleep(self.period)   # at most one round of requests per period
 
-    def _refresh(self) -> None:
-        self._streams = {s["name"]: s for s in self.client.streams(timeout=2.0)}
+    def _refresh(self) -> list[dict]:
+        """The daemon's streams (kept) and GPUs (returned)."""
+        overview = self.client.overview(timeout=2.0)
+        self._streams = {s["name"]: s for s in overview.get("streams", [])}
+        return list(overview.get("gpus", []))
 
     def _apply_pending(self) -> None:
         with self._lock:
@@ -395,13 +400,18 @@ class OscBridge:
                     self._send(target, f"{PREFIX}/{name}/{key}", osc_args(value))
 
     def _telemetry(self) -> None:
-        self._refresh()
+        gpus = self._refresh()
         for name, stream in self._streams.items():
             stats = stream.get("stats", {})
             for key in TELEMETRY:
                 if key in stats:
                     self._send(self.feedback, f"{PREFIX}/{name}/telemetry/{key}",
                                [float(stats[key])])
+        for gpu in gpus:
+            for key in ("memory_used_gib", "memory_total_gib", "utilization"):
+                if gpu.get(key) is not None:
+                    self._send(self.feedback, f"{PREFIX}/gpu/{gpu['index']}/{key}",
+                               [float(gpu[key])])
 
     @staticmethod
     def _send(target: SimpleUDPClient, address: str, args: list[Any]) -> None:

@@ -35,6 +35,7 @@ from .playout import Playout
 from .scheduler import Refused, Scheduler
 from .engines.base import ParamError
 from .presets import PresetError, PresetStore, for_engine
+from .telemetry import THUMB_MAX, Busy, Window, gpu_stats, thumbnail
 from .step import (CloseStream, CommandResult, CueCommand, FrameRef, OpenStream, StepResult,
                    UpdateParams, WorkerReady, batch_key)
 from .transitions import MAX_CUES
@@ -88,6 +89,15 @@ class ServerStream:
     #: the worker's last word on the stream's transition and cue list (None: none)
     transition: dict[str, Any] | None = None
     cues: dict[str, Any] | None = None
+    #: ms from an input frame's arrival to its output's publication; streams per step
+    latency: Window = field(default_factory=Window)
+    batches: Window = field(default_factory=lambda: Window(64))
+    #: a small RGB copy of the newest output (width, height, bytes), kept while someone
+    #: looks (the control page) and at most 5 times a second
+    thumb: tuple[int, int, bytes] | None = None
+    thumb_at: float = 0.0
+    thumb_wanted: float = 0.0
+    thumb_width: int = 160
 
 
 def is_loopback(host: str) -> bool:
@@ -147,6 +157,7 @@ class Daemon:
         self._thread: threading.Thread | None = None
         self._error_log: dict[tuple[int, str], list[float | int]] = {}
         self._startup_error: BaseException | None = None
+        self._busy: dict[int, Busy] = {}   # id(worker) -> its steps of the last seconds
         self.endpoint = ""
         self.started_at = time.monotonic()
         #: named presets (daemon/presets.py), read on first use
@@ -804,7 +815,8 @@ class Daemon:
         self._send(session.identity, {"type": "stats", "re": rid,
                                       "streams": {str(i): self.stream_stats(i) for i in ids
                                                   if i in self.streams},
-                                      "uptime_s": round(time.monotonic() - self.started_at, 1)})
+                                      "uptime_s": round(time.monotonic() - self.started_at, 1),
+                                      **self.device_stats()})
 
     def _on_streams(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         """Every open stream, whoever opened it (controllers address them by name)."""
@@ -812,7 +824,25 @@ class Daemon:
             "type": "streams", "re": rid,
             "streams": [{"name": s.name, "engine": s.engine, "params": s.params,
                          "stats": self.stream_stats(s.id)}
-                        for s in self.streams.values() if s.state == "open"]})
+                        for s in self.streams.values() if s.state == "open"],
+            **self.device_stats()})
+
+    def _on_thumbnail(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
+        """The newest output of a stream (by name) as a small RGB picture, for a control
+        page; asking keeps thumbnails coming for 5 s."""
+        stream = self._named_stream(msg["name"])
+        width = msg.get("width", 160)
+        if not 8 <= width <= THUMB_MAX:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"a thumbnail is 8 to {THUMB_MAX} "
+                                f"pixels wide, not {width}.", stream=stream.id)
+        stream.thumb_wanted = time.monotonic() + 5.0
+        stream.thumb_width = width
+        reply: dict[str, Any] = {"type": "thumbnail", "re": rid, "name": stream.name,
+                                 "out_seq": stream.out_seq}
+        if stream.thumb is not None:
+            w, h, data = stream.thumb
+            reply.update(width=w, height=h, format="rgb", pixels=data)
+        self._send(session.identity, reply)
 
     def _on_heartbeat(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         self._send(session.identity, {"type": "heartbeat", "re": rid})
@@ -844,7 +874,23 @@ class Daemon:
             "delay_ms": round(stream.playout.delay * 1000.0, 1),
             "paced": stream.playout.paced,
             "transition": stream.transition, "cues": stream.cues,
+            # in the daemon, from an input frame's arrival to its output's publication
+            "latency_p50_ms": round(stream.latency.percentile(50), 1),
+            "latency_p99_ms": round(stream.latency.percentile(99), 1),
+            "batch": round(stream.batches.mean(), 2),
         }
+
+    def device_stats(self) -> dict[str, Any]:
+        """Per worker: its engines, device and busy share of the last 5 s; per GPU: memory
+        and utilisation."""
+        now = time.monotonic()
+        workers = []
+        for worker in self.workers:
+            busy = self._busy.get(id(worker))
+            workers.append({"engines": list(worker.engines),
+                            "device": "cpu" if not worker.threaded else str(self.device),
+                            "busy": busy.share(now) if busy else 0.0})
+        return {"workers": workers, "gpus": gpu_stats()}
 
     def _begin_close(self, stream: ServerStream, request: Any) -> None:
         stream.state = "closing"
@@ -887,6 +933,9 @@ class Daemon:
     def _on_step(self, result: StepResult) -> None:
         self.scheduler.update_from_result(result)
         now = time.monotonic()
+        worker = self._worker_of.get(result.engine)
+        if worker is not None and result.batch_size:
+            self._busy.setdefault(id(worker), Busy()).add(result.started, result.elapsed_ms)
         for report in result.reports:
             stream = self.streams.get(report.stream_id)
             if stream is None or stream.state == "closing":
@@ -895,6 +944,7 @@ class Daemon:
             stream.torn += report.torn
             stream.bad_frames += report.bad_frames
             if report.frames_in:
+                stream.batches.add(result.batch_size)
                 ms = result.elapsed_ms
                 stream.engine_ms = ms if stream.engine_ms == 0 else \
                     0.9 * stream.engine_ms + 0.1 * ms
@@ -925,6 +975,7 @@ class Daemon:
             if not self._intact(stream, frame):
                 return
             stream.frames_out += 1
+            self._published(stream, frame)
             if alive:
                 self._send(stream.session.identity, body, payload)
             return
@@ -939,8 +990,22 @@ class Daemon:
             return
         ring.end_write(slot, seq)
         stream.frames_out += 1
+        self._published(stream, frame)
         if alive:
             self._send(stream.session.identity, {**body, "slot": slot})
+
+    def _published(self, stream: ServerStream, frame) -> None:
+        """Telemetry of a frame out: its latency in the daemon, and a thumbnail while the
+        control page looks."""
+        now = time.monotonic()
+        stream.latency.add((now - frame.arrived) * 1000.0)
+        if now < stream.thumb_wanted and now - stream.thumb_at >= 0.2:
+            stream.thumb_at = now
+            try:
+                stream.thumb = thumbnail(frame.pixels, stream.output, stream.thumb_width)
+            except Exception as exc:  # noqa: BLE001 - a thumbnail never costs a frame
+                log.warning("stream %d: no thumbnail: %s", stream.id, exc)
+                stream.thumb_wanted = 0.0
 
     @staticmethod
     def _intact(stream: ServerStream, frame) -> bool:

@@ -609,7 +609,8 @@ class Client:
                 stream._on_opened(msg)
         elif mtype == "error":
             self._on_error(msg)
-        elif mtype in ("params_ok", "closed", "stats", "streams", "presets", "cues"):
+        elif mtype in ("params_ok", "closed", "stats", "streams", "presets", "cues",
+                       "thumbnail"):
             if rid is not None:
                 self._replies[rid] = msg
         # heartbeat replies need nothing beyond _last_heard
@@ -726,9 +727,15 @@ class Client:
         """Every open stream of the daemon, whichever client opened it: ``name``,
         ``engine``, ``params`` (effective) and ``stats`` (the daemon's counters), for
         controllers."""
+        return list(self.overview(timeout).get("streams", []))
+
+    def overview(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The ``streams`` answer whole: ``streams`` (as ``streams()``), ``workers`` (each
+        engine worker's engines, device and busy share of the last 5 s) and ``gpus`` (each
+        CUDA device's memory in use and in total, GiB, and utilisation %)."""
         if self.state == "disconnected":
             self.connect(timeout)
-        return list(self._request({"type": "streams"}, timeout).get("streams", []))
+        return dict(self._request({"type": "streams"}, timeout))
 
     def choose_engine(self, wanted: str = "auto") -> str:
         """``wanted`` itself, or for "auto" the best engine the daemon offers
@@ -791,6 +798,16 @@ class Client:
             if value is not None:
                 msg[key] = value
         return dict(self._request(msg, timeout).get("presets", {}))
+
+    def thumbnail(self, name: str, width: int = 160, timeout: float = 2.0
+                  ) -> dict[str, Any]:
+        """The newest output of the stream called ``name`` as a small top-down RGB uint8
+        picture: ``width``, ``height``, ``pixels`` (bytes) and ``out_seq``; without
+        ``pixels`` until one was taken (asking starts them, for 5 s)."""
+        if self.state == "disconnected":
+            self.connect(timeout)
+        return dict(self._request({"type": "thumbnail", "name": name, "width": width},
+                                  timeout))
 
     def close(self) -> None:
         """Close every stream, say goodbye, release the socket."""

@@ -135,13 +135,15 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     # every open stream of every session: names, engines, parameters, statistics (for
     # controllers: OSC, a control page)
     "streams": {},
+    # the newest output of a stream by name as a small RGB picture (a control page)
+    "thumbnail": {"name": (_STR, True), "width": (_INT, False)},
     "heartbeat": {},
     "close": {"stream": (_INT, True)},
     "bye": {},
 }
 
 SERVER_MESSAGES = ("welcome", "opened", "params_ok", "frame", "stats", "streams", "presets",
-                   "cues", "heartbeat", "error", "closed")
+                   "cues", "thumbnail", "heartbeat", "error", "closed")
 
 
 def pack(msg: Mapping[str, Any]) -> bytes:

@@ -142,12 +142,16 @@ def test_status_prints_every_stream_of_a_running_daemon(daemon):
         assert "1 stream(s)" in out.stdout
         row = next(line for line in out.stdout.splitlines() if "cam" in line)
         assert "passthrough" in row and "invert" in row
+        assert "worker passthrough on cpu: busy" in out.stdout
     # the delivered FPS is measured between polls
     streams = [{"name": "a", "engine": "e", "params": {}, "stats": {"frames_out": 10}}]
     seen: dict = {}
     status_rows(streams, seen, 100.0)
     streams[0]["stats"]["frames_out"] = 40
     assert status_rows(streams, seen, 101.0)[0][4] == "30.0"
+    streams[0]["stats"].update(transition={"waiting": False, "progress": 0.25},
+                               cues={"index": 1, "count": 3, "state": "paused"})
+    assert status_rows(streams, seen, 102.0)[0][13] == "cue 2/3 || 25%"
 
 
 def test_metrics_are_served_for_every_stream(daemon):
@@ -162,8 +166,13 @@ def test_metrics_are_served_for_every_stream(daemon):
     exporter = MetricsExporter(daemon.endpoint, port).start()
     try:
         with Client(daemon.endpoint, name="tool") as tool:
-            stream = tool.open_stream("cam", 64, 64, engine="passthrough")  # noqa: F841
+            stream = tool.open_stream("cam", 64, 64, engine="passthrough")
             import time
+
+            import numpy as np
+            for _ in range(3):
+                stream.send(np.zeros((64, 64, 3), np.uint8))
+                assert stream.wait(5.0) is not None
             for _ in range(8):   # 4 s idle between scrapes: the exporter stays connected
                 time.sleep(0.5)
                 tool.poll(0)
@@ -173,4 +182,12 @@ def test_metrics_are_served_for_every_stream(daemon):
         exporter.stop()
     assert "livediffusion_up 1.0" in text and "livediffusion_streams 1.0" in text
     assert 'livediffusion_serve_fps{engine="passthrough",stream="cam"} 30.0' in text
-    assert 'livediffusion_frames_out_total{engine="passthrough",stream="cam"}' in text
+    assert 'livediffusion_frames_out_total{engine="passthrough",stream="cam"} 3.0' in text
+    # latency in the daemon and the worker's busy share: measured, so positive and small
+    import re
+    p99 = float(re.search(r'livediffusion_latency_p99_ms\{engine="passthrough",'
+                          r'stream="cam"\} ([0-9.e+-]+)', text).group(1))
+    assert 0 < p99 < 1000
+    assert re.search(r'livediffusion_worker_busy\{device="cpu",engines="passthrough"\} ',
+                     text)
+    assert 'livediffusion_batch{engine="passthrough",stream="cam"} 1.0' in text

@@ -92,6 +92,7 @@ VALID_CLIENT_MESSAGES = {
     "streams": msg("streams"),
     "presets": msg("presets", op="list"),
     "cues": msg("cues", name="webcam", op="play", cues=[{"preset": "night", "transition": 2.0}]),
+    "thumbnail": msg("thumbnail", name="webcam", width=160),
     "heartbeat": msg("heartbeat"),
     "close": msg("close", stream=1),
     "bye": msg("bye"),
