@@ -469,6 +469,13 @@ def test_c_client_recalls_a_daemon_preset(selftest, daemon, tmp_path):
     np.testing.assert_array_equal(second, inverted(pattern(32, 24, 255 - int(second[0, 0, 0]))))
     presets = next(line for line in out.splitlines() if line.startswith("presets "))
     assert "negative," in presets
+    # with a transition: the daemon takes it (one that did not know the field would say
+    # bad_message, shown in the status)
+    out = run(selftest, "client", daemon.endpoint, "passthrough", "32", "24", "3",
+              "mode=identity", "mode=identity", str(tmp_path / "t"), "30",
+              env={"LD_SELFTEST_RECALL": "negative", "LD_SELFTEST_TRANSITION": "0.5"})
+    assert "recall 0" in out and "final streaming passthrough" in out, out
+    assert "bad_" not in out, out
     # an unknown preset: the daemon's bad_params shows in the status, the stream goes on
     out = run(selftest, "client", daemon.endpoint, "passthrough", "32", "24", "3",
               "mode=identity", "mode=identity", str(tmp_path / "u"), "30",
