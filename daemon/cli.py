@@ -82,6 +82,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         _add_osc(daemon, args)
     if args.metrics is not None:
         _add_metrics(daemon, args)
+    if args.ui is not None:
+        def make(endpoint, keys):
+            from .ui import ControlPage
+            return ControlPage(endpoint, args.ui, keys=keys)
+        _add_client_companion(daemon, args, "the control page", make)
     daemon.serve_forever()
     return 0
 
@@ -813,6 +818,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=int, default=None, metavar="PORT",
                    help="a Prometheus text endpoint at http://127.0.0.1:PORT/metrics "
                         "(per-stream FPS, drops, delay, engine time)")
+    p.add_argument("--ui", type=int, default=None, metavar="PORT",
+                   help="a control page at http://127.0.0.1:PORT/ (loopback only): thumbnails, "
+                        "controls from each engine's schema, presets, transitions, cue lists "
+                        "and telemetry")
     p.add_argument("--profile", default=None, metavar="auto|NAME",
                    help="video engines' memory profile (default auto: chosen from the GPU's "
                         "free memory; 'livediffusion doctor' lists the choice, "
