@@ -13,8 +13,11 @@ reads them:
 * drops (frames the daemon never processed: replaced in the mailbox or skipped to keep a
   fair rate) and deadline misses (frames ready after their paced time);
 * events, after the steady window: another stream opens, stream 0 changes its prompt (a new
-  text each time, so it is really encoded), the other stream closes; the longest gap between
-  two distinct frames of every running stream around each event, beside one chunk period.
+  text each time, so it is really encoded), the other stream closes, and stream 0 moves to
+  yet another prompt, seed and noise scale over a 2 s timed transition (its prompt encoded
+  first, then blended chunk by chunk); the longest gap between two distinct frames of every
+  running stream around each event, beside one chunk period, and the distinct FPS of stream
+  0 while it moves.
 
 Beside it, in the same run: the previous policy ("rr": round robin, no pacing, no rates) and
 the engine's own throughput (``bench video``'s measurement of one stream, no daemon).
@@ -46,9 +49,11 @@ SETTLE_S = 3.0
 
 def host(conn, endpoint: str, name: str, width: int, height: int, fps: float, engine: str,
          params: dict, start_at: float, stop_at: float, poll_hz: float,
-         prompts: list[tuple[float, str]]) -> None:
+         prompts: list[tuple[float, str, float]]) -> None:
     """A host: from ``start_at`` open a stream, send at ``fps``, read ``latest()`` at
-    ``poll_hz``; at each (time, text) of ``prompts`` change the prompt; until ``stop_at``.
+    ``poll_hz``; at each (time, text, seconds) of ``prompts`` change the prompt (over a timed
+    transition of that many seconds when > 0, with a new seed and noise scale); until
+    ``stop_at``.
     Sends back what it saw (monotonic times are one clock across processes here)."""
     from livediffusion.shared import Client, DaemonError
 
@@ -89,7 +94,11 @@ def host(conn, endpoint: str, name: str, width: int, height: int, fps: float, en
                     if next_send < now - period:   # fell behind (a busy machine): skip
                         next_send = now + period
                 if pending and now >= pending[0][0]:
-                    stream.update(prompt=pending.pop(0)[1])
+                    _, text, over = pending.pop(0)
+                    if over > 0:
+                        stream.update(prompt=text, seed=7, noise_scale=0.6, transition=over)
+                    else:
+                        stream.update(prompt=text)
                     out["prompt_times"].append(now)
                 frame = stream.latest()
                 if frame is not None and frame.seq != last_seq:
@@ -114,7 +123,8 @@ class DaemonProcess:
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.log = Path(tempfile.mkdtemp(prefix="ld-bench-")) / f"daemon-{policy}.log"
-        cmd = [sys.executable, "-m", "livediffusion.daemon", "daemon", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "livediffusion.daemon", "--log-level",
+               os.environ.get("LIVEDIFFUSION_BENCH_LOG", "info"), "daemon", "--port", str(self.port),
                "--engines", engine, "--device", device, "--policy", policy]
         if policy == "rr":
             cmd.append("--no-pacing")  # the previous daemon published chunks at once
@@ -168,11 +178,13 @@ def run_case(endpoint: str, engine: str, n: int, width: int, height: int, fps: f
     steady0 = t0 + SETTLE_S
     steady1 = steady0 + seconds
     open_at, prompt_at, close_at = steady1 + 0.5, steady1 + 3.5, steady1 + 6.5
-    end = close_at + 2.5 if events else steady1
+    move_at, move_s = steady1 + 9.0, 2.0
+    end = move_at + move_s + 3.0 if events else steady1
     jobs = []
     for k in range(n):
-        prompts = [(prompt_at, f"a new prompt {tag} {time.time_ns()}")] if events and k == 0 \
-            else []
+        prompts = [(prompt_at, f"a new prompt {tag} {time.time_ns()}", 0.0),
+                   (move_at, f"a moving prompt {tag} {time.time_ns()}", move_s)] \
+            if events and k == 0 else []
         jobs.append((f"s{k}", t0 + 0.05 * k, end, prompts))
     if events:
         jobs.append(("joiner", open_at, close_at, []))
@@ -227,7 +239,8 @@ def run_case(endpoint: str, engine: str, n: int, width: int, height: int, fps: f
         "events_ms": {"steady": [round(1000 * (steady0 - t0)), round(1000 * (steady1 - t0))],
                       "open": round(1000 * (open_at - t0)),
                       "prompt": round(1000 * (prompt_at - t0)),
-                      "close": round(1000 * (close_at - t0))} if events else {},
+                      "close": round(1000 * (close_at - t0)),
+                      "transition": round(1000 * (move_at - t0))} if events else {},
         "daemon_stats": {r["name"]: r.get("daemon", {}) for r in results.values()},
     }
     if events:
@@ -242,6 +255,12 @@ def run_case(endpoint: str, engine: str, n: int, width: int, height: int, fps: f
         others = [t for name, t in times.items() if name != "s0"]
         record["prompt_others_gap_ms"] = round(1000 * max(
             (_gaps(t, prompt_at, prompt_at + 2.5) for t in others), default=0.0), 1)
+        # the timed transition: its prompt is encoded first (a gap like a prompt change's at
+        # most), then every chunk applies a blend: no gap beyond the steady ones, full rate
+        record["transition_gap_ms"] = round(1000 * _gaps(times["s0"], move_at,
+                                                         move_at + move_s + 2.0), 1)
+        moving = [t for t in times["s0"] if move_at + 0.5 <= t <= move_at + move_s + 0.5]
+        record["transition_fps"] = round(len(moving) / move_s, 2)
         jseen = joiner.get("seen", [])
         record["joiner_ttff_s"] = round(jseen[0][0] - joiner["first_sent"], 3) \
             if jseen and joiner.get("first_sent") else float("nan")
@@ -333,6 +352,11 @@ def run_stream_bench(args: argparse.Namespace) -> int:
                           (f"; errors: {rec['errors']}" if rec["errors"] else ""), flush=True)
         finally:
             daemon.stop()
+            # the daemon's own words (first-step compiles, warnings) beside the figures
+            meta.setdefault("daemon_log", {})[policy] = [
+                line for line in daemon.log.read_text(errors="replace").splitlines()
+                if " WARNING " in line or " ERROR " in line or "first step" in line
+                or "prompt" in line][-40:]
     engine_fps = {}
     if not args.no_engine_bench:
         for decoder, steps in cases:
@@ -368,6 +392,8 @@ def run_stream_bench(args: argparse.Namespace) -> int:
                               ("open_gap_ms", "open", ".0f"), ("close_gap_ms", "close", ".0f"),
                               ("prompt_self_gap_ms", "prompt (self)", ".0f"),
                               ("prompt_others_gap_ms", "prompt (others)", ".0f"),
+                              ("transition_gap_ms", "transition", ".0f"),
+                              ("transition_fps", "FPS moving", ".1f"),
                               ("joiner_ttff_s", "joiner TTFF s", ".2f"),
                               ("joiner_refused", "joiner refused", "")])
     write_json(args.json, records, meta)

@@ -94,6 +94,7 @@ class VideoStream:
     #: the weighted prompts asked for last, and their embedding while it is being encoded
     prompt_key: tuple = ()
     pending_prompt: Future | None = None
+    prompt_asked: float = 0.0
     motion: MotionController = field(default_factory=MotionController)
     in_flight: list[Chunk] = field(default_factory=list)
     flushed: list[Chunk] = field(default_factory=list)  # finished early by a steps change
@@ -577,6 +578,7 @@ class VideoEngine(Engine):
             self._use_prompt(stream, emb if emb is not None else self._embed_prompts(p))
             return
         stream.pending_prompt = self._beside.submit(self._embed_prompts, p)
+        stream.prompt_asked = time.perf_counter()
 
     def _take_prompt(self, stream: VideoStream) -> bool:
         """Apply an encoded prompt that is ready (called at the start of each step); False
@@ -593,7 +595,11 @@ class VideoEngine(Engine):
                     emb = self._embed_prompts(stream.params)
                 else:
                     return True
+            t0 = time.perf_counter()
             self._use_prompt(stream, emb)
+            log.debug("stream %d: new prompt in use %.0f ms after it was asked for (its K/V "
+                      "%.1f ms)", stream.config.stream_id,
+                      (t0 - stream.prompt_asked) * 1000.0, (time.perf_counter() - t0) * 1e3)
         return stream.cross_kv is not None
 
     def _use_prompt(self, stream: VideoStream, emb: torch.Tensor) -> None:
