@@ -35,6 +35,8 @@ from typing import Iterator
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .telemetry import keep_alive
+
 log = logging.getLogger("livediffusion.metrics")
 
 COUNTERS = {"frames_in": "input frames the engine took",
@@ -110,18 +112,11 @@ class MetricsExporter:
                 log.warning("metrics: the daemon did not answer (%s)", exc)
                 return None
 
-    def _keepalive(self) -> None:
-        """Heartbeats between scrapes (a silent client is dropped after 3 s)."""
-        while not self._stopped.wait(0.5):
-            with self._lock:
-                try:
-                    self.client.poll(0)
-                except Exception as exc:  # noqa: BLE001 - the next scrape reports it
-                    log.debug("metrics keepalive: %s", exc)
-
     def start(self) -> MetricsExporter:
         self.client.connect(timeout=10)
-        threading.Thread(target=self._keepalive, name="metrics-keepalive",
+        # heartbeats between scrapes (a silent client is dropped after 3 s)
+        threading.Thread(target=keep_alive, args=(self.client, self._lock, self._stopped,
+                                                  "metrics"), name="metrics-keepalive",
                          daemon=True).start()
         result = start_http_server(self.port, addr=self.host, registry=self.registry)
         # prometheus-client >= 0.17 returns (server, thread); older ones return nothing

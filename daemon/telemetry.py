@@ -91,6 +91,20 @@ def gpu_stats() -> list[dict[str, Any]]:
         return []
 
 
+def keep_alive(client, lock, stopped, what: str) -> None:
+    """The loop of a companion's heartbeat thread (the OSC bridge, the metrics endpoint, the
+    control page are clients of the daemon, which drops a client silent for 3 s): poll the
+    client twice a second under its lock until ``stopped`` is set."""
+    import logging
+    while not stopped.wait(0.5):
+        with lock:
+            try:
+                client.poll(0)
+            except Exception as exc:  # noqa: BLE001 - the next request reports it
+                logging.getLogger("livediffusion.telemetry").debug("%s keepalive: %s", what,
+                                                                   exc)
+
+
 THUMB_MAX = 320
 
 

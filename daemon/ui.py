@@ -36,6 +36,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .telemetry import keep_alive
+
 log = logging.getLogger("livediffusion.ui")
 
 MAX_BODY = 256 * 1024
@@ -97,7 +99,8 @@ class ControlPage:
         self.client.connect(timeout=10)
         threading.Thread(target=self.server.serve_forever, name="ui-http",
                          daemon=True).start()
-        threading.Thread(target=self._keepalive, name="ui-keepalive", daemon=True).start()
+        threading.Thread(target=keep_alive, args=(self.client, self._lock, self._stopped, "ui"),
+                         name="ui-keepalive", daemon=True).start()
         log.info("control page on http://127.0.0.1:%d/", self.port)
         return self
 
@@ -107,14 +110,6 @@ class ControlPage:
         self.server.server_close()
         with self._lock:
             self.client.close()
-
-    def _keepalive(self) -> None:
-        while not self._stopped.wait(0.5):
-            with self._lock:
-                try:
-                    self.client.poll(0)
-                except Exception as exc:  # noqa: BLE001 - the next request reports it
-                    log.debug("ui keepalive: %s", exc)
 
     # --- requests ------------------------------------------------------------------------------
 

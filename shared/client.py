@@ -643,6 +643,19 @@ class Client:
                 return stream
         return None
 
+    def ask(self, msg: dict[str, Any]) -> int | None:
+        """Send a request without waiting (a host that must not block its frame, like
+        TouchDesigner's cook); returns its id for ``answer``, or None if the daemon's queue
+        was full."""
+        rid = next(self._ids)
+        return rid if self._send({**msg, "id": rid}) else None
+
+    def answer(self, rid: int) -> dict[str, Any] | None:
+        """The reply to ``ask``'s request ``rid`` once it arrived (an ``error`` message is
+        returned as it is, not raised), else None; handed out once.  Call ``poll`` between
+        looks."""
+        return self._replies.pop(rid, None)
+
     def _request(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
         rid = next(self._ids)
         if not self._send({**msg, "id": rid}):

@@ -9,7 +9,8 @@ TD calls three shims (``callbacks/``), each one line:
 
 Nothing here blocks TD's main thread: the client polls with timeout 0, connects and opens its
 stream without waiting, and reconnects by itself; requests (parameter changes, presets) are
-sent with an id and their answers picked up at later frames (``TDBridge._ask``).  Input pixels
+sent with an id and their answers picked up at later frames (``TDBridge._ask``, through
+``Client.ask`` and ``Client.answer``).  Input pixels
 are read with ``numpyArray(delayed=True)`` (float32 RGBA, row 0 at the bottom; the first call
 returns None) and copied raw into the stream's ring: the daemon converts on its side.  The
 output comes back as RGBA uint8, bottom row first, ready for ``copyNumpyArray``.
@@ -435,16 +436,13 @@ class TDBridge:
 
     def _ask(self, msg: dict[str, Any], on_reply: Callable[[dict[str, Any]], None],
              names: set[str] | frozenset[str] = frozenset()) -> bool:
-        """Send a request now, handle its answer (or error) at a later frame.  False if it
-        could not be sent.  The shared client's public requests wait for their answer
-        (``Client.presets``, ``Stream.update(wait=...)``) and its ``wait=0`` update forgets
-        the answer, so this is the one place that uses its request ids and reply table
-        (``_ids``, ``_send``, ``_replies``)."""
+        """Send a request now (``Client.ask``), handle its answer (or error) at a later frame
+        (``Client.answer``).  False if it could not be sent."""
         client = self.client
         if client is None or not client.connected:
             return False
-        rid = next(client._ids)
-        if not client._send({**msg, "id": rid}):
+        rid = client.ask(msg)
+        if rid is None:
             return False
         self._asked[rid] = (self.clock(), set(names), on_reply)
         return True
@@ -464,7 +462,7 @@ class TDBridge:
             return
         now = self.clock()
         for rid, (asked, _, on_reply) in list(self._asked.items()):
-            reply = self.client._replies.pop(rid, None)
+            reply = self.client.answer(rid)
             if reply is not None:
                 del self._asked[rid]
                 err = self.client.last_error
