@@ -404,3 +404,43 @@ def test_the_engine_keeps_one_record_per_set_of_streams_and_drops_it_with_them()
     finally:
         gc.enable()
     tick((1,))  # the remaining stream goes on alone
+
+
+def test_sigma_is_the_shifted_scheduler_grid_point_not_t_over_1000():
+    """The models were distilled with flow matching at shift 8 over 1000 training steps;
+    x0 and the re-noise take the scheduler's sigma at the grid point nearest t."""
+    from livediffusion.daemon.engines.video.noise import renoise, sigma
+    expected = {700: 0.700232, 500: 0.499719, 400: 0.400260, 200: 0.198347}
+    for t, s in expected.items():
+        assert sigma(t) == pytest.approx(s, abs=5e-7)
+    # the same grid diffusers' scheduler gives, point by point
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=8.0)
+    i = int((sched.timesteps - 700).abs().argmin())
+    assert sigma(700) == pytest.approx(float(sched.sigmas[i]), abs=1e-7)
+    # t/1000 would move x0 by 5e-4 of the flow per step at t = 700 (the issue's figure)
+    assert abs(sigma(700) - 0.7) == pytest.approx(2.32e-4, abs=1e-6)
+    x0 = torch.zeros(1, 4, 1, 2, 2)
+    noised = renoise(x0 + 1.0, sigma(500), 3, 0, 1)
+    from livediffusion.daemon.engines.video.noise import chunk_noise
+    eps = chunk_noise(3, 0, 1, tuple(x0.shape), "cpu")
+    torch.testing.assert_close(noised, (1 - 0.499719) * 1.0 + 0.499719 * eps, atol=1e-6,
+                               rtol=0)
+
+
+def test_the_timestep_sinusoid_is_computed_in_float64_as_wan_does():
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from livediffusion.daemon.models.causal_wan import timestep_sinusoid
+    t = torch.tensor([700.0, 500.0, 399.5, 1.0])
+    ours = timestep_sinusoid(t, 256)
+    # Wan's sinusoidal_embedding_1d, written out: float64, cos then sin
+    half = 128
+    pos = t.to(torch.float64)
+    wan = torch.outer(pos, torch.pow(torch.tensor(10000.0, dtype=torch.float64),
+                                     -torch.arange(half, dtype=torch.float64) / half))
+    wan = torch.cat([torch.cos(wan), torch.sin(wan)], 1)
+    assert ours.dtype == torch.float64 and torch.equal(ours, wan)
+    # diffusers' float32 version is 3.8e-5 away at most (the issue's measurement)
+    f32 = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert float((ours - f32.double()).abs().max()) == pytest.approx(3.8e-5, rel=0.15)

@@ -266,6 +266,19 @@ def _cat(outs: list[torch.Tensor]) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
+
+def timestep_sinusoid(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0
+                      ) -> torch.Tensor:
+    """Wan's sinusoidal timestep embedding, computed in float64 as Wan computes it (cos then
+    sin of t * max_period^(-i/half)); diffusers' Timesteps computes the same in float32,
+    3.8e-5 away, which moves the flow by about 1e-5.  The caller casts it."""
+    half = dim // 2
+    t = timesteps.to(torch.float64).reshape(-1)
+    freqs = torch.pow(torch.tensor(max_period, dtype=torch.float64, device=t.device),
+                      -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    arg = torch.outer(t, freqs)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], 1)
+
 class CausalWan:
     """Wraps a WanTransformer3DModel for streaming (its modules and weights, our forward)."""
 
@@ -382,7 +395,7 @@ class CausalWan:
         x = model.patch_embedding(latents.to(self.dtype))
         x = x.flatten(2).transpose(1, 2).contiguous()
         cond = model.condition_embedder
-        temb = cond.timesteps_proj(timesteps.to(self.device))
+        temb = timestep_sinusoid(timesteps.to(self.device), cond.timesteps_proj.num_channels)
         temb = cond.time_embedder(temb.to(next(cond.time_embedder.parameters()).dtype))
         temb = temb.type_as(x)
         proj = cond.time_proj(cond.act_fn(temb)).unflatten(1, (6, -1))

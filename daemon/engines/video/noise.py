@@ -3,8 +3,10 @@ noise, and the motion-aware noise controller (REFERENCE.md section 1)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: timesteps of the distilled causal generator for 1..4 denoising steps
@@ -28,9 +30,27 @@ def timesteps(steps: int, noise_scale: float) -> list[float]:
     return [t0] + [min(t, t0) for t in STEP_LISTS[steps][1:]]
 
 
-def sigma(t: float) -> float:
-    """Flow-matching noise level of a timestep (the list is already shifted: sigma = t/1000)."""
-    return t / 1000.0
+#: the flow-matching schedule these models were distilled with (REFERENCE.md section 1.3)
+SHIFT = 8.0
+TRAIN_STEPS = 1000
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(shift: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The timesteps and sigmas of diffusers' FlowMatchEulerDiscreteScheduler with these
+    settings (its training grid), as float64."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=steps, shift=shift)
+    t = sched.timesteps.double().numpy()
+    return t, sched.sigmas[:len(t)].double().numpy()
+
+
+def sigma(t: float, shift: float = SHIFT, steps: int = TRAIN_STEPS) -> float:
+    """The noise level at timestep ``t`` that the models were distilled with: the sigma of the
+    shifted scheduler grid point nearest ``t`` (shift 8 over 1000 training steps), not
+    t / 1000.  sigma(700) = 0.700232, sigma(500) = 0.499719 (the DiT still gets the raw t)."""
+    ts, ss = _grid(float(shift), int(steps))
+    return float(ss[int(np.abs(ts - t).argmin())])
 
 
 def chunk_noise(seeds, chunk: int, step: int, shape: tuple[int, ...],
