@@ -60,6 +60,19 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         os.environ["LIVEDIFFUSION_PROFILE"] = args.profile
     if args.fp8:
         os.environ["LIVEDIFFUSION_FP8"] = {"on": "1", "off": "0"}.get(args.fp8, "auto")
+    if args.weights:
+        from .models.loaders import WeightsError
+        from .models.wan_folders import folder_size
+        try:
+            size = folder_size(args.weights)
+        except WeightsError as exc:
+            raise CliError(str(exc)) from None
+        os.environ["LIVEDIFFUSION_WEIGHTS"] = os.path.abspath(os.path.expanduser(args.weights))
+        if size not in ("1.3b", "14b"):
+            raise CliError(f"--weights {args.weights}: a Wan model of a size the video "
+                           f"engines do not serve (they serve 1.3B and 14B).")
+        logging.getLogger("livediffusion.daemon").info("weights from %s (Wan 2.1 %s)",
+                                                       args.weights, size.upper())
     gpus: tuple[str, ...] = ()
     if args.gpus is not None:
         from .parallel.pipeline import parse_gpus, torchrun_rank
@@ -822,6 +835,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a control page at http://127.0.0.1:PORT/ (loopback only): thumbnails, "
                         "controls from each engine's schema, presets, transitions, cue lists "
                         "and telemetry")
+    p.add_argument("--weights", default=None, metavar="DIR",
+                   help="video: Wan weights in a folder you already have: the diffusers "
+                        "layout, Wan's original release (Wan-AI/Wan2.1-T2V-1.3B as "
+                        "downloaded) or StreamDiffusionV2's wan_models/ + ckpts/ tree")
     p.add_argument("--profile", default=None, metavar="auto|NAME",
                    help="video engines' memory profile (default auto: chosen from the GPU's "
                         "free memory; 'livediffusion doctor' lists the choice, "

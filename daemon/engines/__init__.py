@@ -95,13 +95,26 @@ def pipeline_factory(name: str, devices: tuple[str, ...]) -> Callable[[str], Eng
 #: engine thread would cost more than the step)
 INLINE = {"passthrough"}
 
+def _folder_of(size: str) -> bool:
+    """Whether ``--weights DIR`` names a folder holding the Wan model of this size."""
+    from .video.factory import weights_folder
+    folder = weights_folder()
+    if folder is None:
+        return False
+    from ..models import wan_folders
+    try:
+        return wan_folders.folder_size(folder) == size
+    except Exception:  # noqa: BLE001 - the daemon's start reports an unusable folder
+        return False
+
+
 #: engines loaded when the daemon is started without --engines: those that need no download,
 #: plus those whose weights are present
 AVAILABLE: dict[str, Callable[[], bool]] = {
     "passthrough": lambda: True,
     "video-tiny": lambda: True,
-    "video": _weights_present("wan-1.3b", "sdv2-1.3b"),
-    "video-14b": _weights_present("wan-14b", "sdv2-14b"),
+    "video": lambda: _folder_of("1.3b") or _weights_present("wan-1.3b", "sdv2-1.3b")(),
+    "video-14b": lambda: _folder_of("14b") or _weights_present("wan-14b", "sdv2-14b")(),
     "video-1.3b-random": lambda: False,  # benchmarks name them
     "video-14b-random": lambda: False,
     "image-tiny": lambda: True,

@@ -132,13 +132,22 @@ def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
     memory and is quantised onto the GPU block by block)."""
     from ...models import loaders, registry
 
-    wan_dir = registry.require(f"wan-{size}")
-    gen_dir = registry.require(f"sdv2-{size}")
-    generator = gen_dir / registry.MODELS[f"sdv2-{size}"].allow[0]
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    weights = loaders.load_diffusers_dir(wan_dir, dtype=dtype, device=device,
-                                         generator=generator, preset=size, text_device="cpu",
-                                         text=text, dit_device="cpu" if fp8 else None)
+    folder = weights_folder()
+    if folder is not None:   # --weights DIR: any layout people have (models/wan_folders.py)
+        from ...models import wan_folders
+        _, _, found = wan_folders.resolve(folder, size)
+        generator = found or _registry_generator(size)
+        weights, _ = wan_folders.load_weights_dir(
+            folder, size=size, dtype=dtype, device=device, generator=generator,
+            text_device="cpu", text=text, dit_device="cpu" if fp8 else None)
+    else:
+        wan_dir = registry.require(f"wan-{size}")
+        generator = _registry_generator(size, required=True)
+        weights = loaders.load_diffusers_dir(wan_dir, dtype=dtype, device=device,
+                                             generator=generator, preset=size,
+                                             text_device="cpu", text=text,
+                                             dit_device="cpu" if fp8 else None)
     tiny_dir = registry.local_path("taew2_1")
     if tiny_dir is not None:
         from ...models.tiny_decoder import load_tiny_decoder, load_tiny_encoder
@@ -148,6 +157,26 @@ def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
                                                  device=device)
     return build_video_parts(size, device=device, dtype=dtype, weights=weights,
                              text="real" if text else None, fp8=fp8)
+
+
+def weights_folder() -> str | None:
+    """The folder ``livediffusion daemon --weights DIR`` named (LIVEDIFFUSION_WEIGHTS)."""
+    import os
+    return os.environ.get("LIVEDIFFUSION_WEIGHTS") or None
+
+
+def _registry_generator(size: str, required: bool = False):
+    """The downloaded StreamDiffusionV2 generator of this size: its file, or None (with
+    ``required``: MissingWeights naming the command that fetches it)."""
+    from ...models import loaders, registry
+    name = f"sdv2-{size}"
+    path = registry.require(name) if required else registry.local_path(name)
+    if path is None:
+        raise loaders.WeightsError(
+            f"the weights folder has no causal generator (the reference tree keeps it in "
+            f"ckpts/wan_causal_dmd_v2v/model.pt); fetch it with: livediffusion models pull "
+            f"{name}")
+    return path / registry.MODELS[name].allow[0]
 
 
 def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda",
