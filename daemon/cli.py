@@ -730,17 +730,34 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .models import registry
 
     if args.action == "list":
-        print(f"{'name':<10} {'state':<8} repository / what")
+        print(f"{'name':<30} {'state':<8} {'size':>8}  {'licence':<16} repository")
         for entry in registry.MODELS.values():
             path = registry.local_path(entry.name)
-            state = "present" if path else "absent"
-            print(f"{entry.name:<10} {state:<8} {entry.repo}")
-            print(f"{'':<20}{entry.what}" + (f"\n{'':<20}{path}" if path else ""))
+            print(f"{entry.name:<30} {'present' if path else 'absent':<8} "
+                  f"{registry.human_size(entry.size_bytes):>8}  "
+                  f"{entry.licence or 'see model card':<16} {entry.repo}")
+            print(f"{'':<4}{entry.what}" + (f"\n{'':<4}{path}" if path else ""))
         return 0
     if args.name not in registry.MODELS:
         raise CliError(f"unknown model {args.name!r}; known: {', '.join(registry.MODELS)}.")
+    entry = registry.MODELS[args.name]
+    if args.action == "verify":
+        report = registry.verify(args.name)
+        for f in report.files:
+            print(f"{'ok ' if f.ok else 'BAD'} {f.path}: "
+                  + (f"{registry.human_size(f.size or 0)}, {f.note}" if f.present else
+                     f"missing (livediffusion models pull {args.name})"))
+        for note in report.notes:
+            print(f"note: {note}")
+        print(f"{args.name}: " + ("verified" if report.ok else "NOT verified"))
+        return 0 if report.ok else 1
+    print(f"{args.name}: {entry.repo}, about {registry.human_size(entry.size_bytes)}; "
+          f"licence: {entry.licence or 'see the model card'}"
+          + (f" ({entry.licence_note})" if entry.licence_note else ""), flush=True)
     try:
         path = registry.pull(args.name)
+    except registry.NotEnoughSpace as exc:
+        raise CliError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - network/hub errors come in many types
         raise CliError(f"could not download {args.name} ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:200]}); check the network and that "
@@ -1098,11 +1115,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("models", help="list or download model weights",
-                       description="list: which weights are known and present; pull NAME: "
-                                   "download into the Hugging Face cache.")
-    p.add_argument("action", choices=["list", "pull"])
-    p.add_argument("name", nargs="?", default="", help="model to pull (see list)")
+    p = sub.add_parser("models", help="list, download or verify model weights",
+                       description="list: the known weights with state, size, licence and "
+                                   "repository; pull NAME: show the licence, check free disk "
+                                   "space, download into the Hugging Face cache (huggingface_"
+                                   "hub's progress bars; completed files are kept, so a re-run "
+                                   "fetches only what is missing; with huggingface_hub 2.x a "
+                                   "file cut off mid-way starts again from its beginning); "
+                                   "verify NAME: compare the cached files' sizes and sha256 "
+                                   "with the Hub's listing (offline: with the cache's own "
+                                   "record, saying what could not be checked).")
+    p.add_argument("action", choices=["list", "pull", "verify"])
+    p.add_argument("name", nargs="?", default="", help="model to pull or verify (see list)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("keys", help="create CURVE keys for a daemon reachable from the LAN")
