@@ -14,9 +14,9 @@ stream's state or restarts its history.  ``Schema`` reads that declaration and d
 A new field with ``param(...)`` appears everywhere with no other change.
 
 Kinds: ``float``, ``int`` (a float with an integral value is taken, 2.0 -> 2; any other float
-is refused, never rounded), ``bool``, ``choice``, ``text``, and three lists: ``prompts``
-([text, weight] pairs), ``seeds`` ([seed, weight] pairs) and ``indices`` (strictly increasing
-integers).  NaN is refused wherever a number is expected (it is never clamped).
+is refused, never rounded), ``bool``, ``choice``, ``text``, and four lists: ``prompts``
+([text, weight] pairs), ``seeds`` ([seed, weight] pairs), ``indices`` (strictly increasing
+integers) and ``loras`` ([name, scale] pairs, distinct names, each scale in ``lo..hi``).  NaN is refused wherever a number is expected (it is never clamped).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 from .base import ParamError, shown
 
-KINDS = ("float", "int", "bool", "choice", "text", "prompts", "seeds", "indices")
+KINDS = ("float", "int", "bool", "choice", "text", "prompts", "seeds", "indices", "loras")
 EFFECTS = ("live", "rebuild", "restart")
 
 
@@ -89,6 +89,8 @@ class Param:
             return _pairs(self.name, value, self.max_length, "seed", self._seed_ok)
         if kind == "indices":
             return self._indices(value)
+        if kind == "loras":
+            return self._loras(value)
         raise AssertionError(kind)
 
     def _text_ok(self, item: Any) -> bool:
@@ -108,6 +110,26 @@ class Param:
                for v in value]
         if out != sorted(set(out)):
             raise ParamError(f"{self.name} must be strictly increasing (more noise first).")
+        return tuple(out)
+
+    def _loras(self, value: Any) -> tuple[tuple[str, float], ...]:
+        """[name, scale] pairs: a name (1 to 200 characters, each once) and a finite scale in
+        lo..hi (negative scales subtract a LoRA's change)."""
+        if not isinstance(value, (list, tuple)) or len(value) > self.max_length:
+            raise ParamError(f"{self.name} must be a list of up to {self.max_length} "
+                             f"[name, scale] pairs.")
+        out: list[tuple[str, float]] = []
+        for item in value:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2 and
+                    isinstance(item[0], str) and 0 < len(item[0].strip()) and
+                    len(item[0]) <= 200):
+                raise ParamError(f"each entry of {self.name} must be [name, scale] with a "
+                                 f"name of 1 to 200 characters.")
+            scale = _number(f"the scale of {self.name} entry {item[0]!r:.60}", item[1],
+                            self.lo, self.hi)
+            if any(name == item[0] for name, _ in out):
+                raise ParamError(f"{self.name} names {item[0]!r:.60} twice.")
+            out.append((item[0], scale))
         return tuple(out)
 
 

@@ -35,6 +35,8 @@ from ...frames import as_tensor, from_canonical, to_canonical
 from ...models.causal_wan import CausalWan, ChunkCall
 from ...models.fp8 import is_quantized
 from ...models.offload import Offloaded
+from ...models.video_lora import (LoraBank, LoraFileError, LoraSlots, capacity_from_env,
+                                  default_folder)
 from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
                     StreamOutput, check_size)
 from ..beside import Beside
@@ -103,6 +105,11 @@ class VideoStream:
     last_latent: torch.Tensor | None = None  # primes a decoder switched in mid-stream
     next_chunk: int = 0
     started: bool = False
+    #: the prompt embedding in use (its cross-attention K/V are recomputed when the stream's
+    #: LoRA scales change: the slots adapt the cross-attention keys and values too)
+    prompt_emb: torch.Tensor | None = None
+    #: the scale of each LoRA slot this stream's forwards use (set at the start of a step)
+    lora_scales: tuple[float, ...] = ()
 
     def nbytes(self) -> int:
         return self.cache.nbytes() + self.vae.nbytes()
@@ -166,7 +173,8 @@ class VideoEngine(Engine):
                  tiny_decoder=None, tiny_encoder=None, channels_last: bool | None = None,
                  compile: bool | None = None, cuda_graphs: bool | None = None,
                  attention: str | None = None, text_placement: str | None = None,
-                 text_thread: bool = True, profile=None) -> None:
+                 text_thread: bool = True, profile=None, lora_slots: int | None = None,
+                 lora_rank: int | None = None, lora_folder=None) -> None:
         self.name = name
         self.device = torch.device(device)
         #: the memory profile this engine was built for (daemon/profiles.py), or None
@@ -179,6 +187,21 @@ class VideoEngine(Engine):
             self.defaults = dataclasses.replace(self.defaults, steps=profile.steps,
                                                 decoder=decoder)
         self.wan = CausalWan(transformer)
+        #: LoRA slots (models/video_lora.py): the low-rank branches are in every block's
+        #: linear layers from here on, so compiled regions and CUDA graphs include them
+        self._loras: LoraSlots | None = None
+        self._lora_absent = ""
+        slots, rank = capacity_from_env()
+        slots = slots if lora_slots is None else lora_slots
+        rank = rank if lora_rank is None else lora_rank
+        if slots and type(self)._submit is not VideoEngine._submit:
+            # a pipelined engine's blocks live on other ranks: the branch is not there
+            self._lora_absent = ("LoRAs are not available on a pipelined video engine "
+                                 "(--gpus); run it on one GPU to use loras.")
+        elif slots:
+            self._loras = LoraSlots(LoraBank(transformer, slots, rank),
+                                    lora_folder if lora_folder is not None else
+                                    default_folder())
         self.vae = StreamingVAE(vae, channels_last=channels_last)
         if compile is None:  # on GPUs unless LIVEDIFFUSION_COMPILE=0
             compile = self.device.type == "cuda" and \
@@ -233,6 +256,8 @@ class VideoEngine(Engine):
         #: the output 0.38-0.44 s per prompt change)
         self.text_thread = text_thread
         self._beside = Beside(self.device)
+        if self._loras is not None and text_thread:
+            self._loras.submit = self._beside.submit  # a LoRA is read and converted beside
         #: benchmarks set this to a dict to collect per-stage times (seconds, synchronised)
         self.stage_times: dict[str, list[float]] | None = None
 
@@ -263,6 +288,9 @@ class VideoEngine(Engine):
                 "profile": None if self.profile is None else self.profile.to_dict(),
                 # what changes a step's cost: streams differing in these get keys of their own
                 "cost_params": ["steps", "decoder", "encoder", "stream_batch"],
+                "loras": None if self._loras is None else
+                {"slots": self._loras.slots, "rank": self._loras.bank.rank,
+                 "available": self._loras.available()},
                 "description": self.description}
 
     def frames_per_step(self, stream_id: int) -> int:
@@ -281,9 +309,13 @@ class VideoEngine(Engine):
         self._check_size(config)
         params, _ = P.apply(self.defaults, config.params)
         self._check_decoder(params)
+        self._check_loras(params)
         stream = VideoStream(config, params, h // 8, w // 8, self.vae.new_state(),
                              self._new_cache(params, params.steps, h // 8, w // 8,
                                              config.stream_id))
+        if self._loras is not None:
+            stream.lora_scales = (0.0,) * self._loras.slots
+            self._loras.swap((), [name for name, _ in params.loras])
         self._want_prompt(stream, params)
         self._configure_motion(stream)
         self.streams[config.stream_id] = stream
@@ -304,6 +336,7 @@ class VideoEngine(Engine):
         old = stream.params
         new, reset = P.apply(old, changes)
         self._check_decoder(new)
+        self._check_loras(new, old)
         if new.decoder != old.decoder:
             self._switch_decoder(stream, new.decoder)
         self._want_prompt(stream, new)
@@ -321,11 +354,15 @@ class VideoEngine(Engine):
         if reset:
             self.reset_stream(stream_id)
         self._configure_motion(stream)
+        if self._loras is not None:  # in use from the start of the next step
+            self._loras.swap([n for n, _ in old.loras], [n for n, _ in new.loras])
         return new.to_dict()
 
     def check_params(self, stream_id: int, changes: Mapping[str, Any]) -> dict[str, Any]:
-        new, _ = P.apply(self.streams[stream_id].params, changes)
+        old = self.streams[stream_id].params
+        new, _ = P.apply(old, changes)
         self._check_decoder(new)
+        self._check_loras(new, old)
         return new.to_dict()
 
     def prepare(self, stream_id: int, params: Mapping[str, Any]) -> bool:
@@ -366,7 +403,9 @@ class VideoEngine(Engine):
         stream.started = False
 
     def close_stream(self, stream_id: int) -> None:
-        self.streams.pop(stream_id, None)
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None and self._loras is not None:
+            self._loras.swap([n for n, _ in stream.params.loras], [])
         self._beside.forget(stream_id)
         self._drop_stale_graphs()  # its several-stream graphs and their buffers go now
 
@@ -390,6 +429,8 @@ class VideoEngine(Engine):
     def _submit(self, batch: list[StreamInput]) -> list[StreamOutput]:
         finished: dict[int, list[Chunk]] = {}
         batched: list[VideoStream] = []
+        if self._loras is not None:
+            self._take_loras([self.streams[item.stream_id] for item in batch])
         waiting = [item for item in batch if not self._take_prompt(self.streams[item.stream_id])]
         for item in waiting:  # first prompt still being encoded: these frames are let go
             finished[item.stream_id] = []
@@ -474,6 +515,8 @@ class VideoEngine(Engine):
                 streams += [stream] * len(ordered)
                 chunks += ordered
         x = torch.cat([c.x for c in chunks], 0)
+        if self._loras is not None:  # each element's slot scales: its stream's
+            self._loras.bank.write_rows([s.lora_scales for s in streams])
         t = torch.tensor([c.schedule[c.step] for c in chunks], device=x.device)
         call = ChunkCall(plans, [s.cross_kv for s, _ in work],
                          graphs=self._graphs_for([s for s, _ in work]))
@@ -563,6 +606,38 @@ class VideoEngine(Engine):
         stream.motion.reduce = p.motion_reduce
         stream.motion.gain = p.motion_gain
 
+    # --- LoRAs -------------------------------------------------------------------------------
+
+    def _check_loras(self, new: P.VideoParams, old: P.VideoParams | None = None) -> None:
+        """ParamError if the stream cannot have ``new.loras`` (no slots, too many, a missing
+        or unusable file); changes nothing."""
+        if not new.loras or (old is not None and new.loras == old.loras):
+            return
+        if self._loras is None:
+            raise ParamError(self._lora_absent or
+                             "this video engine has no LoRA slots: start the daemon with "
+                             "--lora-slots N (LIVEDIFFUSION_LORA_SLOTS) to use loras.")
+        try:
+            self._loras.check([n for n, _ in new.loras],
+                              [n for n, _ in old.loras] if old is not None else ())
+        except LoraFileError as exc:
+            raise ParamError(str(exc)) from None
+
+    def _take_loras(self, streams: list[VideoStream]) -> None:
+        """At the start of a step: fill the slots whose files are ready, then bring these
+        streams' slot scales up to date (and their cross-attention K/V where a change
+        touches it).  Nothing here changes a shape: no graph is recorded again."""
+        slots = self._loras
+        slots.take_ready()
+        for stream in streams:
+            scales = slots.slot_scales(stream.params.loras)
+            if scales == stream.lora_scales:
+                continue
+            changed = {j for j, (a, b) in enumerate(zip(scales, stream.lora_scales)) if a != b}
+            stream.lora_scales = scales
+            if stream.prompt_emb is not None and slots.touches_prompt(changed):
+                self._use_prompt(stream, stream.prompt_emb)
+
     # --- prompts -------------------------------------------------------------------------------
 
     def _want_prompt(self, stream: VideoStream, p: P.VideoParams) -> None:
@@ -604,6 +679,9 @@ class VideoEngine(Engine):
 
     def _use_prompt(self, stream: VideoStream, emb: torch.Tensor) -> None:
         """Switch the stream to an encoded prompt (at the start of a step)."""
+        if self._loras is not None:  # the cross-attention K/V with this stream's LoRAs
+            stream.prompt_emb = emb
+            self._loras.bank.write_rows([stream.lora_scales])
         stream.cross_kv = self.wan.cross_kv(emb)
 
     def stream_ready(self, stream_id: int) -> bool:
@@ -611,7 +689,11 @@ class VideoEngine(Engine):
         return stream is None or self._take_prompt(stream)
 
     def settle(self, timeout: float | None = 30.0) -> None:
-        """Wait for every prompt being encoded and apply it (tests, warm-up)."""
+        """Wait for every prompt being encoded and LoRA being loaded, and apply them (tests,
+        warm-up)."""
+        if self._loras is not None:
+            self._loras.settle(timeout)
+            self._take_loras(list(self.streams.values()))
         for stream in self.streams.values():
             if stream.pending_prompt is not None:
                 stream.pending_prompt.exception(timeout)

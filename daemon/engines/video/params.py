@@ -49,11 +49,16 @@ class VideoParams:
     encoder: str = param("vae", "vae: the Wan VAE; tiny: the fast TAEHV encoder (a change "
                          "restarts the stream's history)", choices=("vae", "tiny"),
                          effect="restart")
+    loras: tuple[tuple[str, float], ...] = param(
+        (), "LoRAs on the DiT [[name, scale], ...]: files in the LoRA folder (--loras), "
+        "scale -4..4; needs an engine with LoRA slots (--lora-slots)", kind="loras",
+        max_length=8, lo=-4.0, hi=4.0)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["prompts"] = [list(p) for p in self.prompts]
         out["seeds"] = [list(s) for s in self.seeds]
+        out["loras"] = [list(entry) for entry in self.loras]
         return out
 
     def weighted_prompts(self) -> tuple[tuple[str, float], ...]:
