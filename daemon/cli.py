@@ -60,6 +60,15 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         os.environ["LIVEDIFFUSION_PROFILE"] = args.profile
     if args.fp8:
         os.environ["LIVEDIFFUSION_FP8"] = {"on": "1", "off": "0"}.get(args.fp8, "auto")
+    for flag, value, name in (("--lora-slots", args.lora_slots, "LIVEDIFFUSION_LORA_SLOTS"),
+                              ("--lora-rank", args.lora_rank, "LIVEDIFFUSION_LORA_RANK")):
+        if value is not None:
+            if value < (0 if flag == "--lora-slots" else 1):
+                raise CliError(f"{flag} must be {'0' if flag == '--lora-slots' else '1'} or "
+                               f"more, not {value}.")
+            os.environ[name] = str(value)
+    if args.loras:
+        os.environ["LIVEDIFFUSION_LORAS"] = os.path.abspath(os.path.expanduser(args.loras))
     if args.weights:
         from .models.loaders import WeightsError
         from .models.wan_folders import folder_size
@@ -860,6 +869,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video engines' memory profile (default auto: chosen from the GPU's "
                         "free memory; 'livediffusion doctor' lists the choice, "
                         "docs/video-engine.md the profiles)")
+    p.add_argument("--lora-slots", type=int, default=None, metavar="N",
+                   help="video: N LoRA slots on the DiT (default 0: no LoRA branch); streams "
+                        "then set loras [[name, scale], ...] live (docs/video-engine.md, LoRA)")
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="video: the highest LoRA rank a slot holds (default 64; each slot "
+                        "costs R x (in + out) weights per adapted layer)")
+    p.add_argument("--loras", default=None, metavar="DIR",
+                   help="video: the folder of LoRA .safetensors files (default: loras in the "
+                        "user data directory, platformdirs)")
     p.add_argument("--fp8", choices=["auto", "on", "off"], default=None,
                    help="the video DiT's linear layers in FP8 (default auto: as the profile "
                         "says; on needs an Ada or Hopper GPU)")
