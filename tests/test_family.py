@@ -299,3 +299,69 @@ def test_list_shows_state_size_licence_and_repo(hub, capsys):
     assert "absent" in line and "CC-BY-NC-SA-4.0" in line
     for name in ("wan-1.3b", "sdv2-1.3b", "sdv2-14b", "longlive-1.3b"):
         assert any(l.startswith(name + " ") for l in out.splitlines()), name
+
+
+# --- the engine serving a family member (its schedule as the engine's defaults) ---------------
+
+def _tiny_engine(member: str):
+    from livediffusion.daemon.engines.video.engine import VideoEngine
+    from livediffusion.daemon.engines.video.factory import build_video_parts
+    from livediffusion.daemon.models.family import FAMILY
+    parts = build_video_parts("tiny")
+    return VideoEngine("video-x", parts.transformer, parts.vae, parts.text,
+                       tiny_decoder=parts.tiny_decoder, min_side=parts.min_side,
+                       model=FAMILY[member])
+
+
+def test_an_engine_runs_a_family_member_with_its_own_schedule():
+    import numpy as np
+
+    from livediffusion.daemon.engines.base import InputFrame, StreamConfig, StreamInput
+    from livediffusion.daemon.engines.video.noise import timesteps
+    from livediffusion.shared.protocol import FrameSpec
+    engine = _tiny_engine("self-forcing-1.3b")
+    # Self-Forcing: 4 steps 1000/750/500/250 warped through shift 5, global attention over
+    # 21 frames, no sinks, text-to-video only (so the noise scale starts at 1.0)
+    assert [round(t, 1) for t in engine.step_table] == [1000.0, 937.5, 833.3, 625.0]
+    assert engine.shift == 5.0
+    d = engine.defaults
+    assert (d.cache_frames, d.sinks, d.sink_refresh, d.noise_scale) == (21, 0, 0.0, 1.0)
+    assert timesteps(3, 0.8, engine.step_table) == [700.0, 700.0, 700.0]
+    assert timesteps(2, 1.0, engine.step_table) == [900.0, 900.0]
+    caps = engine.capabilities()["model"]
+    assert caps["family"] == "self-forcing-1.3b" and caps["trained_chunk_latent_frames"] == 3
+    assert any("served one latent frame" in n for n in caps["differences"])
+    spec = FrameSpec(64, 48)
+    engine.open_stream(StreamConfig(1, spec, spec, 30.0, {"steps": 4}))
+    engine.settle()
+    rng = np.random.default_rng(0)
+    seq, out = 0, []
+    for _ in range(3):
+        frames = []
+        for _ in range(engine.frames_per_step(1)):
+            seq += 1
+            frames.append(InputFrame(seq, rng.integers(0, 256, spec.shape, dtype=np.uint8),
+                                     spec, seq))
+        out += engine.submit([StreamInput(1, frames)])[0].frames
+    assert out and all(f.pixels.shape == (48, 64, 3) for f in out)
+
+
+def test_a_member_with_fewer_steps_refuses_more_in_one_sentence():
+    from livediffusion.daemon.engines.base import ParamError, StreamConfig
+    from livediffusion.shared.protocol import FrameSpec
+    engine = _tiny_engine("causal-forcing-1step-1.3b")
+    assert engine.defaults.steps == 1
+    spec = FrameSpec(64, 48)
+    with pytest.raises(ParamError, match="runs at most 1 denoising step"):
+        engine.open_stream(StreamConfig(1, spec, spec, 30.0, {"steps": 2}))
+
+
+def test_every_member_but_streamdiffusionv2_is_an_engine_of_its_own():
+    from livediffusion.daemon.engines import AVAILABLE, REGISTRY
+    from livediffusion.daemon.models.family import FAMILY
+    for member in FAMILY:
+        if member.startswith("sdv2-"):
+            continue
+        name = "video-" + member.removesuffix("-1.3b")
+        assert name in REGISTRY and FAMILY[member].display in REGISTRY[name][1]
+        assert AVAILABLE[name]() is False   # no weights here: never loaded by default

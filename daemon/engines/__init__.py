@@ -39,6 +39,21 @@ def _video(size: str) -> Callable[[str], Engine]:
     return factory
 
 
+def _video_family(member: str) -> Callable[[str], Engine]:
+    """Another causal generator of the Wan 2.1 family (models/family.py) on the Wan base."""
+    def factory(device: str) -> Engine:
+        from ..models.family import FAMILY
+        from .video.factory import build_real_video_engine
+        return build_real_video_engine(FAMILY[member].base, device=device, family=member,
+                                       name=family_engine_name(member))
+    return factory
+
+
+def family_engine_name(member: str) -> str:
+    """self-forcing-1.3b -> video-self-forcing (the 14B ones keep their size)."""
+    return "video-" + member.removesuffix("-1.3b")
+
+
 def _video_random(size: str) -> Callable[[str], Engine]:
     """The real architecture at its real size with RANDOM weights (umT5-XXL included, kept
     in host memory as the real engine does): for ``bench stream`` on a GPU, never loaded
@@ -64,6 +79,21 @@ REGISTRY["passthrough"] = (_passthrough, "frames back unchanged (or inverted), f
 REGISTRY["video-tiny"] = (_video_tiny, "video engine, tiny random-weight Wan (abstract output)")
 REGISTRY["video"] = (_video("1.3b"), "video engine, Wan 2.1 1.3B + StreamDiffusionV2 generator")
 REGISTRY["video-14b"] = (_video("14b"), "video engine, Wan 2.1 14B + StreamDiffusionV2 generator")
+def _register_family() -> None:
+    from ..models.family import FAMILY
+    for member, entry in FAMILY.items():
+        if member.startswith("sdv2-"):
+            continue   # "video" and "video-14b" are StreamDiffusionV2's
+        name = family_engine_name(member)
+        REGISTRY[name] = (_video_family(member), f"video engine, {entry.display} "
+                          f"(Wan 2.1 {entry.base.upper()}, {entry.licence.spdx})")
+        AVAILABLE_FAMILY[name] = (entry.base_entry, member)
+
+
+#: family engines -> (the Wan base's registry name, the member's), for AVAILABLE
+AVAILABLE_FAMILY: dict[str, tuple[str, str]] = {}
+_register_family()
+
 REGISTRY["video-1.3b-random"] = (_video_random("1.3b"),
                                  "video engine, Wan 2.1 1.3B size, RANDOM weights (benchmarks)")
 REGISTRY["video-14b-random"] = (_video_random("14b"),
@@ -121,6 +151,7 @@ AVAILABLE: dict[str, Callable[[], bool]] = {
     "image": _weights_present("sd-turbo"),
     "image-sdxl-turbo": _weights_present("sdxl-turbo"),
     "image-sd15-lcm": _weights_present("sd15", "lcm-lora-sdv1-5"),
+    **{name: _weights_present(*needs) for name, needs in AVAILABLE_FAMILY.items()},
 }
 
 

@@ -210,8 +210,10 @@ def load_text_encoder(directory: str | Path, *, dtype: torch.dtype = torch.bfloa
 def load_diffusers_dir(directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                        device: str = "cpu", generator: str | Path | None = None,
                        preset: str = "1.3b", text_device: str | None = None,
-                       text: bool = True, dit_device: str | None = None) -> WanWeights:
-    """Everything from a diffusers-layout directory; ``generator`` swaps in the causal DiT.
+                       text: bool = True, dit_device: str | None = None,
+                       transformer=None) -> WanWeights:
+    """Everything from a diffusers-layout directory; ``generator`` swaps in the causal DiT
+    (``transformer``: one the caller built, e.g. a family member's, used as it is).
     ``text_device``: where the umT5 encoder is loaded (default ``device``; the video engine
     loads it to the CPU and lets it visit the GPU per new prompt).  ``dit_device``: where
     the DiT is loaded (default ``device``; an FP8 engine loads it to the CPU and quantises
@@ -222,7 +224,9 @@ def load_diffusers_dir(directory: str | Path, *, dtype: torch.dtype = torch.bflo
     if not (root / "transformer").is_dir() or not (root / "vae").is_dir():
         raise WeightsError(f"{root} is not a diffusers-layout Wan directory (no transformer/ "
                            f"and vae/).")
-    if generator is not None:
+    if transformer is not None:   # a DiT built by the caller (a causal family member)
+        source = f"{getattr(transformer, 'source', 'generator')} + {root.name}"
+    elif generator is not None:
         transformer = load_generator(generator, preset, dtype=dtype,
                                      device=dit_device or device)
         source = f"{Path(generator).name} + {root.name}"

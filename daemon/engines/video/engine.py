@@ -43,7 +43,8 @@ from ..beside import Beside
 from ..blend import blend
 from . import params as P
 from .kv_cache import CachePolicy, KVCache, SharedGraphs
-from .noise import MotionController, chunk_noise, renoise, sigma, timesteps
+from .noise import (SHIFT, STEP_LISTS, MotionController, chunk_noise, renoise, sigma,
+                    timesteps)
 from .vae_stream import StreamingVAE, VAEStreamState
 from ...config import env_flag
 
@@ -165,6 +166,20 @@ def _room_for(module: torch.nn.Module, device: torch.device,
     return free - (size - on_device) >= max(headroom, total / 4)
 
 
+def _family_defaults(p: P.VideoParams, schedule, most_steps: int) -> P.VideoParams:
+    """A family member's own settings as a stream's defaults: its KV window and sinks (how
+    its sinks behave: StreamDiffusionV2's adaptive refresh keeps its threshold, fixed sinks
+    never refresh), at most as many steps as it has, and its noise scale (a member released
+    for text-to-video only starts from 1.0: mostly noise, the input a faint start)."""
+    frames = min(max(schedule.window, 2), 64)
+    sinks = min(schedule.sinks, frames - 1)
+    refresh = schedule.sink_param if schedule.sink_mode == "adaptive" else 0.0
+    scale = schedule.noise_scale if schedule.noise_scale is not None else 1.0
+    return dataclasses.replace(p, cache_frames=frames, sinks=sinks, sink_refresh=refresh,
+                               noise_scale=scale, steps=min(p.steps, most_steps),
+                               rope_max=max(p.rope_max, frames))
+
+
 class VideoEngine(Engine):
     """Serves many streams with one set of weights (see the module docstring)."""
 
@@ -174,13 +189,22 @@ class VideoEngine(Engine):
                  compile: bool | None = None, cuda_graphs: bool | None = None,
                  attention: str | None = None, text_placement: str | None = None,
                  text_thread: bool = True, profile=None, lora_slots: int | None = None,
-                 lora_rank: int | None = None, lora_folder=None) -> None:
+                 lora_rank: int | None = None, lora_folder=None, model=None) -> None:
         self.name = name
         self.device = torch.device(device)
+        #: the causal Wan family member served (models/family.py FamilyEntry; None:
+        #: StreamDiffusionV2's generator or random weights): its timesteps, shift and cache
+        self.model = model
+        schedule = model.schedule if model is not None else None
+        self.step_table: tuple[float, ...] = schedule.sampling_timesteps() \
+            if schedule is not None else STEP_LISTS[4]
+        self.shift = schedule.shift if schedule is not None else SHIFT
         #: the memory profile this engine was built for (daemon/profiles.py), or None
         self.profile = profile
         #: parameters a stream gets unless it says otherwise (a profile sets steps, decoder)
         self.defaults = P.VideoParams()
+        if schedule is not None:
+            self.defaults = _family_defaults(self.defaults, schedule, len(self.step_table))
         if profile is not None:
             max_side = min(max_side, profile.max_side)
             decoder = profile.decoder if tiny_decoder is not None else "vae"
@@ -291,7 +315,35 @@ class VideoEngine(Engine):
                 "loras": None if self._loras is None else
                 {"slots": self._loras.slots, "rank": self._loras.bank.rank,
                  "available": self._loras.available()},
-                "description": self.description}
+                "description": self.description,
+                "model": self._model_caps()}
+
+    def _model_caps(self) -> dict[str, Any]:
+        """Which causal Wan generator this is and how it is run here (informational)."""
+        m = self.model
+        out: dict[str, Any] = {"timesteps": [round(t, 3) for t in self.step_table],
+                               "shift": self.shift, "chunk_latent_frames": 1}
+        if m is None:
+            return {"family": "streamdiffusionv2", **out, "prompt_switch": "none"}
+        sch = m.schedule
+        out.update(family=m.name, display=m.display, licence=m.licence.spdx,
+                   trained_chunk_latent_frames=sch.chunk_frames,
+                   prompt_switch=sch.prompt_switch)
+        notes = []
+        if sch.chunk_frames != 1:
+            notes.append(f"trained with chunks of {sch.chunk_frames} latent frames; served "
+                         f"one latent frame (4 video frames) per chunk")
+        if sch.prompt_switch == "recache":
+            notes.append("the authors re-cache the KV on a prompt switch; here only the "
+                         "cross-attention K/V switch")
+        if sch.sink_mode == "ema":
+            notes.append("its sinks are a moving average of evicted frames; here they are "
+                         "fixed")
+        if sch.first_chunk_timesteps:
+            notes.append("its first chunk takes more steps; here every chunk the same")
+        if notes:
+            out["differences"] = notes
+        return out
 
     def frames_per_step(self, stream_id: int) -> int:
         stream = self.streams.get(stream_id)
@@ -379,7 +431,15 @@ class VideoEngine(Engine):
         """Chunks of the stream not yet clean."""
         return bool(stream.in_flight)
 
+    def _check_steps(self, p: P.VideoParams) -> None:
+        if p.steps > len(self.step_table):
+            raise ParamError(f"{self.name} runs at most {len(self.step_table)} denoising "
+                             f"step(s) (its timesteps are "
+                             f"{', '.join(f'{t:g}' for t in self.step_table)}), not "
+                             f"{p.steps}.")
+
     def _check_decoder(self, p: P.VideoParams) -> None:
+        self._check_steps(p)
         for part, model in (("decoder", self.tiny_decoder), ("encoder", self.tiny_encoder)):
             if getattr(p, part) == "tiny" and model is None:
                 raise ParamError(f"the tiny {part}'s weights are not downloaded; fetch them "
@@ -490,7 +550,7 @@ class VideoEngine(Engine):
         cid = stream.next_chunk
         stream.next_chunk += 1
         stream.cache.admit(cid)
-        schedule = timesteps(stream.params.steps, scale)
+        schedule = timesteps(stream.params.steps, scale, self.step_table)
         eps = chunk_noise(stream.params.noise_seeds(), cid, 0, tuple(z.shape), z.device,
                           z.dtype)
         x = scale * eps + (1.0 - scale) * z
@@ -526,7 +586,7 @@ class VideoEngine(Engine):
             for (stream, _), plan, decided in zip(work, plans, chosen):
                 stream.cache.commit(plan, decided)
         with self._stage("step"):
-            return self._step(streams, chunks, flow)
+            return self._step(streams, chunks, flow, self.shift)
 
     def _graphs_for(self, streams: list[VideoStream]) -> dict:
         """Where the fixed-shape forwards (CUDA graphs) of this set of streams are kept (see
@@ -541,16 +601,18 @@ class VideoEngine(Engine):
             lambda sid: self.streams[sid].cache if sid in self.streams else None)
 
     @staticmethod
-    def _step(streams: list[VideoStream], chunks: list[Chunk], flow: torch.Tensor) -> _Done:
+    def _step(streams: list[VideoStream], chunks: list[Chunk], flow: torch.Tensor,
+              shift: float = SHIFT) -> _Done:
         done = _Done()
         for i, (stream, c) in enumerate(zip(streams, chunks)):
-            x0 = c.x - sigma(c.schedule[c.step]) * flow[i:i + 1]
+            x0 = c.x - sigma(c.schedule[c.step], shift) * flow[i:i + 1]
             if c.step + 1 >= len(c.schedule):
                 c.x = x0
                 done.add(stream, c)
                 stream.cache.forget(c.id)
             else:
-                c.x = renoise(x0, sigma(c.schedule[c.step + 1]), c.seeds, c.id, c.step + 1)
+                c.x = renoise(x0, sigma(c.schedule[c.step + 1], shift), c.seeds, c.id,
+                              c.step + 1)
                 c.step += 1
         return done
 

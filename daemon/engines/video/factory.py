@@ -126,7 +126,8 @@ def build_video_engine(preset_name: str, *, device: str = "cpu", dtype: torch.dt
 
 
 def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
-                          text: bool = True, fp8: bool = False) -> VideoParts:
+                          text: bool = True, fp8: bool = False,
+                          family: str | None = None) -> VideoParts:
     """The downloaded Wan 2.1 weights and StreamDiffusionV2 generator (``text=False``: no
     umT5, for pipeline ranks that never encode a prompt; ``fp8``: the DiT loads to host
     memory and is quantised onto the GPU block by block)."""
@@ -141,6 +142,17 @@ def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
         weights, _ = wan_folders.load_weights_dir(
             folder, size=size, dtype=dtype, device=device, generator=generator,
             text_device="cpu", text=text, dit_device="cpu" if fp8 else None)
+    elif family is not None:   # a causal family member on the Wan base (models/family.py)
+        from ...models.family import FAMILY, load_family_generator
+        entry = FAMILY[family]
+        wan_dir = registry.require(entry.base_entry)
+        checkpoint = registry.require(entry.name) / entry.files[0]
+        dit = load_family_generator(entry, checkpoint, size, dtype=dtype,
+                                    device="cpu" if fp8 else device)
+        dit.source = checkpoint.name
+        weights = loaders.load_diffusers_dir(wan_dir, dtype=dtype, device=device,
+                                             preset=size, text_device="cpu", text=text,
+                                             transformer=dit)
     else:
         wan_dir = registry.require(f"wan-{size}")
         generator = _registry_generator(size, required=True)
@@ -180,15 +192,23 @@ def _registry_generator(size: str, required: bool = False):
 
 
 def build_real_video_engine(size: str = "1.3b", *, device: str = "cuda",
-                            profile: str | None = None) -> VideoEngine:
-    """The video engine on the downloaded Wan 2.1 weights and StreamDiffusionV2 generator,
-    in the memory profile chosen for the GPU (see build_video_engine)."""
+                            profile: str | None = None, family: str | None = None,
+                            name: str | None = None) -> VideoEngine:
+    """The video engine on the downloaded Wan 2.1 weights and StreamDiffusionV2 generator
+    (``family``: another causal generator of models/family.py, with its schedule), in the
+    memory profile chosen for the GPU (see build_video_engine)."""
     chosen = resolve_profile(size, device, profile)
-    parts = load_real_video_parts(size, device=device, fp8=chosen is not None and chosen.fp8)
-    return VideoEngine("video" if size == "1.3b" else f"video-{size}", parts.transformer,
-                       parts.vae, parts.text, device=device, min_side=parts.min_side,
-                       description=parts.description, tiny_decoder=parts.tiny_decoder,
-                       tiny_encoder=parts.tiny_encoder, profile=chosen)
+    parts = load_real_video_parts(size, device=device, fp8=chosen is not None and chosen.fp8,
+                                  family=family)
+    model = None
+    if family is not None:
+        from ...models.family import FAMILY
+        model = FAMILY[family]
+    return VideoEngine(name or ("video" if size == "1.3b" else f"video-{size}"),
+                       parts.transformer, parts.vae, parts.text, device=device,
+                       min_side=parts.min_side, description=parts.description,
+                       tiny_decoder=parts.tiny_decoder, tiny_encoder=parts.tiny_encoder,
+                       profile=chosen, model=model)
 
 
 def build_parts(spec: str, device: str, *, text: bool = True) -> VideoParts:

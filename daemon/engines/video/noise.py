@@ -21,13 +21,17 @@ STEP_LISTS: dict[int, tuple[float, ...]] = {
 MIN_NOISE_SCALE = 0.11  # t0 = 1000 s - 100 stays a valid timestep above this
 
 
-def timesteps(steps: int, noise_scale: float) -> list[float]:
+def timesteps(steps: int, noise_scale: float,
+              table: tuple[float, ...] | None = None) -> list[float]:
     """The step list with the first timestep told to the model set by the noise scale:
-    t0 = 1000 * s - 100 (the release's deliberate offset).  Later steps never exceed t0."""
-    if steps not in STEP_LISTS:
-        raise ValueError("steps must be 1, 2, 3 or 4.")
+    t0 = 1000 * s - 100 (the release's deliberate offset); the later steps are the model's
+    ``table`` (default StreamDiffusionV2's 700, 500, 400, 200; a family member's own,
+    warped, from models/family.py) from its second entry on, never above t0."""
+    table = STEP_LISTS[4] if table is None else table
+    if not 1 <= steps <= len(table):
+        raise ValueError(f"steps must be 1 to {len(table)} for this model.")
     t0 = min(max(1000.0 * noise_scale - 100.0, 1.0), 999.0)
-    return [t0] + [min(t, t0) for t in STEP_LISTS[steps][1:]]
+    return [t0] + [min(t, t0) for t in table[1:steps]]
 
 
 #: the flow-matching schedule these models were distilled with (REFERENCE.md section 1.3)

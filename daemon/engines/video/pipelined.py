@@ -276,8 +276,10 @@ class PipelineVideoEngine(VideoEngine):
                 last = c.step + 1 >= len(c.schedule)
                 elements.append({
                     "sid": sid, "gen": self._generation[sid], "cid": c.id, "step": c.step,
-                    "last": last, "seed": c.seeds, "sigma": sigma(c.schedule[c.step]),
-                    "sigma_next": None if last else sigma(c.schedule[c.step + 1])})
+                    "last": last, "seed": c.seeds,
+                    "sigma": sigma(c.schedule[c.step], self.shift),
+                    "sigma_next": None if last else sigma(c.schedule[c.step + 1],
+                                                                     self.shift)})
                 self._travelling[(sid, c.id)] = c
                 chunks.append(c)
         latents = torch.cat([c.x for c in chunks], 0)
