@@ -135,14 +135,7 @@ def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
 
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     folder = weights_folder()
-    if folder is not None:   # --weights DIR: any layout people have (models/wan_folders.py)
-        from ...models import wan_folders
-        _, _, found = wan_folders.resolve(folder, size)
-        generator = found or _registry_generator(size)
-        weights, _ = wan_folders.load_weights_dir(
-            folder, size=size, dtype=dtype, device=device, generator=generator,
-            text_device="cpu", text=text, dit_device="cpu" if fp8 else None)
-    elif family is not None:   # a causal family member on the Wan base (models/family.py)
+    if family is not None:   # a causal family member on the Wan base (models/family.py)
         from ...models.family import FAMILY, load_family_generator
         entry = FAMILY[family]
         wan_dir = registry.require(entry.base_entry)
@@ -153,6 +146,13 @@ def load_real_video_parts(size: str = "1.3b", *, device: str = "cuda",
         weights = loaders.load_diffusers_dir(wan_dir, dtype=dtype, device=device,
                                              preset=size, text_device="cpu", text=text,
                                              transformer=dit)
+    elif folder is not None:   # --weights DIR: any layout people have (models/wan_folders.py)
+        from ...models import wan_folders
+        _, _, found = wan_folders.resolve(folder, size)
+        generator = found or _registry_generator(size)
+        weights, _ = wan_folders.load_weights_dir(
+            folder, size=size, dtype=dtype, device=device, generator=generator,
+            text_device="cpu", text=text, dit_device="cpu" if fp8 else None)
     else:
         wan_dir = registry.require(f"wan-{size}")
         generator = _registry_generator(size, required=True)
