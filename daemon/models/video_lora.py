@@ -135,7 +135,10 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         h = F.linear(x.to(self.lora_down.dtype), self.lora_down)      # rows, tokens, S*R
-        h = h * self.scales.rows[:x.shape[0]].unsqueeze(1)
+        h.mul_(self.scales.rows[:x.shape[0]].unsqueeze(1))
+        if y.dtype == h.dtype and y.is_contiguous():  # the add in the GEMM's epilogue
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.lora_up.t())
+            return y
         return y + F.linear(h, self.lora_up).to(y.dtype)
 
     def extra_repr(self) -> str:
