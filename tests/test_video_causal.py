@@ -437,8 +437,7 @@ def test_the_timestep_sinusoid_is_computed_in_float64_as_wan_does():
     # Wan's sinusoidal_embedding_1d, written out: float64, cos then sin
     half = 128
     pos = t.to(torch.float64)
-    wan = torch.outer(pos, torch.pow(torch.tensor(10000.0, dtype=torch.float64),
-                                     -torch.arange(half, dtype=torch.float64) / half))
+    wan = torch.outer(pos, torch.pow(10000, -torch.arange(half).to(pos).div(half)))
     wan = torch.cat([torch.cos(wan), torch.sin(wan)], 1)
     assert ours.dtype == torch.float64 and torch.equal(ours, wan)
     # diffusers' float32 version is 3.8e-5 away at most (the issue's measurement)

@@ -274,7 +274,8 @@ def timestep_sinusoid(timesteps: torch.Tensor, dim: int, max_period: float = 100
     3.8e-5 away, which moves the flow by about 1e-5.  The caller casts it."""
     half = dim // 2
     t = timesteps.to(torch.float64).reshape(-1)
-    freqs = torch.pow(torch.tensor(max_period, dtype=torch.float64, device=t.device),
+    # a Python number as the base: nothing crosses from the host (CUDA graph capture)
+    freqs = torch.pow(float(max_period),
                       -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     arg = torch.outer(t, freqs)
     return torch.cat([torch.cos(arg), torch.sin(arg)], 1)
