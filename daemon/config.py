@@ -28,6 +28,13 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "LIVEDIFFUSION_PRESETS": ("", "the presets file (default: presets.json in the user's "
                               "config directory, platformdirs)"),
     "LIVEDIFFUSION_UTILISATION": ("0.9", "share of the device the fair rates may plan for"),
+    "LIVEDIFFUSION_WEIGHTS": ("", "a Wan weights folder of any layout people have (daemon "
+                              "--weights DIR; models/wan_folders.py)"),
+    "LIVEDIFFUSION_LORA_SLOTS": ("0", "video: LoRA slots in every DiT block (daemon "
+                                 "--lora-slots; 0: no LoRA branch)"),
+    "LIVEDIFFUSION_LORA_RANK": ("64", "video: the largest LoRA rank a slot holds"),
+    "LIVEDIFFUSION_LORAS": ("", "video: the folder LoRA names resolve in (default: loras in "
+                            "the user's data directory, platformdirs)"),
 }
 
 

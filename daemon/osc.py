@@ -10,7 +10,8 @@ same validation as any client's:
   stream whose engine declares it.  Arguments are typed by the engine's schema
   (``engines/schema.py``): numbers for float and int (an integral float is an int), 0/1 or
   OSC true/false for bool, a string or an index for a choice, a string for text,
-  alternating text and weight for prompts, seed and weight for seeds, integers for indices;
+  alternating text and weight for prompts, seed and weight for seeds, name and scale for
+  loras, integers for indices;
   ``/livediffusion/<stream>/reset`` restarts the stream's history.
 - ``/livediffusion/<stream>/preset NAME`` recalls a saved preset onto the stream
   (``daemon/presets.py``; ``*`` for every stream).
@@ -99,10 +100,11 @@ def osc_value(spec: dict[str, Any] | None, args: list[Any]) -> Any:
         if not isinstance(first, str):
             raise OscError(f"{name} takes a string, not {_shown(first)}.")
         return first
-    if kind in ("prompts", "seeds"):
+    if kind in ("prompts", "seeds", "loras"):
         if len(args) % 2:
-            raise OscError(f"{name} takes pairs: {'text' if kind == 'prompts' else 'seed'}, "
-                           f"weight, ...")
+            first_name = {"prompts": "text", "seeds": "seed", "loras": "name"}[kind]
+            raise OscError(f"{name} takes pairs: {first_name}, "
+                           f"{'scale' if kind == 'loras' else 'weight'}, ...")
         return [[args[i], args[i + 1]] for i in range(0, len(args), 2)]
     if kind == "indices":
         return [int(a) if isinstance(a, float) and a.is_integer() else a for a in args]

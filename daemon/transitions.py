@@ -6,7 +6,9 @@ worker asks it for the parameters of the moment before each step of the stream a
 them to the engine as an ordinary live change, so nothing resets and no warm-up frame is
 shown.  What moves, by the parameter's kind in the engine's schema:
 
-- ``float`` parameters: linearly, along the curve (``linear`` or ``smooth``, a smoothstep);
+- ``float`` parameters: linearly, along the curve (``linear`` or ``smooth``, a smoothstep),
+  and the scales of ``loras`` lists the same way (a LoRA added comes in from 0, one removed
+  goes out to 0 and leaves at the end);
 - the prompt (``prompt``/``prompts``): the embeddings of the prompts before and after are
   blended with weights (1 - u, u), linearly or by slerp (the engine's ``prompt_blend``);
 - the seed (``seed``/``seeds``): the noises of the seeds before and after are mixed with
@@ -90,6 +92,7 @@ class Transition:
     began: float | None = None     # None: waiting for the engine to prepare the target
     paused_at: float | None = None
     floats: list[str] = field(default_factory=list)
+    scaled: list[str] = field(default_factory=list)
     prompts: tuple[list, list] | None = None   # (before, after), weights normalised
     seeds: tuple[list, list] | None = None     # (before, after), unit L2 each
     final: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +103,8 @@ class Transition:
         changed = {k for k in self.target if self.start.get(k) != self.target[k]}
         self.final = {k: self.target[k] for k in changed}
         self.floats = sorted(k for k in changed if self.kinds.get(k) == "float")
+        #: LoRA lists whose scales glide (a LoRA coming in from 0, one leaving to 0)
+        self.scaled = sorted(k for k in changed if self.kinds.get(k) == "loras")
         if "prompts" in self.kinds:
             before = _weighted(self.start, "prompts", "prompt")
             after = _weighted(self.target, "prompts", "prompt")
@@ -125,7 +130,7 @@ class Transition:
     @property
     def moving(self) -> list[str]:
         """The parameters that move (the others change at the end)."""
-        return self.floats + (["prompt"] if self.prompts else []) + \
+        return self.floats + self.scaled + (["prompt"] if self.prompts else []) + \
             (["seed"] if self.seeds else [])
 
     def progress(self, now: float) -> float:
@@ -147,6 +152,10 @@ class Transition:
         for k in self.floats:
             a, b = float(self.start[k]), float(self.target[k])
             out[k] = a + (b - a) * c
+        for k in self.scaled:
+            a, b = dict(self.start.get(k) or []), dict(self.target[k] or [])
+            out[k] = [[name, a.get(name, 0.0) + (b.get(name, 0.0) - a.get(name, 0.0)) * c]
+                      for name in list(dict.fromkeys([*a, *b]))]
         if self.prompts:
             before, after = self.prompts
             out["prompts"] = _merge([(t, w * (1.0 - c)) for t, w in before],
@@ -182,6 +191,7 @@ class Transition:
                               if k in self.target and k not in asked})
                 gone |= set(group)
         self.floats = [k for k in self.floats if k not in gone]
+        self.scaled = [k for k in self.scaled if k not in gone]
         for k in gone:
             self.final.pop(k, None)
             self.changes.pop(k, None)

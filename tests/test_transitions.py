@@ -249,7 +249,9 @@ def test_a_fade_over_a_transition_is_seen_frame_by_frame(daemon):
         assert len(set(between)) >= 5, levels          # many steps, not a jump
         assert levels == sorted(levels, reverse=True)   # never back up
         assert any(s and 0 < s["progress"] < 1 and s["moving"] == ["gain"] for s in states)
-        assert wait_until(lambda: ctl.streams()[0]["stats"]["transition"] is None)
+        # (the tool keeps sending while we wait: a host silent for 3 s is dropped)
+        assert wait_until(lambda: (feed.level(), ctl.streams()[0]["stats"]["transition"])[1]
+                          is None)
         assert ctl.streams()[0]["params"]["gain"] == 0.0
         # the owner's own change with a transition, and a plain change taking over mid-way
         feed.stream.update(gain=1.0, transition=5.0, wait=2.0)
@@ -330,3 +332,13 @@ def test_a_bad_transition_is_refused_and_changes_nothing(daemon):
         with pytest.raises(DaemonError, match="must be int/float/dict"):
             feed.stream.update({"gain": 0.1}, transition="slowly", wait=2.0)
         assert feed.level() == 100.0
+
+
+def test_lora_scales_glide_a_new_lora_comes_in_from_zero_and_a_removed_one_leaves():
+    kinds = {**KINDS, "loras": "loras"}
+    start = {**START, "loras": [["ink", 1.0], ["old", 0.5]]}
+    t = Transition(start, {**start, "loras": [["ink", 0.0], ["new", 0.8]]}, {}, 2.0, kinds)
+    t.began = 0.0
+    assert t.moving == ["loras"]
+    assert t.at(1.0)["loras"] == [["ink", 0.5], ["old", 0.25], ["new", 0.4]]
+    assert t.at(2.0) == {"loras": [["ink", 0.0], ["new", 0.8]]}
