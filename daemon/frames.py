@@ -33,7 +33,8 @@ def same_layout(a: FrameSpec, b: FrameSpec) -> bool:
 
 
 def to_canonical(frame: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
-    """(H, W, C) in ``spec`` -> float32 RGB (H, W, 3) in [0, 1], top row first."""
+    """(H, W, C) in ``spec`` -> float32 RGB (H, W, 3) in [0, 1], top row first; non-finite
+    float input becomes 0 (NaN, -inf) or 1 (+inf)."""
     x = frame.float() if frame.dtype != torch.uint16 else frame.to(torch.int32).float()
     scale = _SCALE[spec.dtype]
     if scale != 1.0:
@@ -46,6 +47,10 @@ def to_canonical(frame: torch.Tensor, spec: FrameSpec) -> torch.Tensor:
         x = x[..., :3]
     if spec.origin == "bottom":
         x = x.flip(0)
+    if spec.dtype in ("float16", "float32"):
+        # a NaN or an infinity from a host never reaches an engine's caches: NaN is black,
+        # +inf white (clamp alone keeps NaN)
+        x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0)
     return x.clamp(0.0, 1.0)
 
 

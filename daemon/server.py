@@ -33,7 +33,7 @@ from .config import ServeConfig
 from .engines import INLINE, REGISTRY
 from .playout import Playout
 from .scheduler import Refused, Scheduler
-from .engines.base import ParamError
+from .engines.base import ParamError, clip, shown
 from .presets import PresetError, PresetStore, for_engine
 from .telemetry import THUMB_MAX, Busy, Window, gpu_stats, thumbnail
 from .step import (CloseStream, CommandResult, CueCommand, FrameRef, OpenStream, StepResult,
@@ -46,6 +46,22 @@ log = logging.getLogger("livediffusion.daemon")
 
 DEFAULT_SLOTS = 3
 MAX_STREAMS = 32
+#: parameter changes of one stream waiting while one is applied; they are coalesced (the
+#: newest value of each key wins) into the next one, so a flood costs one change per step
+MAX_WAITING_CHANGES = 1024
+#: shared memory (frame rings) one client, and all clients together, may hold
+SHM_PER_CLIENT = 2 << 30
+SHM_TOTAL = 8 << 30
+
+
+@dataclass
+class ChangeBatch:
+    """The requests one coalesced parameter change answers (each gets the reply)."""
+
+    requests: list[tuple[bytes, Any]]
+    #: the changes one by one, kept in case the merged change is refused: they are then
+    #: applied singly, so one bad value costs only its own request
+    parts: list[tuple[tuple[bytes, Any], dict[str, Any], Any]]
 
 
 @dataclass
@@ -86,6 +102,10 @@ class ServerStream:
     final: dict[str, Any] = field(default_factory=dict)
     #: the effective parameters the engine last answered (opened, params_ok)
     params: dict[str, Any] = field(default_factory=dict)
+    #: a parameter change is being applied; those that came meanwhile wait to be merged
+    changing: bool = False
+    waiting: list[tuple[tuple[bytes, Any], dict[str, Any], Any]] = field(default_factory=list)
+    singles: list[tuple[tuple[bytes, Any], dict[str, Any], Any]] = field(default_factory=list)
     #: the worker's last word on the stream's transition and cue list (None: none)
     transition: dict[str, Any] | None = None
     cues: dict[str, Any] | None = None
@@ -155,9 +175,16 @@ class Daemon:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
-        self._error_log: dict[tuple[int, str], list[float | int]] = {}
+        self._error_log: dict[tuple[Any, str], list[float | int]] = {}
         self._startup_error: BaseException | None = None
         self._busy: dict[int, Busy] = {}   # id(worker) -> its steps of the last seconds
+        #: when each peer last said hello (its hello lines are rate-limited)
+        self._hellos: dict[bytes, float] = {}
+        #: identities whose connection closed, being probed (-> since when)
+        self._suspects: dict[bytes, float] = {}
+        self._next_probe = 0.0
+        #: each connection's file descriptor -> the identity last heard on it
+        self._fd_identity: dict[int, bytes] = {}
         self.endpoint = ""
         self.started_at = time.monotonic()
         #: named presets (daemon/presets.py), read on first use
@@ -292,6 +319,9 @@ class Daemon:
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # a send to a peer with no connection fails instead of vanishing: how a closed
+        # connection's session is told apart from a live one (``_probe_suspects``)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, 1000)
         authenticator = None
         try:
@@ -331,11 +361,18 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
+        # ZeroMQ tells the moment a peer's connection closes (a killed client): its
+        # session is released at once instead of after the heartbeat timeout
+        monitor = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller.register(monitor, zmq.POLLIN)
         next_reap = time.monotonic() + 0.25
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(self._poll_timeout_ms()))
                 started = time.monotonic()
+                if monitor in events:
+                    self._on_disconnects(monitor)
+                self._probe_suspects(time.monotonic())
                 if router in events:
                     for _ in range(256):  # drain what arrived, newest frames win below
                         try:
@@ -361,14 +398,56 @@ class Daemon:
                     next_reap = now + 0.25
         finally:
             self._stop_companions()
+            router.disable_monitor()
+            monitor.close(0)
             self._shutdown(router, ctx, authenticator)
+
+    def _on_disconnects(self, monitor: zmq.Socket) -> None:
+        """Sessions whose connection closed (the peer died or closed its socket): released
+        now; a peer that only went silent is still dropped by the heartbeat rule."""
+        from zmq.utils.monitor import recv_monitor_message
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = self._fd_identity.pop(int(event.get("value", -1)), None)
+            if identity in self.sessions:
+                # a closed descriptor may already serve a new peer: the session is only
+                # released once a send to it finds no connection (``_probe_suspects``)
+                self._suspects.setdefault(identity, time.monotonic())
+
+    def _probe_suspects(self, now: float) -> None:
+        """Peers whose connection closed: a send to an identity with no connection fails
+        at once (ROUTER_MANDATORY), which releases its session; one that answers is kept."""
+        if not self._suspects or now < self._next_probe:
+            return
+        self._next_probe = now + 0.02
+        for identity, since in list(self._suspects.items()):
+            session = self.sessions.get(identity)
+            if session is None:
+                del self._suspects[identity]
+                continue
+            try:
+                self._router.send_multipart([identity, P.pack({"type": "heartbeat"})],
+                                            zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    del self._suspects[identity]
+                    log.info("client %s (session %d) disconnected: releasing its %d "
+                             "stream(s)", session.client, session.number,
+                             len(session.streams))
+                    self._end_session(session)
+                continue
+            if now - since > 1.0:   # still reachable: it was another peer's descriptor
+                del self._suspects[identity]
 
     def _poll_timeout_ms(self) -> int:
         """Sleep until a message, a worker's result, or the next paced frame's time."""
         if any(w.in_flight is None and not w.threaded and
                self.scheduler.has_work(w.engines) for w in self.workers):
             return 0
-        wait = 0.1
+        wait = 0.02 if self._suspects else 0.1
         now = time.monotonic()
         for stream in self.streams.values():
             due = stream.playout.next_due()
@@ -465,16 +544,24 @@ class Daemon:
 
     def _reply_error(self, identity: bytes, exc: ProtocolError, rid: Any = None,
                      session: Session | None = None) -> None:
-        self._log_error(session.number if session else 0, exc.code, exc.message,
+        # keyed by the peer, not the session: a client that says hello again and again
+        # gets one line per kind of error every 5 s, not one per session
+        self._log_error(identity, exc.code, exc.message,
                         session.client if session else "unknown client")
-        reply = P.error(exc.code, exc.message, re=rid, stream=exc.stream)
+        # never larger than what it answers: a message that quotes the client is cut short
+        reply = P.error(exc.code, clip(exc.message, 1000), re=rid, stream=exc.stream)
         if isinstance(exc, Overloaded):
             reply["sustainable_fps"] = exc.sustainable_fps
         self._send(identity, reply)
 
-    def _log_error(self, key: int, code: str, message: str, who: str) -> None:
-        """One clear line per client and error code, at most every 5 s (then a count)."""
+    def _log_error(self, key: Any, code: str, message: str, who: str) -> None:
+        """One clear line per client and error code, at most every 5 s (then a count); the
+        message on one line and cut short (it may quote what the client sent)."""
+        message = clip(message.replace("\n", "\\n").replace("\r", "\\r"), 300)
         now = time.monotonic()
+        if len(self._error_log) > 4096:   # many peers come and go: forget the oldest
+            for old in list(self._error_log)[:1024]:
+                del self._error_log[old]
         entry = self._error_log.get((key, code))
         if entry is None or now - entry[0] >= 5.0:
             suppressed = int(entry[1]) if entry else 0
@@ -491,11 +578,17 @@ class Daemon:
         session = self.sessions.get(identity)
         if session is not None:
             session.last_seen = time.monotonic()
+        try:   # which connection it came on, so that its closing can be told (monitor)
+            self._fd_identity[parts[0].get(zmq.SRCFD)] = identity
+        except (zmq.ZMQError, AttributeError, TypeError):
+            pass
         rid = None
         try:
             if len(parts) not in (2, 3):
                 raise ProtocolError(ErrorCode.BAD_MESSAGE,
                                     f"expected 1 or 2 message parts, got {len(parts) - 1}.")
+            if len(parts[1].buffer) > P.MAX_CONTROL_BYTES:   # refused, but answered
+                rid = P.request_id(parts[1].bytes)
             msg = P.unpack(parts[1].buffer)
             rid = msg.get("id")
             if not isinstance(rid, int) or isinstance(rid, bool):
@@ -538,10 +631,18 @@ class Daemon:
             log.info("client %s reconnected; closing its previous session %d", old.client,
                      old.number)
             self._end_session(old)
-        session = Session(next(self._session_numbers), identity, str(msg.get("client", "?"))[:64],
-                          token, time.monotonic())
+        # the client's own name, printable and short (it goes into log lines and errors)
+        client = clip(str(msg.get("client", "?")).encode("unicode_escape").decode("ascii"), 64)
+        session = Session(next(self._session_numbers), identity, client, token,
+                          time.monotonic())
         self.sessions[identity] = session
-        log.info("session %d: hello from %s", session.number, session.client)
+        last = self._hellos.get(identity, -1e9)
+        self._hellos[identity] = time.monotonic()
+        if len(self._hellos) > 4096:
+            self._hellos.pop(next(iter(self._hellos)))
+        # one line per peer every 5 s at most (a client reconnecting in a loop)
+        (log.info if time.monotonic() - last >= 5.0 else log.debug)(
+            "session %d: hello from %s", session.number, session.client)
         self._send(identity, {
             "type": "welcome", "re": rid, "session": session.number,
             "daemon": __version__, "protocol": P.PROTOCOL_VERSION,
@@ -569,8 +670,8 @@ class Daemon:
         engine_name = msg.get("engine", "passthrough")
         if engine_name not in self.capabilities:
             raise ProtocolError(ErrorCode.UNKNOWN_ENGINE,
-                                f"engine {engine_name!r} is not loaded; this daemon has "
-                                f"{', '.join(self.capabilities)}.")
+                                f"engine {shown(engine_name, 60)} is not loaded; this daemon "
+                                f"has {', '.join(self.capabilities)}.")
         if len(self._names) >= self.max_streams:
             raise ProtocolError(ErrorCode.LIMIT,
                                 f"the daemon already serves {self.max_streams} streams.")
@@ -586,11 +687,16 @@ class Daemon:
         if not 0 < fps <= 1000:
             raise ProtocolError(ErrorCode.BAD_SPEC, f"fps {fps} is outside (0, 1000].")
         caps = self.capabilities[engine_name]
+        self._check_size_for(engine_name, caps, in_spec)   # before anything is allocated
         per_step = int(caps.get("frames_per_step", 1))
         most = max(per_step, int(caps.get("first_step_frames", per_step)))
         slots = msg.get("slots", DEFAULT_SLOTS)
         if not 1 <= slots <= P.MAX_SLOTS:
             raise ProtocolError(ErrorCode.BAD_SPEC, f"slots must be 1..{P.MAX_SLOTS}.")
+        if transport == "shm":
+            self._check_shared_memory(session, engine_name, in_spec, out_spec,
+                                      min(P.MAX_SLOTS, max(slots, most + 3)),
+                                      min(P.MAX_SLOTS, max(slots, most + 2)))
         min_fps = msg.get("min_fps")
         explicit_min = min_fps is not None
         if min_fps is None:
@@ -642,11 +748,90 @@ class Daemon:
                                         ring_in.name if ring_in is not None else None,
                                         paced=stream.playout.paced))
 
+    @staticmethod
+    def _check_size_for(engine: str, caps: dict[str, Any], spec: FrameSpec) -> None:
+        """The frame sizes the engine declares (``capabilities.sizes``), checked before its
+        rings are made: a refused open costs no shared memory."""
+        sizes = caps.get("sizes")
+        if not sizes:
+            return
+        lo, hi, multiple = int(sizes["min"]), int(sizes["max"]), int(sizes["multiple"])
+        for side, value in (("width", spec.width), ("height", spec.height)):
+            if value % multiple or not lo <= value <= hi:
+                raise ProtocolError(ErrorCode.BAD_PARAMS,
+                                    f"{engine} needs a {side} that is a multiple of "
+                                    f"{multiple} from {lo} to {hi}, not {value}.")
+
+    def _check_shared_memory(self, session: Session, engine: str, in_spec: FrameSpec,
+                             out_spec: FrameSpec, slots_in: int, slots_out: int) -> None:
+        """Caps on the shared memory one open may add: per client and in all."""
+        want = slots_in * in_spec.nbytes + slots_out * out_spec.nbytes
+        mine = sum(self._ring_bytes(self.streams[sid]) for sid in session.streams
+                   if sid in self.streams)
+        every = sum(self._ring_bytes(s) for s in self.streams.values())
+        for used, cap, whose in ((mine, SHM_PER_CLIENT, "this client's"),
+                                 (every, SHM_TOTAL, "the daemon's")):
+            if used + want > cap:
+                raise ProtocolError(ErrorCode.LIMIT,
+                                    f"this stream's frame rings need {want / 2**20:.0f} MiB of "
+                                    f"shared memory, and {whose} streams already hold "
+                                    f"{used / 2**20:.0f} MiB of the {cap / 2**30:g} GiB allowed; "
+                                    f"use smaller frames, fewer slots or the inline transport.")
+
+    @staticmethod
+    def _ring_bytes(stream: ServerStream) -> int:
+        return sum(r.slots * r.capacity for r in (stream.ring_in, stream.ring_out)
+                   if r is not None)
+
     def _on_params(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         stream = self._owned_stream(session, msg)
-        stream.worker.submit(UpdateParams((session.identity, rid), stream.id,
-                                          self._changes(stream, msg),
-                                          self._transition(stream, msg)))
+        self._change(stream, (session.identity, rid), self._changes(stream, msg),
+                     self._transition(stream, msg))
+
+    def _change(self, stream: ServerStream, request: tuple[bytes, Any],
+                changes: dict[str, Any], transition: Any) -> None:
+        """Apply a parameter change now, or, while one is being applied, keep it to merge
+        into the next (bounded: a flood never queues without end)."""
+        if stream.changing:
+            if len(stream.waiting) >= MAX_WAITING_CHANGES:
+                raise ProtocolError(ErrorCode.LIMIT, f"{MAX_WAITING_CHANGES} parameter "
+                                    f"changes of this stream are already waiting; send "
+                                    f"fewer (they are merged, the newest value wins).",
+                                    stream=stream.id)
+            stream.waiting.append((request, changes, transition))
+            return
+        self._submit_changes(stream, [(request, changes, transition)])
+
+    def _submit_changes(self, stream: ServerStream, parts) -> None:
+        merged: dict[str, Any] = {}
+        for _, changes, _ in parts:
+            merged.update(changes)
+        stream.changing = True
+        stream.worker.submit(UpdateParams(ChangeBatch([r for r, _, _ in parts], parts),
+                                          stream.id, merged, parts[-1][2]))
+
+    def _changed(self, stream: ServerStream, result: CommandResult) -> None:
+        """A coalesced change's answer: to each request it carried; then the next change
+        (those refused together are retried one by one)."""
+        batch: ChangeBatch = result.request
+        if result.kind == "error" and len(batch.parts) > 1:
+            stream.singles = batch.parts + stream.singles
+        else:
+            for request in batch.requests:
+                self._answer_change(stream, result, request)
+        stream.changing = False
+        if stream.state != "open":   # closing: the changes still waiting are answered
+            for request, _, _ in stream.singles + stream.waiting:
+                self._reply_error(request[0], ProtocolError(
+                    ErrorCode.UNKNOWN_STREAM, f"stream {stream.id} closed before this "
+                    f"change was applied.", stream=stream.id), request[1])
+            stream.singles, stream.waiting = [], []
+            return
+        if stream.singles:
+            self._submit_changes(stream, [stream.singles.pop(0)])
+        elif stream.waiting:
+            parts, stream.waiting = stream.waiting, []
+            self._submit_changes(stream, parts)
 
     @staticmethod
     def _transition(stream: ServerStream, msg: dict[str, Any]) -> tuple[float, str, str] | None:
@@ -716,9 +901,8 @@ class Daemon:
         """Parameters for a stream named by any session (a controller beside the tool that
         owns the stream); the answer goes to the asker."""
         stream = self._named_stream(msg["name"])
-        stream.worker.submit(UpdateParams((session.identity, rid), stream.id,
-                                          self._changes(stream, msg),
-                                          self._transition(stream, msg)))
+        self._change(stream, (session.identity, rid), self._changes(stream, msg),
+                     self._transition(stream, msg))
 
     def _on_cues(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
         """A stream's cue list: the session's own (``stream``) or any by ``name``.  Each
@@ -754,7 +938,8 @@ class Daemon:
         sid = self._names.get(name)
         stream = self.streams.get(sid) if sid is not None else None
         if stream is None or stream.state != "open":
-            raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"no open stream is named {name!r}.")
+            raise ProtocolError(ErrorCode.UNKNOWN_STREAM,
+                                f"no open stream is named {shown(name, 70)}.")
         return stream
 
     def _on_frame(self, session: Session, msg: dict[str, Any], rid: Any, payload) -> None:
@@ -908,8 +1093,7 @@ class Daemon:
         stream.session.streams.discard(stream.id)
 
     def _end_session(self, session: Session) -> None:
-        for key in [k for k in self._error_log if k[0] == session.number]:
-            del self._error_log[key]
+        # (its error-log entries stay: a client that comes back at once is still limited)
         for sid in list(session.streams):
             stream = self.streams.get(sid)
             if stream is not None and stream.state != "closing":
@@ -970,6 +1154,13 @@ class Daemon:
         seq = stream.out_seq
         body = {"type": "frame", "stream": stream.id, "seq": seq, "in_seq": frame.in_seq,
                 "ts": frame.ts}
+        if frame.borrowed and stream.ring_in is not None:
+            try:   # the pixels are still a view of the input ring: it must be whole
+                stream.ring_in.check_size()
+            except RingError as exc:
+                self._stream_error(stream, ErrorCode.BAD_FRAME, str(exc), None)
+                self._begin_close(stream, None)
+                return
         if stream.ring_out is None:
             payload = np.ascontiguousarray(frame.pixels).tobytes()
             if not self._intact(stream, frame):
@@ -981,14 +1172,19 @@ class Daemon:
             return
         ring = stream.ring_out
         slot = seq % ring.slots
-        view = ring.begin_write(slot, seq, stream.output, ts=frame.ts, ref_seq=frame.in_seq,
-                                t_write_ns=time.monotonic_ns())
-        np.copyto(view, frame.pixels)
-        del view
-        if not self._intact(stream, frame):
-            ring.abandon_write(slot)
+        try:
+            view = ring.begin_write(slot, seq, stream.output, ts=frame.ts,
+                                    ref_seq=frame.in_seq, t_write_ns=time.monotonic_ns())
+            np.copyto(view, frame.pixels)
+            del view
+            if not self._intact(stream, frame):
+                ring.abandon_write(slot)
+                return
+            ring.end_write(slot, seq)
+        except RingError as exc:   # the client shrank its output ring: its stream ends here
+            self._stream_error(stream, ErrorCode.BAD_FRAME, str(exc), None)
+            self._begin_close(stream, None)
             return
-        ring.end_write(slot, seq)
         stream.frames_out += 1
         self._published(stream, frame)
         if alive:
@@ -1013,8 +1209,11 @@ class Daemon:
         while it was copied out; if it was, it is withdrawn (``torn``) and its seq reused."""
         if not frame.borrowed or stream.ring_in is None:
             return True
-        if all(stream.ring_in.is_intact(slot, seq) for slot, seq in frame.borrowed):
-            return True
+        try:
+            if all(stream.ring_in.is_intact(slot, seq) for slot, seq in frame.borrowed):
+                return True
+        except RingError:
+            pass   # shrunk under us: the frame is withdrawn like a torn one
         stream.torn += 1
         stream.out_seq -= 1
         return False
@@ -1026,17 +1225,24 @@ class Daemon:
         if refused:
             # The engine refused the stream: release it as if it had never existed.
             self._begin_close(stream, None)
-        self._log_error(stream.session.number, code, f"stream {stream.name!r}: {message}",
+        self._log_error(stream.session.identity, code, f"stream {stream.name!r}: {message}",
                         stream.session.client)
         if alive:
-            self._send(identity, P.error(code, message, re=rid,
+            self._send(identity, P.error(code, clip(message, 1000), re=rid,
                                          stream=None if refused else stream.id))
 
     def _on_result(self, result: CommandResult) -> None:
         stream = self.streams.get(result.stream_id)
         if stream is None:
             return
-        identity, rid = result.request if result.request else (stream.session.identity, None)
+        if isinstance(result.request, ChangeBatch):
+            self._changed(stream, result)
+            return
+        self._answer_change(stream, result, result.request)
+
+    def _answer_change(self, stream: ServerStream, result: CommandResult, request) -> None:
+        """Book a worker's answer and send it to ``request`` (None: the stream's owner)."""
+        identity, rid = request if request else (stream.session.identity, None)
         if result.kind == "opened":
             if stream.state == "closing":
                 return
@@ -1084,11 +1290,10 @@ class Daemon:
         elif result.kind == "closed":
             self._release(stream)
             log.info("stream %d %r closed; memory released", stream.id, stream.name)
-            if result.request:
+            if request:
                 self._send(identity, {"type": "closed", "re": rid, "stream": stream.id})
         elif result.kind == "error":
-            self._stream_error(stream, result.body["code"], result.body["message"],
-                               result.request)
+            self._stream_error(stream, result.body["code"], result.body["message"], request)
 
 
 class Overloaded(ProtocolError):

@@ -434,8 +434,14 @@ class EngineWorker:
         if not stream.engine.borrows_input:
             # The engine keeps working long after this call returns: take a copy now and
             # check it, instead of finding the slot overwritten after the step.
-            pixels = pixels.copy()
-            if not stream.ring_in.is_intact(ref.slot, ref.seq):
+            try:
+                stream.ring_in.check_size()
+                pixels = pixels.copy()
+                intact = stream.ring_in.is_intact(ref.slot, ref.seq)
+            except RingError as exc:   # the client shrank its ring: this stream only
+                self._bad_frame(report, str(exc))
+                return None
+            if not intact:
                 report.torn += 1
                 return None
         return InputFrame(ref.seq, pixels, got, hdr.ts)

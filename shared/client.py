@@ -247,6 +247,12 @@ class Stream:
             self.params.update(effective)
         return effective
 
+    @property
+    def ring_name(self) -> str | None:
+        """The shared-memory segment this stream's input frames go through (None: inline,
+        or not open)."""
+        return self._ring_in.name if self._ring_in is not None else None
+
     def stats(self) -> dict[str, Any]:
         """Client-side counters, output FPS and round-trip latency."""
         marks = self._fps_marks

@@ -153,6 +153,23 @@ def pack(msg: Mapping[str, Any]) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
+def request_id(data: bytes) -> int | None:
+    """The ``id`` of an encoded message without decoding the rest (the answer to a message
+    refused for its size still names the request it refuses); None if it has none."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 16)
+        unpacker.feed(data)
+        for _ in range(min(unpacker.read_map_header(), 64)):
+            key = unpacker.unpack()
+            if key == "id":
+                rid = unpacker.unpack()
+                return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+            unpacker.skip()
+    except Exception:  # noqa: BLE001 - not a map, truncated: no id to give
+        return None
+    return None
+
+
 def unpack(data: bytes) -> dict[str, Any]:
     """Decode bytes into a message map without validating its fields.
 

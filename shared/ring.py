@@ -120,6 +120,17 @@ class FrameRing:
         self.capacity = capacity
         self._buf = buf
         self._closed = False
+        #: the bytes the mapping must keep; another process holding the segment open for
+        #: writing could shrink it, and touching a page past the new end is SIGBUS, so on
+        #: Linux every access checks the segment's size first (``check_size``)
+        self._need = RING_HEADER_SIZE + slots * slot_stride
+        self._size_fd: int | None = None
+        if sys.platform.startswith("linux"):
+            try:
+                self._size_fd = os.open(os.path.join("/dev/shm", self.name.lstrip("/")),
+                                        os.O_RDONLY)
+            except OSError:
+                self._size_fd = None
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -158,11 +169,21 @@ class FrameRing:
             shm.close()
             raise
 
+    def check_size(self) -> None:
+        """RingError instead of SIGBUS when the segment was shrunk under the mapping."""
+        if self._size_fd is not None and os.fstat(self._size_fd).st_size < self._need:
+            raise RingError(f"segment {self.name} was truncated to "
+                            f"{os.fstat(self._size_fd).st_size} bytes (it needs "
+                            f"{self._need}); its other end broke it.")
+
     def close(self) -> None:
         """Unmap the segment; the owner also unlinks it so its memory is released."""
         if self._closed:
             return
         self._closed = True
+        if self._size_fd is not None:
+            os.close(self._size_fd)
+            self._size_fd = None
         self._buf = None  # type: ignore[assignment]
         try:
             self._shm.close()
@@ -190,6 +211,7 @@ class FrameRing:
     def _slot_offset(self, slot: int) -> int:
         if not 0 <= slot < self.slots:
             raise RingError(f"slot {slot} is outside 0..{self.slots - 1}.")
+        self.check_size()
         return RING_HEADER_SIZE + slot * self.slot_stride
 
     def _trailer_offset(self, base: int) -> int:

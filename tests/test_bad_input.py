@@ -195,7 +195,9 @@ def test_client_killed_while_holding_a_slot_is_cleaned_up(daemon, client, bystan
             round_trip(bystander, rgb(seed=1))  # keeps our own session alive meanwhile
             time.sleep(0.1)
         assert not (names & shm_names()), "the dead client's memory was not released"
-        assert time.monotonic() - started >= 2.5  # dropped by the 3 s heartbeat timeout
+        # its connection closed: released at once (ZeroMQ's monitor), not after the 3 s
+        # heartbeat timeout (issue 18)
+        assert time.monotonic() - started <= 0.5
         assert "victim" not in daemon._names
     finally:
         if proc.poll() is None:

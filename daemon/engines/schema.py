@@ -16,7 +16,8 @@ A new field with ``param(...)`` appears everywhere with no other change.
 Kinds: ``float``, ``int`` (a float with an integral value is taken, 2.0 -> 2; any other float
 is refused, never rounded), ``bool``, ``choice``, ``text``, and four lists: ``prompts``
 ([text, weight] pairs), ``seeds`` ([seed, weight] pairs), ``indices`` (strictly increasing
-integers) and ``loras`` ([name, scale] pairs, distinct names, each scale in ``lo..hi``).  NaN is refused wherever a number is expected (it is never clamped).
+integers) and ``loras`` ([name, scale] pairs, distinct names, each scale in ``lo..hi``).
+NaN is refused wherever a number is expected (it is never clamped).
 """
 
 from __future__ import annotations
@@ -158,9 +159,14 @@ class Schema:
 
     def __init__(self, cls: type, engine: str, *,
                  checks: tuple[Callable[[Any], None], ...] = (),
-                 after: tuple[Callable[[dict[str, Any]], None], ...] = ()) -> None:
+                 after: tuple[Callable[[dict[str, Any]], None], ...] = (),
+                 derived: tuple[str, ...] = ()) -> None:
         self.cls = cls
         self.engine = engine
+        #: read-only entries the engine adds to its effective parameters (the image engine's
+        #: ``t_index_list_effective``): ignored when sent back, so that what a client got
+        #: can always be re-sent (a reconnecting client re-opens with it)
+        self.derived = frozenset(derived)
         self.checks, self.after = checks, after
         self.params: dict[str, Param] = {}
         for f in dataclasses.fields(cls):
@@ -181,6 +187,8 @@ class Schema:
         updates: dict[str, Any] = {}
         reset = False
         for key, value in changes.items():
+            if key in self.derived:
+                continue
             if key == "reset":
                 if not isinstance(value, bool):
                     raise ParamError(f"reset must be true or false, not {shown(value)}.")

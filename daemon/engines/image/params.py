@@ -95,7 +95,8 @@ def _knob_takes_over(updates: dict[str, Any]) -> None:
         updates.setdefault("t_index_list", ())  # the knob takes over from raw indices
 
 
-SCHEMA = Schema(ImageParams, "image", after=(_knob_takes_over,))
+SCHEMA = Schema(ImageParams, "image", after=(_knob_takes_over,),
+                derived=("t_index_list_effective",))
 
 
 def apply(current: ImageParams, changes: Mapping[str, Any]) -> tuple[ImageParams, bool]:

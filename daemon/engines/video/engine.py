@@ -637,6 +637,14 @@ class VideoEngine(Engine):
         stream.flushed = []
         out: list[OutputFrame] = []
         spec = stream.config.output
+        if finished and not bool(torch.stack([torch.isfinite(c.x).all()
+                                              for c in finished]).all()):
+            # the state blew up (it cannot come from the input or the parameters, which are
+            # checked): restart the stream's history instead of sending NaN from now on
+            log.warning("stream %d: its state turned non-finite (NaN or Inf); restarting "
+                        "its history", stream.config.stream_id)
+            self.reset_stream(stream.config.stream_id)
+            return out
         for chunk in sorted(finished, key=lambda c: c.id):
             with self._stage("decode"):
                 frames = decode_latent(stream, stream.params.decoder, chunk.x, self.vae,
