@@ -295,3 +295,4 @@ def test_a_refused_open_allocates_no_rings_and_shared_memory_is_capped(monkeypat
                                   engine="passthrough").state == "open"
     finally:
         d.stop()
+
