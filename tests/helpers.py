@@ -101,3 +101,19 @@ def daemon_stat(daemon, stream_id: int, key: str):
         return daemon.stream_stats(stream_id)[key]
     except KeyError:
         return 0
+
+
+def feed_chunks(engine, sid: int, spec, chunks: int, seed: int = 0) -> list:
+    """Feed an engine's stream ``chunks`` steps of seeded random uint8 frames (as many per
+    step as the engine asks for); returns every OutputFrame it gave back."""
+    from livediffusion.daemon.engines.base import InputFrame, StreamInput
+    rng = np.random.default_rng(seed)
+    seq, out = 0, []
+    for _ in range(chunks):
+        frames = []
+        for _ in range(engine.frames_per_step(sid)):
+            seq += 1
+            frames.append(InputFrame(seq, rng.integers(0, 256, spec.shape, dtype=np.uint8),
+                                     spec, seq))
+        out += engine.submit([StreamInput(sid, frames)])[0].frames
+    return out

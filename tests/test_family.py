@@ -303,6 +303,9 @@ def test_list_shows_state_size_licence_and_repo(hub, capsys):
 
 # --- the engine serving a family member (its schedule as the engine's defaults) ---------------
 
+from helpers import feed_chunks  # noqa: E402
+
+
 def _tiny_engine(member: str):
     from livediffusion.daemon.engines.video.engine import VideoEngine
     from livediffusion.daemon.engines.video.factory import build_video_parts
@@ -314,9 +317,7 @@ def _tiny_engine(member: str):
 
 
 def test_an_engine_runs_a_family_member_with_its_own_schedule():
-    import numpy as np
-
-    from livediffusion.daemon.engines.base import InputFrame, StreamConfig, StreamInput
+    from livediffusion.daemon.engines.base import StreamConfig
     from livediffusion.daemon.engines.video.noise import timesteps
     from livediffusion.shared.protocol import FrameSpec
     engine = _tiny_engine("self-forcing-1.3b")
@@ -334,15 +335,7 @@ def test_an_engine_runs_a_family_member_with_its_own_schedule():
     spec = FrameSpec(64, 48)
     engine.open_stream(StreamConfig(1, spec, spec, 30.0, {"steps": 4}))
     engine.settle()
-    rng = np.random.default_rng(0)
-    seq, out = 0, []
-    for _ in range(3):
-        frames = []
-        for _ in range(engine.frames_per_step(1)):
-            seq += 1
-            frames.append(InputFrame(seq, rng.integers(0, 256, spec.shape, dtype=np.uint8),
-                                     spec, seq))
-        out += engine.submit([StreamInput(1, frames)])[0].frames
+    out = feed_chunks(engine, 1, spec, 3)
     assert out and all(f.pixels.shape == (48, 64, 3) for f in out)
 
 

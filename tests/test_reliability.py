@@ -191,52 +191,51 @@ def test_a_prompt_flood_is_coalesced_and_never_freezes_the_streams():
         d.stop()
 
 
-def test_one_bad_value_among_coalesced_changes_costs_only_its_own_request():
+@pytest.fixture
+def raw_stream():
+    """A passthrough daemon and a bare socket that opened one stream on it: (raw, sid)."""
     d = Daemon(port=0, engines=("passthrough",)).start()
     raw = Raw(d.endpoint)
     try:
         raw.hello()
         raw.send({"type": "open", "id": 2, "name": "s", "width": 32, "height": 16})
-        sid = raw.recv_type("opened")["stream"]
-        for i in range(10, 20):   # (a bad value a later one replaces is simply superseded)
-            raw.send({"type": "params", "id": i, "stream": sid,
-                      "params": {"mode": "sepia"} if i == 15 else {"gain": i / 20}})
-        got = {}
-        while len(got) < 10:
-            msg = raw.recv(5.0)
-            if msg.get("re") in range(10, 20):
-                got[msg["re"]] = msg
-        assert got[15]["type"] == "error" and "mode" in got[15]["message"]
-        assert all(got[i]["type"] == "params_ok" for i in got if i != 15)
-        raw.send({"type": "params", "id": 30, "stream": sid, "params": {}})
-        assert raw.recv_type("params_ok")["params"]["gain"] == pytest.approx(19 / 20)
+        yield raw, raw.recv_type("opened")["stream"]
     finally:
         raw.close()
         d.stop()
+
+
+def test_one_bad_value_among_coalesced_changes_costs_only_its_own_request(raw_stream):
+    raw, sid = raw_stream
+    for i in range(10, 20):   # (a bad value a later one replaces is simply superseded)
+        raw.send({"type": "params", "id": i, "stream": sid,
+                  "params": {"mode": "sepia"} if i == 15 else {"gain": i / 20}})
+    got = {}
+    while len(got) < 10:
+        msg = raw.recv(5.0)
+        if msg.get("re") in range(10, 20):
+            got[msg["re"]] = msg
+    assert got[15]["type"] == "error" and "mode" in got[15]["message"]
+    assert all(got[i]["type"] == "params_ok" for i in got if i != 15)
+    raw.send({"type": "params", "id": 30, "stream": sid, "params": {}})
+    assert raw.recv_type("params_ok")["params"]["gain"] == pytest.approx(19 / 20)
 
 
 # --- 6. every rejection answers the request it rejects --------------------------------------
 
-def test_an_oversized_message_is_refused_with_its_request_id():
+def test_an_oversized_message_is_refused_with_its_request_id(raw_stream):
     import time
 
-    from livediffusion.shared.protocol import request_id
-    d = Daemon(port=0, engines=("passthrough",)).start()
-    raw = Raw(d.endpoint)
-    try:
-        raw.hello()
-        raw.send({"type": "open", "id": 2, "name": "s", "width": 32, "height": 16})
-        sid = raw.recv_type("opened")["stream"]
-        t0 = time.monotonic()
-        raw.send({"type": "params", "stream": sid, "params": {"prompt": "x" * (1 << 20)},
-                  "id": 7})
-        reply = raw.recv_type("error", 5.0)
-        assert reply["re"] == 7 and "exceeds" in reply["message"]
-        assert time.monotonic() - t0 < 2.0 and len(reply["message"]) < 200
-    finally:
-        raw.close()
-        d.stop()
     import msgpack
+
+    from livediffusion.shared.protocol import request_id
+    raw, sid = raw_stream
+    t0 = time.monotonic()
+    raw.send({"type": "params", "stream": sid, "params": {"prompt": "x" * (1 << 20)},
+              "id": 7})
+    reply = raw.recv_type("error", 5.0)
+    assert reply["re"] == 7 and "exceeds" in reply["message"]
+    assert time.monotonic() - t0 < 2.0 and len(reply["message"]) < 200
     assert request_id(msgpack.packb({"v": 1, "big": b"x" * 10, "id": 3})) == 3
     assert request_id(b"\x93\x01\x02\x03") is None and request_id(b"") is None
 

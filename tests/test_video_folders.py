@@ -17,6 +17,7 @@ from livediffusion.daemon.models.loaders import WeightsError
 from livediffusion.daemon.models.wan import PRESETS, build_text_encoder
 from livediffusion.daemon.models.wan_folders import (load_weights_dir, resolve, wan_t5_to_umt5)
 
+from helpers import feed_chunks
 from test_video_loaders import (_assert_same_weights, original_dit_state_dict,  # noqa: F401
                                 original_vae_names)
 
@@ -175,9 +176,7 @@ def test_folders_that_are_not_wan_weights_are_refused_in_one_sentence(tmp_path):
 def test_the_engine_runs_from_a_weights_folder(parts, tmp_path, monkeypatch):
     """``--weights DIR`` (LIVEDIFFUSION_WEIGHTS) end to end at the tiny size: the reference's
     tree is found, its generator replaces the DiT, and the engine makes frames."""
-    import numpy as np
-
-    from livediffusion.daemon.engines.base import InputFrame, StreamConfig, StreamInput
+    from livediffusion.daemon.engines.base import StreamConfig
     from livediffusion.daemon.engines.video.engine import VideoEngine
     from livediffusion.daemon.engines.video.factory import load_real_video_parts
     from livediffusion.daemon.models import wan_folders
@@ -200,15 +199,7 @@ def test_the_engine_runs_from_a_weights_folder(parts, tmp_path, monkeypatch):
     spec = FrameSpec(64, 48)
     engine.open_stream(StreamConfig(1, spec, spec, 30.0, {"prompt": "a fox"}))
     engine.settle()
-    rng = np.random.default_rng(0)
-    seq, frames = 0, []
-    for _ in range(2):
-        batch = []
-        for _ in range(engine.frames_per_step(1)):
-            seq += 1
-            batch.append(InputFrame(seq, rng.integers(0, 256, spec.shape, dtype=np.uint8),
-                                    spec, seq))
-        frames += engine.submit([StreamInput(1, batch)])[0].frames
+    frames = feed_chunks(engine, 1, spec, 2)
     assert frames and frames[0].pixels.shape == (48, 64, 3)
     assert "model.pt" in p.description
 
