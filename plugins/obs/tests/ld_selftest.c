@@ -5,6 +5,9 @@
  *   ld_selftest decode                 stdin: hex lines; stdout: one canonical dump each
  *   ld_selftest ring-write NAME SLOT SEQ W H TS   a BGRA test pattern into a ring
  *   ld_selftest ring-read NAME SLOT SEQ OUTFILE   a frame out of a ring
+ *   ld_selftest ring-create NAME SLOTS CAPACITY SECONDS   (Windows) a named file mapping
+ *        laid out as a daemon's ring (docs/protocol.md 6.2), held SECONDS: for the ring
+ *        tests between processes under Wine, where no daemon creates Windows mappings
  *   ld_selftest fit SW SH MIN MAX MULTIPLE
  *   ld_selftest extra TEXT             ld_parse_extra_params
  *   ld_selftest engines                LD_PREFERRED_ENGINES
@@ -556,6 +559,40 @@ static int cmd_bench(char **a)
 	return rc;
 }
 
+#ifdef _WIN32
+/* A Windows named mapping with a ring header: magic, version, slots, slot stride, capacity,
+ * slot header size (the layout FrameRing.create writes), every slot empty. */
+static int cmd_ring_create(char **a)
+{
+	wchar_t wname[64];
+	uint32_t slots = (uint32_t)atoi(a[1]), capacity = (uint32_t)atoi(a[2]);
+	int seconds = atoi(a[3]);
+	uint32_t stride = 64 + ((capacity + 63) / 64) * 64 + 64;
+	uint64_t size = 64 + (uint64_t)slots * stride;
+	if (MultiByteToWideChar(CP_UTF8, 0, a[0], -1, wname, 64) == 0)
+		return 1;
+	HANDLE h = CreateFileMappingW(INVALID_HANDLE_VALUE, NULL, PAGE_READWRITE,
+				      (DWORD)(size >> 32), (DWORD)size, wname);
+	if (!h) {
+		fprintf(stderr, "CreateFileMappingW failed (error %lu)\n", GetLastError());
+		return 1;
+	}
+	uint8_t *p = MapViewOfFile(h, FILE_MAP_READ | FILE_MAP_WRITE, 0, 0, 0);
+	if (!p)
+		return 1;
+	memset(p, 0, (size_t)size);
+	uint32_t fields[5] = {1, slots, stride, capacity, 64};
+	memcpy(p, "LDRING01", 8);
+	memcpy(p + 8, fields, sizeof(fields)); /* little-endian, as the protocol says */
+	printf("created %s %lu\n", a[0], (unsigned long)size);
+	fflush(stdout);
+	sleep_ms(seconds * 1000);
+	UnmapViewOfFile(p);
+	CloseHandle(h);
+	return 0;
+}
+#endif
+
 int main(int argc, char **argv)
 {
 	if (argc < 2) {
@@ -571,6 +608,10 @@ int main(int argc, char **argv)
 		return cmd_ring_write(argv + 2);
 	if (strcmp(cmd, "ring-read") == 0 && argc == 6)
 		return cmd_ring_read(argv + 2);
+#ifdef _WIN32
+	if (strcmp(cmd, "ring-create") == 0 && argc == 6)
+		return cmd_ring_create(argv + 2);
+#endif
 	if (strcmp(cmd, "fit") == 0 && argc == 7) {
 		uint32_t w, h;
 		ld_fit_size((uint32_t)atoi(argv[2]), (uint32_t)atoi(argv[3]), (uint32_t)atoi(argv[4]),
