@@ -304,6 +304,12 @@ def _transition(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"seconds": args.over, "curve": args.curve, "blend": args.blend}
 
 
+def _add_daemon_args(p: argparse.ArgumentParser) -> None:
+    """The running daemon a command talks to, and how long it waits for each answer."""
+    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
+    p.add_argument("--timeout", type=float, default=5.0)
+
+
 def _add_transition_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--over", type=float, default=0.0, metavar="SECONDS",
                    help="move there over this many seconds, chunk by chunk (numbers glide, "
@@ -927,8 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print ENGINE's parameters (kind, default, range, effect, meaning): a "
                         "running daemon's, else the declaration in this install")
     _add_transition_args(p)
-    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
-    p.add_argument("--timeout", type=float, default=5.0)
+    _add_daemon_args(p)
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("cues", help="play a cue list (presets with transition and hold times)",
@@ -940,8 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("op", choices=["play", "pause", "resume", "next", "jump", "stop", "status"])
     p.add_argument("arg", nargs="?", help="play: the cue file; jump: the index")
     p.add_argument("--loop", action="store_true", help="play: start over after the last cue")
-    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
-    p.add_argument("--timeout", type=float, default=5.0)
+    _add_daemon_args(p)
     p.set_defaults(func=cmd_cues)
 
     from .soak import add_parser as add_soak
@@ -952,10 +956,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "input, served and delivered FPS, drops, lateness, playout "
                                    "delay, engine time per step, steps and prompt. Ctrl-C "
                                    "ends it.")
-    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="print one table and exit")
-    p.add_argument("--timeout", type=float, default=5.0)
+    _add_daemon_args(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("preset", help="named parameter presets, kept by the daemon",
@@ -970,8 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", default=None, metavar="A,B",
                    help="save --from: only these parameters")
     _add_transition_args(p)
-    p.add_argument("--endpoint", default=f"tcp://127.0.0.1:{DEFAULT_PORT}")
-    p.add_argument("--timeout", type=float, default=5.0)
+    _add_daemon_args(p)
     p.set_defaults(func=cmd_preset)
 
     p = sub.add_parser("webcam", help="restyle a camera or video file into a virtual camera",

@@ -33,7 +33,7 @@ from .config import ServeConfig
 from .engines import INLINE, REGISTRY
 from .playout import Playout
 from .scheduler import Refused, Scheduler
-from .engines.base import ParamError, clip, shown
+from .engines.base import ParamError, check_size, clip, shown
 from .presets import PresetError, PresetStore, for_engine
 from .telemetry import THUMB_MAX, Busy, Window, gpu_stats, thumbnail
 from .step import (CloseStream, CommandResult, CueCommand, FrameRef, OpenStream, StepResult,
@@ -750,17 +750,17 @@ class Daemon:
 
     @staticmethod
     def _check_size_for(engine: str, caps: dict[str, Any], spec: FrameSpec) -> None:
-        """The frame sizes the engine declares (``capabilities.sizes``), checked before its
-        rings are made: a refused open costs no shared memory."""
+        """The frame sizes the engine declares (``capabilities.sizes``), checked with the
+        engines' own rule before its rings are made: a refused open costs no shared
+        memory."""
         sizes = caps.get("sizes")
         if not sizes:
             return
-        lo, hi, multiple = int(sizes["min"]), int(sizes["max"]), int(sizes["multiple"])
-        for side, value in (("width", spec.width), ("height", spec.height)):
-            if value % multiple or not lo <= value <= hi:
-                raise ProtocolError(ErrorCode.BAD_PARAMS,
-                                    f"{engine} needs a {side} that is a multiple of "
-                                    f"{multiple} from {lo} to {hi}, not {value}.")
+        try:
+            check_size(engine, spec, int(sizes["min"]), int(sizes["max"]),
+                       int(sizes["multiple"]))
+        except ParamError as exc:
+            raise ProtocolError(ErrorCode.BAD_PARAMS, str(exc)) from None
 
     def _check_shared_memory(self, session: Session, engine: str, in_spec: FrameSpec,
                              out_spec: FrameSpec, slots_in: int, slots_out: int) -> None:
@@ -876,11 +876,7 @@ class Daemon:
                 params = msg.get("params")
                 engine = ""
                 if "from" in msg:
-                    sid = self._names.get(msg["from"])
-                    source = self.streams.get(sid) if sid is not None else None
-                    if source is None or source.state != "open":
-                        raise ProtocolError(ErrorCode.UNKNOWN_STREAM,
-                                            f"no open stream is named {msg['from']!r:.70}.")
+                    source = self._named_stream(msg["from"])
                     params = {**source.params, **(params or {})}
                     engine = source.engine
                 self.presets.save(msg.get("name"), params, engine=engine)

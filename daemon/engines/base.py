@@ -35,6 +35,12 @@ def shown(value: Any, limit: int = 40) -> str:
     return clip(repr(value), limit)
 
 
+def prompt_texts(params: Mapping[str, Any]) -> list[str]:
+    """The texts an effective parameter map asks to be encoded: its weighted ``prompts``
+    (else its ``prompt``), those with a weight above 0."""
+    return [t for t, w in params.get("prompts") or [(params.get("prompt", ""), 1.0)] if w > 0]
+
+
 class ParamError(EngineError):
     def __init__(self, message: str) -> None:
         super().__init__(message, code="bad_params")

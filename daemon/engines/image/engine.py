@@ -28,7 +28,7 @@ import torch
 
 from ...frames import as_tensor, from_canonical, to_canonical
 from ..base import (Engine, EngineError, OutputFrame, StreamConfig, StreamInput, StreamOutput,
-                    check_size)
+                    check_size, prompt_texts)
 from ..beside import Beside
 from ..graphs import GraphedCall
 from . import lcm
@@ -136,8 +136,7 @@ class ImageEngine(Engine):
         return P.apply(self.streams[stream_id].params, changes)[0].to_dict()
 
     def prepare(self, stream_id: int, params: Mapping[str, Any]) -> bool:
-        texts = [t for t, w in params.get("prompts") or [(params.get("prompt", ""), 1.0)]
-                 if w > 0] + [params.get("negative_prompt", "")]
+        texts = prompt_texts(params) + [params.get("negative_prompt", "")]
 
         def cached(text: str) -> bool:
             with self._text_lock:

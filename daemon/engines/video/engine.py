@@ -38,7 +38,7 @@ from ...models.offload import Offloaded
 from ...models.video_lora import (LoraBank, LoraFileError, LoraSlots, capacity_from_env,
                                   default_folder)
 from ..base import (Engine, EngineError, OutputFrame, ParamError, StreamConfig, StreamInput,
-                    StreamOutput, check_size)
+                    StreamOutput, check_size, prompt_texts)
 from ..beside import Beside
 from ..blend import blend
 from . import params as P
@@ -418,8 +418,7 @@ class VideoEngine(Engine):
         return new.to_dict()
 
     def prepare(self, stream_id: int, params: Mapping[str, Any]) -> bool:
-        texts = [t for t, w in params.get("prompts") or [(params.get("prompt", ""), 1.0)]
-                 if w > 0]
+        texts = prompt_texts(params)
 
         def cached(text: str) -> bool:
             with self._prompt_lock:
