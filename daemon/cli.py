@@ -115,17 +115,18 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def _leave_a_core_for_the_front(device: str) -> None:
-    """On a CPU, torch's intra-op threads would take every core, and the daemon's front
-    (sockets, heartbeats, rings, passthrough) waits behind them: measured, one busy engine
-    raised an image stream's p99 from 24 to 220 ms, and with one core left free it did not
-    degrade.  OMP_NUM_THREADS, when set, wins."""
+    """On a CPU with 4 or more cores, torch's intra-op threads leave one core for the
+    daemon's front (sockets, heartbeats, rings, passthrough): one busy engine had raised an
+    image stream's p99 from 24 to 220 ms.  Not on fewer cores: on this 2-core VM one thread
+    cut two video-tiny streams from 18.5 to 12.5 distinct FPS each (bench stream, afeade9),
+    a worse trade than the latency it saves.  OMP_NUM_THREADS, when set, wins."""
     if device not in ("cpu", "auto") or os.environ.get("OMP_NUM_THREADS"):
         return
     import torch
     if device == "auto" and torch.cuda.is_available():
         return
     cores = os.cpu_count() or 1
-    if cores > 1:
+    if cores >= 4:
         torch.set_num_threads(cores - 1)
 
 
